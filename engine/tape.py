@@ -1,0 +1,400 @@
+"""The tape: an expression graph compiled to flat arrays, and its sweeps.
+
+A ``Tape`` lists nodes in topological order as parallel numpy arrays: the
+op code of each node, the indices of its (at most two) arguments, and its
+constant ``value``. A forward sweep fills every node's value; a reverse
+sweep fills the gradient of one output with respect to every node. Nothing
+here holds a Python object per node, so the same arrays go straight from
+the wire decoder to a kernel and back out into a response.
+
+Kernels do the sweeps. ``PythonKernel`` reads the op table's scalar and
+numpy forms and is the portable reference; the native kernel
+(``micrograd._kernel``, built from C) is used when it is available.
+Every kernel computes the same thing:
+
+* ``forward(tape, values)``: ``values`` (shape ``(n,)``, or ``(n, B)`` for
+  a batch of B input bindings) arrives with leaves filled in; every other
+  row is computed.
+* ``backward(tape, values, grads, output)``: ``grads`` arrives zeroed; the
+  output's row is set to 1 and gradients flow back through the nodes the
+  output depends on (only those: a node outside the output's graph never
+  touches a gradient, even with an infinite local derivative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from . import ops as _ops
+from .engine import Value, topological_order
+
+__all__ = [
+    "GraphError",
+    "Kernel",
+    "PythonKernel",
+    "Tape",
+    "available_kernels",
+    "get_kernel",
+]
+
+# Per-code tables, indexed by wire code (index 0 is the unused zero value).
+ARITY = np.zeros(_ops.MAX_CODE + 1, dtype=np.int8)
+USES_VALUE = np.zeros(_ops.MAX_CODE + 1, dtype=bool)
+for _op in _ops.OPS:
+    ARITY[_op.code] = _op.arity
+    USES_VALUE[_op.code] = _op.uses_value
+_INPUT = _ops.INPUT.code
+
+
+class GraphError(ValueError):
+    """A graph that cannot be evaluated, with the index of the first bad node."""
+
+    def __init__(self, node: int | None, reason: str, field: str = "nodes") -> None:
+        """``node`` is the offending node index (``None`` for the graph as a whole)."""
+        self.node = node
+        self.reason = reason
+        self.field = field if node is None else f"{field}[{node}]"
+        super().__init__(reason if node is None else f"node {node}: {reason}")
+
+
+@dataclass(frozen=True, eq=False)
+class Tape:
+    """A graph as arrays in topological order: ``code``, ``arg0``, ``arg1``, ``const``.
+
+    ``arg0``/``arg1`` are ``-1`` where the op takes fewer arguments;
+    ``const`` holds constants, input defaults and ``pow`` exponents.
+    ``inputs`` lists the indices of the input nodes in order and ``names``
+    maps input names to node indices.
+    """
+
+    code: np.ndarray
+    arg0: np.ndarray
+    arg1: np.ndarray
+    const: np.ndarray
+    names: Mapping[str, int] = field(default_factory=dict)
+    inputs: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", np.flatnonzero(self.code == _INPUT).astype(np.int64))
+
+    def __len__(self) -> int:
+        return int(self.code.shape[0])
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def from_arrays(
+        cls,
+        code: np.ndarray | Sequence[int],
+        arg0: np.ndarray | Sequence[int],
+        arg1: np.ndarray | Sequence[int],
+        const: np.ndarray | Sequence[float],
+        names: Mapping[str, int] | None = None,
+    ) -> Tape:
+        """Validate the columns in one vectorised pass and build a tape.
+
+        Raises ``GraphError`` naming the first node that is wrong: an unknown
+        op, a missing or surplus argument, an argument that is not an earlier
+        node, or a name on a node that is not an input.
+        """
+        c = _checked_codes(code)
+        a = np.ascontiguousarray(arg0, dtype=np.int32)
+        b = np.ascontiguousarray(arg1, dtype=np.int32)
+        k = np.ascontiguousarray(const, dtype=np.float64)
+        n = c.shape[0]
+        if n == 0:
+            raise GraphError(None, "the graph has no nodes")
+        if not (a.shape[0] == b.shape[0] == k.shape[0] == n):
+            raise GraphError(None, "code, arg0, arg1 and const must have the same length")
+        _validate(c, a, b)
+        names = dict(names or {})
+        for name, i in names.items():
+            if not 0 <= i < n or c[i] != _INPUT:
+                raise GraphError(i if 0 <= i < n else None, f"name {name!r} is not on an input node")
+        return cls(c, a, b, k, names)
+
+    @classmethod
+    def from_nodes(
+        cls, nodes: Iterable[tuple[str | int, Sequence[int], float] | tuple[str | int, Sequence[int], float, str]]
+    ) -> Tape:
+        """Build from ``(op, args, value[, name])`` tuples in topological order.
+
+        ``op`` is an op name (``"mul"``) or wire code; ``args`` index earlier
+        nodes. Meant for hand-written graphs and tests: per-node Python.
+        """
+        code: list[int] = []
+        a: list[int] = []
+        b: list[int] = []
+        k: list[float] = []
+        names: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            op_ref, args, value = node[0], node[1], node[2]
+            op = _ops.BY_NAME.get(op_ref) if isinstance(op_ref, str) else _ops.BY_CODE.get(op_ref)
+            if op is None:
+                raise GraphError(i, f"unknown op {op_ref!r}; known: {', '.join(_ops.BY_NAME)}")
+            if len(args) != op.arity:
+                raise GraphError(i, f"{op.name} takes {op.arity} argument(s), got {len(args)}")
+            code.append(op.code)
+            a.append(args[0] if op.arity >= 1 else -1)
+            b.append(args[1] if op.arity == 2 else -1)
+            k.append(float(value))
+            if len(node) > 3 and node[3]:  # type: ignore[misc]
+                names[node[3]] = i  # type: ignore[misc]
+        return cls.from_arrays(code, a, b, k, names)
+
+    @classmethod
+    def from_value(cls, root: Value, names: Mapping[str, Value] | None = None) -> tuple[Tape, list[Value]]:
+        """Compile the graph behind ``root`` (the last node); also return the nodes in tape order."""
+        order = topological_order(root)
+        index = {v: i for i, v in enumerate(order)}
+        n = len(order)
+        code = np.fromiter((v._code for v in order), dtype=np.uint8, count=n)
+        a = np.fromiter((-1 if v._a is None else index[v._a] for v in order), dtype=np.int32, count=n)
+        b = np.fromiter((-1 if v._b is None else index[v._b] for v in order), dtype=np.int32, count=n)
+        const = np.fromiter((v.data if v._a is None else v._c for v in order), dtype=np.float64, count=n)
+        name_index: dict[str, int] = {}
+        for name, v in (names or {}).items():
+            if v not in index:
+                raise GraphError(None, f"input {name!r} is not part of the graph")
+            name_index[name] = index[v]
+        return cls(code, a, b, const, name_index), order
+
+    # -- evaluation --------------------------------------------------------
+
+    def leaf_values(self, bindings: np.ndarray | Sequence[float] | None = None) -> np.ndarray:
+        """Values with leaves filled in: constants, then input defaults overridden by ``bindings``.
+
+        ``bindings`` has one entry per input node (``(k,)``) or one row per
+        binding (``(B, k)``); the result is ``(n,)`` or ``(n, B)``.
+        """
+        if bindings is None:
+            return self.const.copy()
+        bind = np.asarray(bindings, dtype=np.float64)
+        k = self.inputs.shape[0]
+        if bind.ndim == 1:
+            if bind.shape[0] != k:
+                raise GraphError(None, f"expected {k} input value(s), got {bind.shape[0]}", "inputs")
+            values = self.const.copy()
+            values[self.inputs] = bind
+            return values
+        if bind.ndim != 2 or bind.shape[1] != k:
+            raise GraphError(None, f"a batch must have shape (B, {k}), got {bind.shape}", "inputs")
+        values = np.repeat(self.const[:, None], bind.shape[0], axis=1)
+        values[self.inputs, :] = bind.T
+        return values
+
+    def forward(
+        self, bindings: np.ndarray | Sequence[float] | None = None, kernel: Kernel | None = None
+    ) -> np.ndarray:
+        """Every node's value: shape ``(n,)``, or ``(B, n)`` for a batch of bindings."""
+        values = self.leaf_values(bindings)
+        (kernel or get_kernel()).forward(self, values)
+        return values if values.ndim == 1 else values.T
+
+    def backward(self, values: np.ndarray, output: int = -1, kernel: Kernel | None = None) -> np.ndarray:
+        """Gradient of node ``output`` (default: the last) w.r.t. every node, shaped like ``values``."""
+        out = self.check_output(output)
+        cols = values if values.ndim == 1 else values.T
+        grads = np.zeros_like(cols)
+        (kernel or get_kernel()).backward(self, np.ascontiguousarray(cols), grads, out)
+        return grads if grads.ndim == 1 else grads.T
+
+    def evaluate(
+        self,
+        bindings: np.ndarray | Sequence[float] | None = None,
+        output: int = -1,
+        kernel: Kernel | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Forward then backward: ``(values, grads)``, each ``(n,)`` or ``(B, n)``."""
+        kern = kernel or get_kernel()
+        out = self.check_output(output)
+        values = self.leaf_values(bindings)
+        kern.forward(self, values)
+        grads = np.zeros_like(values)
+        kern.backward(self, values, grads, out)
+        if values.ndim == 1:
+            return values, grads
+        return values.T, grads.T
+
+    def check_output(self, output: int) -> int:
+        """Resolve a possibly negative output index, or raise ``GraphError``."""
+        n = len(self)
+        if not -n <= output < n:
+            raise GraphError(None, f"output {output} is out of range for {n} nodes", "output")
+        return output % n
+
+
+def _checked_codes(code: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Op codes as contiguous uint8, reporting the first one outside the table."""
+    given = np.asarray(code)
+    if given.dtype.kind not in "iu":
+        raise GraphError(None, f"op codes must be integers, got {given.dtype}")
+    bad = np.flatnonzero((given < 1) | (given > _ops.MAX_CODE))
+    if bad.size:
+        i = int(bad[0])
+        raise GraphError(i, f"unknown op code {int(given[i])}; known codes are 1..{_ops.MAX_CODE}")
+    return np.ascontiguousarray(given, dtype=np.uint8)
+
+
+def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Check argument references for every node at once (numpy, no Python loop)."""
+    arity = ARITY[code]
+    idx = np.arange(code.shape[0], dtype=np.int64)
+    for slot, col, needed in ((0, a, arity >= 1), (1, b, arity == 2)):
+        missing = needed & (col < 0)
+        surplus = ~needed & (col != -1)
+        forward_ref = needed & (col >= idx)
+        problems = missing | surplus | forward_ref
+        if problems.any():
+            i = int(np.flatnonzero(problems)[0])
+            op = _ops.BY_CODE[int(code[i])]
+            if missing[i]:
+                reason = f"{op.name} takes {op.arity} argument(s); argument {slot} is missing"
+            elif surplus[i]:
+                reason = f"{op.name} takes {op.arity} argument(s); argument {slot} must be absent"
+            else:
+                reason = (
+                    f"argument {slot} refers to node {int(col[i])}, which does not come before "
+                    f"node {i} (nodes may only refer to earlier nodes)"
+                )
+            raise GraphError(i, reason)
+
+
+class Kernel(Protocol):
+    """What evaluates a tape: a forward and a reverse sweep over its arrays."""
+
+    name: str
+
+    def forward(self, tape: Tape, values: np.ndarray) -> None:
+        """Fill the non-leaf rows of ``values`` (``(n,)`` or ``(n, B)``) in place."""
+
+    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+        """Fill ``grads`` (zeroed, shaped like ``values``) with d(output)/d(node) in place."""
+
+
+class PythonKernel:
+    """The portable reference kernel: the op table's Python and numpy forms, node by node."""
+
+    name = "python"
+
+    def forward(self, tape: Tape, values: np.ndarray) -> None:
+        """Forward sweep; per-node Python floats for one binding, numpy rows for a batch."""
+        if values.ndim == 2:
+            self._forward_batch(tape, values)
+            return
+        fwd = [None] + [op.forward for op in _ops.OPS]
+        v = values.tolist()
+        code = tape.code.tolist()
+        a = tape.arg0.tolist()
+        b = tape.arg1.tolist()
+        c = tape.const.tolist()
+        arity = ARITY.tolist()
+        for i in range(len(code)):
+            k = code[i]
+            n_args = arity[k]
+            if n_args == 2:
+                v[i] = fwd[k](v[a[i]], v[b[i]], c[i])  # type: ignore[misc]
+            elif n_args == 1:
+                v[i] = fwd[k](v[a[i]], 0.0, c[i])  # type: ignore[misc]
+        values[:] = v
+
+    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+        """Reverse sweep from ``output`` through the nodes it depends on."""
+        if values.ndim == 2:
+            self._backward_batch(tape, values, grads, output)
+            return
+        part = [None] + [op.partials for op in _ops.OPS]
+        v = values.tolist()
+        g = [0.0] * len(v)
+        g[output] = 1.0
+        reached = bytearray(len(v))
+        reached[output] = 1
+        code = tape.code.tolist()
+        a = tape.arg0.tolist()
+        b = tape.arg1.tolist()
+        c = tape.const.tolist()
+        arity = ARITY.tolist()
+        for i in range(output, -1, -1):
+            if not reached[i]:
+                continue
+            k = code[i]
+            n_args = arity[k]
+            if n_args == 0:
+                continue
+            gi = g[i]
+            ai = a[i]
+            reached[ai] = 1
+            if n_args == 2:
+                bi = b[i]
+                reached[bi] = 1
+                dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
+                g[ai] += dx * gi
+                g[bi] += dy * gi
+            else:
+                dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
+                g[ai] += dx * gi
+        grads[:] = g
+
+    @staticmethod
+    def _forward_batch(tape: Tape, values: np.ndarray) -> None:
+        """Batch forward: one numpy call per node over all bindings."""
+        ops = _ops.BY_CODE
+        with np.errstate(all="ignore"):
+            for i, (k, ai, bi, ci) in enumerate(
+                zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
+            ):
+                op = ops[k]
+                if op.arity == 2:
+                    values[i] = op.vforward(values[ai], values[bi], ci)
+                elif op.arity == 1:
+                    values[i] = op.vforward(values[ai], 0.0, ci)
+
+    @staticmethod
+    def _backward_batch(tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+        """Batch reverse sweep: one numpy call per node over all bindings."""
+        ops = _ops.BY_CODE
+        code, a, b, c = tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist()
+        reached = bytearray(len(code))
+        reached[output] = 1
+        grads[output] = 1.0
+        with np.errstate(all="ignore"):
+            for i in range(output, -1, -1):
+                op = ops[code[i]]
+                if not reached[i] or op.arity == 0:
+                    continue
+                gi = grads[i]
+                ai = a[i]
+                reached[ai] = 1
+                if op.arity == 2:
+                    bi = b[i]
+                    reached[bi] = 1
+                    dx, dy = op.vpartials(values[ai], values[bi], c[i], values[i])
+                    grads[ai] += dx * gi
+                    grads[bi] += dy * gi
+                else:
+                    dx, _ = op.vpartials(values[ai], 0.0, c[i], values[i])
+                    grads[ai] += dx * gi
+
+
+_KERNELS: dict[str, Kernel] = {"python": PythonKernel()}
+
+
+def available_kernels() -> list[str]:
+    """Names of the kernels that can run here, fastest first."""
+    return sorted(_KERNELS, key=lambda name: name == "python")
+
+
+def get_kernel(name: str | None = None) -> Kernel:
+    """The kernel called ``name``; by default the fastest one available."""
+    if name is None:
+        return _KERNELS[available_kernels()[0]]
+    try:
+        return _KERNELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown kernel {name!r}; available here: {', '.join(available_kernels())}"
+        ) from None
