@@ -68,7 +68,8 @@ class Tape:
     ``arg0``/``arg1`` are ``-1`` where the op takes fewer arguments;
     ``const`` holds constants, input defaults and ``pow`` exponents.
     ``inputs`` lists the indices of the input nodes in order and ``names``
-    maps input names to node indices.
+    maps node names to node indices (any node may be named; only inputs
+    can be bound by name).
     """
 
     code: np.ndarray
@@ -99,7 +100,7 @@ class Tape:
 
         Raises ``GraphError`` naming the first node that is wrong: an unknown
         op, a missing or surplus argument, an argument that is not an earlier
-        node, or a name on a node that is not an input.
+        node, or a name on a node that does not exist.
         """
         c = _checked_codes(code)
         a = np.ascontiguousarray(arg0, dtype=np.int32)
@@ -113,8 +114,8 @@ class Tape:
         _validate(c, a, b)
         names = dict(names or {})
         for name, i in names.items():
-            if not 0 <= i < n or c[i] != _INPUT:
-                raise GraphError(i if 0 <= i < n else None, f"name {name!r} is not on an input node")
+            if not 0 <= i < n:
+                raise GraphError(None, f"name {name!r} refers to node {i}, but the graph has {n} nodes", "names")
         return cls(c, a, b, k, names)
 
     @classmethod
