@@ -1,1 +1,35 @@
-"""Placeholder."""
+"""The codec: engine tapes and arrays to and from ``micrograd.v1`` messages.
+
+It knows the engine and the generated messages, nothing of gRPC; the server
+and the client both speak to the wire through it.
+"""
+
+from .arrays import f64_array, f64_bytes, response_arrays
+from .graph import (
+    GraphTooLarge,
+    encode_value,
+    from_graph,
+    from_graph_bytes,
+    graph_id,
+    pack,
+    to_graph,
+    unpack,
+)
+from .request import bindings, output_index, selection_indices
+
+__all__ = [
+    "GraphTooLarge",
+    "bindings",
+    "encode_value",
+    "f64_array",
+    "f64_bytes",
+    "from_graph",
+    "from_graph_bytes",
+    "graph_id",
+    "output_index",
+    "pack",
+    "response_arrays",
+    "selection_indices",
+    "to_graph",
+    "unpack",
+]

@@ -27,14 +27,14 @@ Differences from micrograd 0.1.0, all deliberate:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Union
 
 from . import ops as _ops
 
 __all__ = ["Value", "strict", "topological_order"]
 
-Number = Union[int, float]
+Number = int | float
 
 _STRICT = False
 
@@ -59,9 +59,9 @@ def _check(op: _ops.Op, out: float, x: float, y: float, c: float) -> None:
         raise FloatingPointError(f"{op.name}({args}) = {out!r} (strict mode)")
 
 
-# Per-code lookups, read on every node: plain lists indexed by wire code.
-_FORWARD = [None] + [op.forward for op in _ops.OPS]
-_PARTIALS = [None] + [op.partials for op in _ops.OPS]
+# Per-code lookups, read on every node.
+_FORWARD = {op.code: op.forward for op in _ops.OPS}
+_PARTIALS = {op.code: op.partials for op in _ops.OPS}
 _INPUT = _ops.INPUT.code
 _CONST = _ops.CONST.code
 _ADD, _SUB, _MUL, _DIV, _NEG = (_ops.BY_NAME[n].code for n in ("add", "sub", "mul", "div", "neg"))
@@ -74,7 +74,7 @@ _RELU, _TANH, _EXP, _LOG, _SIGMOID = (
 class Value:
     """A scalar node of an expression graph, with its value and gradient."""
 
-    __slots__ = ("data", "grad", "_a", "_b", "_code", "_c")
+    __slots__ = ("_a", "_b", "_c", "_code", "data", "grad")
 
     def __init__(self, data: Number, _children: tuple[Value, ...] = (), _op: str = "") -> None:
         """A leaf holding ``data`` (micrograd's ``_children``/``_op`` are accepted only empty)."""

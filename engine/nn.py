@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from .engine import Value
 
-__all__ = ["SGD", "MLP", "Layer", "Module", "Neuron"]
+__all__ = ["MLP", "SGD", "Layer", "Module", "Neuron"]
 
 Input = Sequence["Value | float"]
 

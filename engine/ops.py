@@ -24,12 +24,13 @@ Conventions shared by every entry, so that kernels can treat ops alike:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Op", "OPS", "BY_CODE", "BY_NAME", "INPUT", "CONST", "MAX_CODE"]
+__all__ = ["BY_CODE", "BY_NAME", "CONST", "INPUT", "MAX_CODE", "OPS", "Op"]
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,17 @@ _INPUT = _ops.INPUT.code
 
 
 class GraphError(ValueError):
-    """A graph that cannot be evaluated, with the index of the first bad node."""
+    """A graph that cannot be evaluated, with the index of the first bad node.
 
-    def __init__(self, node: int | None, reason: str, field: str = "nodes") -> None:
+    ``field`` is a path to the offending part (``"nodes[17].args[1]"``), for
+    transports that report field violations; ``reason`` says what is wrong.
+    """
+
+    def __init__(self, node: int | None, reason: str, field: str | None = None) -> None:
         """``node`` is the offending node index (``None`` for the graph as a whole)."""
         self.node = node
         self.reason = reason
-        self.field = field if node is None else f"{field}[{node}]"
+        self.field = field or ("graph" if node is None else f"nodes[{node}]")
         super().__init__(reason if node is None else f"node {node}: {reason}")
 
 
@@ -103,24 +107,30 @@ class Tape:
         node, or a name on a node that does not exist.
         """
         c = _checked_codes(code)
-        a = np.ascontiguousarray(arg0, dtype=np.int32)
-        b = np.ascontiguousarray(arg1, dtype=np.int32)
+        a, b = np.asarray(arg0), np.asarray(arg1)
         k = np.ascontiguousarray(const, dtype=np.float64)
         n = c.shape[0]
         if n == 0:
             raise GraphError(None, "the graph has no nodes")
-        if not (a.shape[0] == b.shape[0] == k.shape[0] == n):
-            raise GraphError(None, "code, arg0, arg1 and const must have the same length")
-        _validate(c, a, b)
+        if not (a.shape == b.shape == k.shape == (n,)):
+            raise GraphError(None, "code, arg0, arg1 and const must be 1-D and of the same length")
+        _validate(c, a, b, k)
+        a = np.ascontiguousarray(a, dtype=np.int32)
+        b = np.ascontiguousarray(b, dtype=np.int32)
         names = dict(names or {})
         for name, i in names.items():
             if not 0 <= i < n:
-                raise GraphError(None, f"name {name!r} refers to node {i}, but the graph has {n} nodes", "names")
+                raise GraphError(
+                    None, f"name {name!r} refers to node {i}, but the graph has {n} nodes", "names"
+                )
         return cls(c, a, b, k, names)
 
     @classmethod
     def from_nodes(
-        cls, nodes: Iterable[tuple[str | int, Sequence[int], float] | tuple[str | int, Sequence[int], float, str]]
+        cls,
+        nodes: Iterable[
+            tuple[str | int, Sequence[int], float] | tuple[str | int, Sequence[int], float, str]
+        ],
     ) -> Tape:
         """Build from ``(op, args, value[, name])`` tuples in topological order.
 
@@ -148,15 +158,23 @@ class Tape:
         return cls.from_arrays(code, a, b, k, names)
 
     @classmethod
-    def from_value(cls, root: Value, names: Mapping[str, Value] | None = None) -> tuple[Tape, list[Value]]:
-        """Compile the graph behind ``root`` (the last node); also return the nodes in tape order."""
+    def from_value(
+        cls, root: Value, names: Mapping[str, Value] | None = None
+    ) -> tuple[Tape, list[Value]]:
+        """Compile the graph behind ``root`` (its last node); also return the nodes in order."""
         order = topological_order(root)
         index = {v: i for i, v in enumerate(order)}
         n = len(order)
         code = np.fromiter((v._code for v in order), dtype=np.uint8, count=n)
-        a = np.fromiter((-1 if v._a is None else index[v._a] for v in order), dtype=np.int32, count=n)
-        b = np.fromiter((-1 if v._b is None else index[v._b] for v in order), dtype=np.int32, count=n)
-        const = np.fromiter((v.data if v._a is None else v._c for v in order), dtype=np.float64, count=n)
+        a = np.fromiter(
+            (-1 if v._a is None else index[v._a] for v in order), dtype=np.int32, count=n
+        )
+        b = np.fromiter(
+            (-1 if v._b is None else index[v._b] for v in order), dtype=np.int32, count=n
+        )
+        const = np.fromiter(
+            (v.data if v._a is None else v._c for v in order), dtype=np.float64, count=n
+        )
         name_index: dict[str, int] = {}
         for name, v in (names or {}).items():
             if v not in index:
@@ -178,7 +196,9 @@ class Tape:
         k = self.inputs.shape[0]
         if bind.ndim == 1:
             if bind.shape[0] != k:
-                raise GraphError(None, f"expected {k} input value(s), got {bind.shape[0]}", "inputs")
+                raise GraphError(
+                    None, f"expected {k} input value(s), got {bind.shape[0]}", "inputs"
+                )
             values = self.const.copy()
             values[self.inputs] = bind
             return values
@@ -196,8 +216,10 @@ class Tape:
         (kernel or get_kernel()).forward(self, values)
         return values if values.ndim == 1 else values.T
 
-    def backward(self, values: np.ndarray, output: int = -1, kernel: Kernel | None = None) -> np.ndarray:
-        """Gradient of node ``output`` (default: the last) w.r.t. every node, shaped like ``values``."""
+    def backward(
+        self, values: np.ndarray, output: int = -1, kernel: Kernel | None = None
+    ) -> np.ndarray:
+        """Gradient of node ``output`` (default: last) w.r.t. every node, shaped like ``values``."""
         out = self.check_output(output)
         cols = values if values.ndim == 1 else values.T
         grads = np.zeros_like(cols)
@@ -241,10 +263,24 @@ def _checked_codes(code: np.ndarray | Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(given, dtype=np.uint8)
 
 
-def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Check argument references for every node at once (numpy, no Python loop)."""
+def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray, const: np.ndarray) -> None:
+    """Check argument references and constants of every node at once (numpy, no Python loop).
+
+    ``a`` and ``b`` may be any integer dtype; they are compared before narrowing.
+    """
+    if a.dtype.kind not in "iu" or b.dtype.kind not in "iu":
+        raise GraphError(None, f"argument indices must be integers, got {a.dtype} and {b.dtype}")
     arity = ARITY[code]
     idx = np.arange(code.shape[0], dtype=np.int64)
+    stray = ~USES_VALUE[code] & (const != 0.0)
+    if stray.any():
+        i = int(np.flatnonzero(stray)[0])
+        op = _ops.BY_CODE[int(code[i])]
+        raise GraphError(
+            i,
+            f"{op.name} does not use a value, but value is {const[i]!r}; leave it 0",
+            f"nodes[{i}].value",
+        )
     for slot, col, needed in ((0, a, arity >= 1), (1, b, arity == 2)):
         missing = needed & (col < 0)
         surplus = ~needed & (col != -1)
@@ -262,7 +298,9 @@ def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
                     f"argument {slot} refers to node {int(col[i])}, which does not come before "
                     f"node {i} (nodes may only refer to earlier nodes)"
                 )
-            raise GraphError(i, reason)
+            raise GraphError(
+                i, reason, f"nodes[{i}].args[{slot}]" if not surplus[i] else f"nodes[{i}].args"
+            )
 
 
 class Kernel(Protocol):
@@ -358,7 +396,12 @@ class PythonKernel:
     def _backward_batch(tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
         """Batch reverse sweep: one numpy call per node over all bindings."""
         ops = _ops.BY_CODE
-        code, a, b, c = tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist()
+        code, a, b, c = (
+            tape.code.tolist(),
+            tape.arg0.tolist(),
+            tape.arg1.tolist(),
+            tape.const.tolist(),
+        )
         reached = bytearray(len(code))
         reached[output] = 1
         grads[output] = 1.0

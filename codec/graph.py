@@ -1,0 +1,230 @@
+"""Graphs between protobuf messages and tapes, column by column.
+
+``PackedGraph`` maps onto a ``Tape`` with a handful of vectorised numpy
+operations (no Python per node). The one-message-per-node ``Graph`` form is
+decoded from its wire bytes by the native decoder when it is built, and by a
+Python walk otherwise. Both end in ``Tape.from_arrays``, which validates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from micrograd import ops as _ops
+from micrograd.engine import Value
+from micrograd.tape import ARITY, USES_VALUE, GraphError, Tape
+from micrograd.v1 import graph_pb2
+
+try:  # the native wire decoder, when the C extension is built
+    from micrograd._kernel import decode_graph as _native_decode_graph
+except ImportError:  # pragma: no cover - exercised on machines without a compiler
+    _native_decode_graph = None
+
+__all__ = [
+    "GraphTooLarge",
+    "encode_value",
+    "from_graph",
+    "from_graph_bytes",
+    "graph_id",
+    "pack",
+    "to_graph",
+    "unpack",
+]
+
+_U32 = np.dtype("<u4")
+_F64 = np.dtype("<f8")
+
+
+class GraphTooLarge(GraphError):
+    """A graph with more nodes than the caller allows (a resource limit, not a malformed graph)."""
+
+
+def _check_size(n: int, max_nodes: int | None, field: str) -> None:
+    """Raise ``GraphTooLarge`` when ``n`` nodes exceed ``max_nodes``."""
+    if max_nodes is not None and n > max_nodes:
+        raise GraphTooLarge(
+            None, f"the graph has {n} nodes; this server accepts at most {max_nodes}", field
+        )
+
+
+def pack(tape: Tape) -> graph_pb2.PackedGraph:
+    """The tape as a ``PackedGraph``: little-endian byte columns."""
+    arity = ARITY[tape.code]
+    both = np.stack((tape.arg0, tape.arg1), axis=1)
+    present = np.stack((arity >= 1, arity == 2), axis=1)
+    return graph_pb2.PackedGraph(
+        ops=tape.code.tobytes(),
+        args=both[present].astype(_U32).tobytes(),
+        values=tape.const[USES_VALUE[tape.code]].astype(_F64).tobytes(),
+        names=[
+            graph_pb2.NodeName(node=i, name=name)
+            for name, i in sorted(tape.names.items(), key=lambda item: item[1])
+        ],
+    )
+
+
+def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
+    """Decode and validate a ``PackedGraph`` (vectorised); raises ``GraphError``."""
+    code = np.frombuffer(msg.ops, dtype=np.uint8)
+    n = code.shape[0]
+    if n == 0:
+        raise GraphError(None, "the graph has no nodes (ops is empty)", "ops")
+    _check_size(n, max_nodes, "ops")
+    bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
+    if bad.size:
+        i = int(bad[0])
+        raise GraphError(
+            i, f"unknown op {int(code[i])}; known ops are 1..{_ops.MAX_CODE}", f"ops[{i}]"
+        )
+    arity = ARITY[code].astype(np.int64)
+    if len(msg.args) % 4:
+        raise GraphError(
+            None, f"args has {len(msg.args)} bytes, not a multiple of 4 (uint32 each)", "args"
+        )
+    args = np.frombuffer(msg.args, dtype=_U32)
+    needed = int(arity.sum())
+    if args.shape[0] != needed:
+        raise GraphError(
+            None,
+            f"args holds {args.shape[0]} indices but the ops need {needed} (their arities)",
+            "args",
+        )
+    start = np.cumsum(arity) - arity
+    arg0 = np.full(n, -1, dtype=np.int64)
+    arg1 = np.full(n, -1, dtype=np.int64)
+    one, two = arity >= 1, arity == 2
+    arg0[one] = args[start[one]]
+    arg1[two] = args[start[two] + 1]
+    if len(msg.values) % 8:
+        raise GraphError(
+            None,
+            f"values has {len(msg.values)} bytes, not a multiple of 8 (float64 each)",
+            "values",
+        )
+    values = np.frombuffer(msg.values, dtype=_F64)
+    uses = USES_VALUE[code]
+    if values.shape[0] != int(uses.sum()):
+        raise GraphError(
+            None,
+            f"values holds {values.shape[0]} numbers but {int(uses.sum())} nodes use one "
+            "(input, const and pow nodes, in order)",
+            "values",
+        )
+    const = np.zeros(n, dtype=np.float64)
+    const[uses] = values
+    names = _names(((nn.node, nn.name) for nn in msg.names), "names")
+    return Tape.from_arrays(code, arg0, arg1, const, names)
+
+
+def from_graph(msg: graph_pb2.Graph, max_nodes: int | None = None) -> Tape:
+    """Decode and validate a one-message-per-node ``Graph``; raises ``GraphError``."""
+    if _native_decode_graph is not None:
+        return from_graph_bytes(msg.SerializeToString(), max_nodes)
+    n = len(msg.nodes)
+    if n == 0:
+        raise GraphError(None, "the graph has no nodes", "nodes")
+    _check_size(n, max_nodes, "nodes")
+    code = np.zeros(n, dtype=np.int64)
+    arg0 = np.full(n, -1, dtype=np.int64)
+    arg1 = np.full(n, -1, dtype=np.int64)
+    const = np.zeros(n, dtype=np.float64)
+    named: list[tuple[int, str]] = []
+    for i, node in enumerate(msg.nodes):
+        code[i] = node.op
+        args = node.args
+        if len(args) > 2:
+            raise GraphError(
+                i, f"has {len(args)} arguments; no op takes more than 2", f"nodes[{i}].args"
+            )
+        if args:
+            arg0[i] = args[0]
+            if len(args) == 2:
+                arg1[i] = args[1]
+        const[i] = node.value
+        if node.name:
+            named.append((i, node.name))
+    return _tape_from_columns(code, arg0, arg1, const, named)
+
+
+def from_graph_bytes(data: bytes, max_nodes: int | None = None) -> Tape:
+    """Decode a serialized ``Graph`` straight from its wire bytes (native decoder if built)."""
+    if _native_decode_graph is None:
+        return from_graph(graph_pb2.Graph.FromString(data), max_nodes)
+    try:
+        code, arg0, arg1, const, named = _native_decode_graph(data)
+    except ValueError as exc:
+        raise GraphError(None, f"malformed Graph message: {exc}", "nodes") from None
+    n = len(code)
+    if n == 0:
+        raise GraphError(None, "the graph has no nodes", "nodes")
+    _check_size(n, max_nodes, "nodes")
+    return _tape_from_columns(
+        np.asarray(code), np.asarray(arg0), np.asarray(arg1), np.asarray(const), named
+    )
+
+
+def _tape_from_columns(
+    code: np.ndarray,
+    arg0: np.ndarray,
+    arg1: np.ndarray,
+    const: np.ndarray,
+    named: list[tuple[int, str]],
+) -> Tape:
+    """Shared tail of both ``Graph`` decoders: check ops with wire field names, build the tape."""
+    bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
+    if bad.size:
+        i = int(bad[0])
+        what = "OP_UNSPECIFIED (0) is not an op" if code[i] == 0 else f"unknown op {int(code[i])}"
+        raise GraphError(i, f"{what}; known ops are 1..{_ops.MAX_CODE}", f"nodes[{i}].op")
+    return Tape.from_arrays(code, arg0, arg1, const, _names(named, "nodes", per_node=True))
+
+
+def _names(pairs: Iterable[tuple[int, str]], field: str, per_node: bool = False) -> dict[str, int]:
+    """Collect ``(node, name)`` pairs into a dict, rejecting empty and duplicate names."""
+    names: dict[str, int] = {}
+    for j, (node, name) in enumerate(pairs):
+        where = f"{field}[{node}].name" if per_node else f"{field}[{j}]"
+        if not name:
+            raise GraphError(None, "a name must not be empty", where)
+        if name in names:
+            raise GraphError(
+                node, f"name {name!r} is used twice (nodes {names[name]} and {node})", where
+            )
+        names[name] = int(node)
+    return names
+
+
+def to_graph(tape: Tape) -> graph_pb2.Graph:
+    """The tape as a one-message-per-node ``Graph`` (per-node Python: small graphs, tests)."""
+    arity = ARITY.tolist()
+    name_of = {i: name for name, i in tape.names.items()}
+    nodes = []
+    for i, (k, a, b, c) in enumerate(
+        zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
+    ):
+        args = [a, b][: arity[k]]
+        nodes.append(graph_pb2.Node(op=k, args=args, value=c, name=name_of.get(i, "")))
+    return graph_pb2.Graph(nodes=nodes)
+
+
+def graph_id(tape: Tape) -> str:
+    """Content hash of a graph, the same whichever wire form it arrived in."""
+    h = hashlib.sha256(b"micrograd.v1 graph\0")
+    h.update(len(tape).to_bytes(8, "little"))
+    h.update(tape.code.tobytes())
+    h.update(tape.arg0.astype("<i4").tobytes())
+    h.update(tape.arg1.astype("<i4").tobytes())
+    h.update(tape.const.astype(_F64).tobytes())
+    for name, i in sorted(tape.names.items()):
+        h.update(f"{i}\0{name}\0".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def encode_value(
+    root: Value, names: Mapping[str, Value] | None = None
+) -> tuple[graph_pb2.PackedGraph, Tape, list[Value]]:
+    """Compile ``root``'s graph; return the packed message, the tape and the nodes in tape order."""
+    tape, order = Tape.from_value(root, names)
+    return pack(tape), tape, order
