@@ -1,0 +1,76 @@
+"""The graph cache: registered tapes by ``graph_id``, least recently used dropped first.
+
+Bounded twice, by entry count and by the bytes of the tapes' arrays, so a
+server's memory stays predictable whatever clients register. The cache is
+only an optimisation the protocol allows a server to lose: a miss is
+``NOT_FOUND`` and the caller sends the graph again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from micrograd.tape import Tape
+
+__all__ = ["GraphCache", "tape_bytes"]
+
+_NAME_OVERHEAD = 64
+"""Rough bytes of one ``names`` entry (key string plus dict slot) beyond its characters."""
+
+
+def tape_bytes(tape: Tape) -> int:
+    """Memory a tape holds: its numpy columns plus an estimate for its names."""
+    arrays = tape.code.nbytes + tape.arg0.nbytes + tape.arg1.nbytes + tape.const.nbytes
+    arrays += tape.inputs.nbytes
+    return arrays + sum(len(name) + _NAME_OVERHEAD for name in tape.names)
+
+
+class GraphCache:
+    """LRU map ``graph_id -> Tape`` bounded by ``max_entries`` and ``max_bytes``; thread-safe."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        """A cache of at most ``max_entries`` tapes totalling at most ``max_bytes``."""
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._tapes: OrderedDict[str, tuple[Tape, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tapes)
+
+    def __contains__(self, graph_id: object) -> bool:
+        return graph_id in self._tapes
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the cached tapes."""
+        return self._bytes
+
+    def get(self, graph_id: str) -> Tape | None:
+        """The tape registered as ``graph_id`` (now the most recently used), or ``None``."""
+        with self._lock:
+            entry = self._tapes.get(graph_id)
+            if entry is None:
+                return None
+            self._tapes.move_to_end(graph_id)
+            return entry[0]
+
+    def put(self, graph_id: str, tape: Tape) -> bool:
+        """Store ``tape``, evicting the least recently used; ``False`` if it can never fit."""
+        size = tape_bytes(tape)
+        with self._lock:
+            if graph_id in self._tapes:
+                self._tapes.move_to_end(graph_id)
+                return True
+            if size > self.max_bytes or self.max_entries == 0:
+                return False
+            while self._tapes and (
+                len(self._tapes) >= self.max_entries or self._bytes + size > self.max_bytes
+            ):
+                _, (_, dropped) = self._tapes.popitem(last=False)
+                self._bytes -= dropped
+            self._tapes[graph_id] = (tape, size)
+            self._bytes += size
+            return True

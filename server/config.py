@@ -1,0 +1,320 @@
+"""Server settings: every knob in one frozen dataclass, with safe defaults.
+
+Each field documents itself (its ``help`` metadata is the ``--help`` text and
+what the docs cite). Values come from the command line first, then from the
+environment variable ``MICROGRAD_RPC_<FIELD>`` (``MICROGRAD_RPC_MAX_NODES``),
+then the default. A bad value is reported with the flag or variable it came
+from, so the operator can fix it without reading code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ENV_PREFIX", "KERNELS", "Settings", "SettingsError", "add_arguments", "from_sources"]
+
+ENV_PREFIX = "MICROGRAD_RPC_"
+"""Environment variables ``MICROGRAD_RPC_<FIELD NAME IN UPPER CASE>`` set any setting."""
+
+KERNELS = ("auto", "native", "python", "value")
+"""Kernel choices: the fastest available, the C kernel, the numpy/Python kernel, or ``Value``."""
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+
+class SettingsError(ValueError):
+    """A setting with a value the server cannot run with; the message names its source."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that configures one server: address, processes, kernel, limits, shutdown."""
+
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_help(
+            "Address to listen on (127.0.0.1: this machine only; 0.0.0.0 or [::]: every interface)."
+        ),
+    )
+    port: int = field(
+        default=50051,
+        metadata=_help(
+            "gRPC port; 0 picks a free port (only with --workers 1), reported on the startup line "
+            "and in --port-file."
+        ),
+    )
+    http_port: int = field(
+        default=8080, metadata=_help("Port of the JSON-RPC 2.0 over HTTP endpoint.")
+    )
+    workers: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata=_help(
+            "Server processes sharing the port (SO_REUSEPORT); default: the number of CPUs. "
+            "1 serves in this process."
+        ),
+    )
+    kernel: str = field(
+        default="auto",
+        metadata=_help(
+            "Tape kernel: auto (fastest available), native (C), python (numpy/Python reference) "
+            "or value (the Value engine itself; slow, for checking)."
+        ),
+    )
+    max_nodes: int = field(
+        default=5_000_000,
+        metadata=_help("Most nodes in one graph; larger graphs get RESOURCE_EXHAUSTED."),
+    )
+    max_message_bytes: int = field(
+        default=256 * _MiB,
+        metadata=_help(
+            "Largest gRPC message received or sent, in bytes (suffixes KiB, MiB, GiB allowed); "
+            "bigger graphs go through UploadGraph and EvaluateStream."
+        ),
+    )
+    max_batch_rows: int = field(
+        default=10_000, metadata=_help("Most rows (input bindings) in one batch.")
+    )
+    max_batch_cells: int = field(
+        default=50_000_000,
+        metadata=_help(
+            "Most node-bindings (nodes x rows) one call evaluates; bounds the memory of a call "
+            "at about 16 bytes per cell."
+        ),
+    )
+    max_concurrent_calls: int = field(
+        default=64,
+        metadata=_help(
+            "Calls one process works on at once; further calls get RESOURCE_EXHAUSTED at once "
+            "instead of queueing."
+        ),
+    )
+    graph_cache_entries: int = field(
+        default=128,
+        metadata=_help(
+            "Graphs kept by each process's cache of registered graphs (least recently used "
+            "are dropped first)."
+        ),
+    )
+    graph_cache_bytes: int = field(
+        default=1 * _GiB,
+        metadata=_help(
+            "Largest total size of the cached graphs' arrays, in bytes (suffixes allowed)."
+        ),
+    )
+    max_chunk_size: int = field(
+        default=1_000_000,
+        metadata=_help(
+            "Largest EvaluateStream chunk, in numbers; bigger requested chunk sizes are capped."
+        ),
+    )
+    default_chunk_size: int = field(
+        default=262_144,
+        metadata=_help("EvaluateStream chunk size, in numbers, when the request leaves it 0."),
+    )
+    inline_cells: int = field(
+        default=20_000,
+        metadata=_help(
+            "Calls of at most this many node-bindings are evaluated on the event loop "
+            "(lowest latency); bigger ones run on a worker thread so that other calls proceed "
+            "and cancellation is noticed between phases."
+        ),
+    )
+    grace_period: float = field(
+        default=10.0,
+        metadata=_help("Seconds that calls in flight get to finish after SIGTERM or SIGINT."),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=_help(
+            "Logging threshold of the stderr log: DEBUG, INFO, WARNING, ERROR or CRITICAL."
+        ),
+    )
+    flush_denormals: bool = field(
+        default=False,
+        metadata=_help(
+            "Treat subnormal floats as zero in the native kernel (faster on some CPUs, "
+            "slightly different numbers); needs a kernel that supports it."
+        ),
+    )
+    port_file: str = field(
+        default="",
+        metadata=_help(
+            "If set, write the bound gRPC port to this file once the server accepts calls."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        label = _label
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(
+                    f"{label(name)} must be between 0 and 65535, got {getattr(self, name)}"
+                )
+        for name in (
+            "workers",
+            "max_nodes",
+            "max_message_bytes",
+            "max_batch_rows",
+            "max_batch_cells",
+            "max_concurrent_calls",
+            "max_chunk_size",
+            "default_chunk_size",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{label(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("graph_cache_entries", "graph_cache_bytes", "inline_cells"):
+            if getattr(self, name) < 0:
+                problems.append(f"{label(name)} must not be negative, got {getattr(self, name)}")
+        if self.max_message_bytes >= 1 << 31:
+            problems.append(
+                f"{label('max_message_bytes')} must be below 2 GiB, got {self.max_message_bytes}"
+            )
+        if self.default_chunk_size > self.max_chunk_size:
+            problems.append(
+                f"{label('default_chunk_size')} ({self.default_chunk_size}) exceeds "
+                f"{label('max_chunk_size')} ({self.max_chunk_size})"
+            )
+        if self.kernel not in KERNELS:
+            problems.append(
+                f"{label('kernel')} must be one of {', '.join(KERNELS)}, got {self.kernel!r}"
+            )
+        if self.log_level.upper() not in _LOG_LEVELS:
+            problems.append(
+                f"{label('log_level')} must be one of {', '.join(_LOG_LEVELS)}, "
+                f"got {self.log_level!r}"
+            )
+        if not self.grace_period >= 0:
+            problems.append(
+                f"{label('grace_period')} must be at least 0 seconds, got {self.grace_period}"
+            )
+        if self.port == 0 and self.workers > 1:
+            problems.append(
+                f"{label('port')} 0 (a free port) needs {label('workers')} 1: "
+                "separate processes would each pick a different port"
+            )
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    @property
+    def log_level_number(self) -> int:
+        """The ``logging`` level number of ``log_level``."""
+        return int(logging.getLevelName(self.log_level.upper()))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SIZE = re.compile(r"^\s*(\d[\d_]*)\s*(b|kib|mib|gib|k|m|g)?\s*$", re.IGNORECASE)
+_UNITS = {
+    None: 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": _MiB,
+    "mib": _MiB,
+    "g": _GiB,
+    "gib": _GiB,
+}
+
+
+def _kind(name: str) -> type:
+    """The Python type of a setting, from its default."""
+    f = _FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+    return type(default)
+
+
+def _parse(name: str, text: str) -> Any:
+    """Convert one setting from text; raises ``ValueError`` with what was expected."""
+    kind = _kind(name)
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if kind is int:
+        m = _SIZE.match(text)
+        if not m or (m.group(2) and not name.endswith("_bytes")):
+            raise ValueError(
+                f"expected a whole number, got {text!r}"
+                + (" (byte sizes may end in KiB, MiB or GiB)" if name.endswith("_bytes") else "")
+            )
+        return int(m.group(1).replace("_", "")) * _UNITS[(m.group(2) or "").lower() or None]
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    return text
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _label(name: str) -> str:
+    """How an operator sets ``name``: its flag and its environment variable."""
+    return f"{_flag(name)} ({ENV_PREFIX}{name.upper()})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting (``--max-nodes``) to ``parser``; unset flags stay ``None``."""
+    for name, f in _FIELDS.items():
+        env = ENV_PREFIX + name.upper()
+        help_text = f"{f.metadata['help']} [env {env}; default: %(default)s]"
+        default = f.default if f.default is not dataclasses.MISSING else "number of CPUs"
+        if _kind(name) is bool:
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text.replace("%(default)s", str(default)),
+            )
+        else:
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                metavar=name.upper(),
+                default=None,
+                help=help_text.replace("%(default)s", str(default) or '""'),
+            )
+
+
+def from_sources(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from parsed flags (winning), then ``MICROGRAD_RPC_*`` variables, then defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems = []
+    for name in _FIELDS:
+        var = ENV_PREFIX + name.upper()
+        given = getattr(args, name, None) if args is not None else None
+        source, text = (_flag(name), given) if given is not None else (var, env.get(var))
+        if text is None:
+            continue
+        if isinstance(text, bool):
+            values[name] = text
+            continue
+        try:
+            values[name] = _parse(name, str(text))
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return Settings(**values)

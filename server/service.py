@@ -1,0 +1,523 @@
+"""The gradient service without a transport: request messages in, response messages out.
+
+Every rpc of ``micrograd.v1.GradientService`` is a plain method here, so the
+gRPC servicer, the JSON-RPC endpoint and the tests share one implementation.
+A call goes decode -> validate -> tape -> kernel -> encode, all on numpy
+arrays (no Python object per node). Anything wrong with a request raises
+``ServiceError`` carrying a status code, a message and field violations that
+point into the request (``graph.nodes[17].args[1]``); a transport only maps
+that onto its own error format.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from micrograd import __version__, codec
+from micrograd import ops as _ops
+from micrograd.tape import USES_VALUE, GraphError, Kernel, Tape
+from micrograd.v1 import gradient_service_pb2 as pb
+from micrograd.v1 import graph_pb2
+
+from .cache import GraphCache
+from .config import Settings
+from .kernels import resolve_kernel
+
+__all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload", "set_doubles"]
+
+
+class Code(enum.Enum):
+    """Outcome of a failed call; the names are the gRPC status codes they map to."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    CANCELLED = "CANCELLED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class ServiceError(Exception):
+    """A call that cannot be answered: a ``Code``, a message, and ``(field, description)`` pairs."""
+
+    def __init__(
+        self, code: Code, message: str, violations: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """``violations`` name request fields (``graph.nodes[3].op``) and what is wrong there."""
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = list(violations)
+
+
+class Deadline:
+    """When a call must stop: an optional time limit and a cancel flag, checked between phases.
+
+    Thread-safe: a transport cancels from its own thread while the work runs
+    on another, and the work calls ``check()`` between decode, the sweeps and
+    encoding.
+    """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        """A deadline ``seconds`` from now (``None``: no time limit)."""
+        self.expires = None if seconds is None else time.monotonic() + seconds
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Mark the call cancelled; the next ``check()`` raises."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``cancel()`` was called."""
+        return self._cancelled.is_set()
+
+    def check(self) -> None:
+        """Raise ``ServiceError`` (CANCELLED or DEADLINE_EXCEEDED) if the call must stop."""
+        if self._cancelled.is_set():
+            raise ServiceError(Code.CANCELLED, "the call was cancelled")
+        if self.expires is not None and time.monotonic() >= self.expires:
+            raise ServiceError(
+                Code.DEADLINE_EXCEEDED, "the deadline passed before the call finished"
+            )
+
+
+_NO_DEADLINE = Deadline()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated evaluation, ready for the kernel."""
+
+    tape: Tape
+    graph_id: str
+    bindings: np.ndarray | None
+    """``None`` (defaults), ``(k,)`` or ``(B, k)``: what ``Tape.leaf_values`` takes."""
+    output: int
+    selection: np.ndarray | None
+    """Reported node indices, or ``None`` for every node in order."""
+    rows: int
+    """Number of bindings: 1 without a batch."""
+    batched: bool
+    gradients: bool
+    binary: bool
+
+    @property
+    def width(self) -> int:
+        """Numbers reported per row."""
+        return len(self.tape) if self.selection is None else int(self.selection.shape[0])
+
+
+_SMALL_DOUBLES = 512
+"""Below this many numbers, ``extend(list)`` beats parsing a packed field."""
+
+
+def set_doubles(msg: object, field_number: int, field: str, data: np.ndarray) -> None:
+    """Fill the empty ``repeated double`` field ``field`` of ``msg`` from an array, fast.
+
+    Large arrays are appended as one packed wire field parsed in C (no Python
+    float per number); ``field_number`` must be that field's number (< 16).
+    """
+    flat = np.ascontiguousarray(data, dtype="<f8").reshape(-1)
+    if flat.shape[0] <= _SMALL_DOUBLES:
+        getattr(msg, field).extend(flat.tolist())
+        return
+    payload = flat.tobytes()
+    length = len(payload)
+    header = bytearray([(field_number << 3) | 2])
+    while length >= 0x80:
+        header.append((length & 0x7F) | 0x80)
+        length >>= 7
+    header.append(length)
+    msg.MergeFromString(bytes(header) + payload)  # type: ignore[attr-defined]
+
+
+_ARG_SLOT = re.compile(r"^(?:argument|arg) (\d)")
+
+
+def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
+    """Turn a codec/tape ``GraphError`` into INVALID_ARGUMENT (or RESOURCE_EXHAUSTED if too big)."""
+    where = exc.field
+    slot = _ARG_SLOT.match(exc.reason)
+    if (
+        exc.node is not None
+        and where == f"nodes[{exc.node}]"
+        and slot
+        and prefix.endswith("graph.")
+    ):
+        where += f".args[{slot.group(1)}]"
+    field = prefix + where
+    if isinstance(exc, codec.GraphTooLarge):
+        return ServiceError(Code.RESOURCE_EXHAUSTED, f"{field}: {exc}")
+    return ServiceError(Code.INVALID_ARGUMENT, f"{field}: {exc}", [(field, str(exc))])
+
+
+class GradientService:
+    """The rpcs of ``GradientService`` as methods, with this process's kernel, cache and limits."""
+
+    def __init__(self, settings: Settings, kernel: Kernel | None = None) -> None:
+        """Serve with ``settings``; ``kernel`` overrides the one ``settings.kernel`` names."""
+        self.settings = settings
+        self.kernel = kernel or resolve_kernel(settings.kernel, settings.flush_denormals)
+        self.cache = GraphCache(settings.graph_cache_entries, settings.graph_cache_bytes)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._draining = False
+
+    # -- admission ---------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Calls admitted and not yet finished."""
+        return self._in_flight
+
+    def drain(self) -> None:
+        """Refuse new calls (UNAVAILABLE) while those in flight finish: the start of shutdown."""
+        with self._lock:
+            self._draining = True
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one of ``max_concurrent_calls`` slots for a call, or refuse it at once."""
+        with self._lock:
+            if self._draining:
+                raise ServiceError(Code.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+            if self._in_flight >= self.settings.max_concurrent_calls:
+                raise ServiceError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"this server process is already working on {self._in_flight} calls "
+                    f"(max_concurrent_calls); retry later",
+                )
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    # -- sizing ------------------------------------------------------------
+
+    def cells(self, request: pb.EvaluateRequest) -> int:
+        """Cheap upper estimate of the node-bindings a request evaluates, before decoding it."""
+        source = request.WhichOneof("source")
+        if source == "graph":
+            n = len(request.graph.nodes)
+        elif source == "packed_graph":
+            n = len(request.packed_graph.ops)
+        elif source == "graph_id":
+            tape = self.cache.get(request.graph_id)
+            n = 0 if tape is None else len(tape)
+        else:
+            n = 0
+        if not request.HasField("batch"):
+            return n
+        batch = request.batch
+        count = len(batch.values) + len(batch.values_f64) // 8
+        return n * max(1, count // max(1, len(batch.columns)))
+
+    # -- decoding ----------------------------------------------------------
+
+    def _check_nodes(self, n: int, field: str) -> None:
+        if n > self.settings.max_nodes:
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{field}: the graph has {n} nodes; this server accepts at most "
+                f"{self.settings.max_nodes} (max_nodes)",
+            )
+
+    def decode_graph(
+        self, msg: pb.EvaluateRequest | pb.RegisterGraphRequest, prefix: str = ""
+    ) -> tuple[Tape, str | None]:
+        """The tape a request's ``source`` gives, and its id when it came from the cache."""
+        source = msg.WhichOneof("source")
+        max_nodes = self.settings.max_nodes
+        try:
+            if source == "graph":
+                self._check_nodes(len(msg.graph.nodes), prefix + "graph.nodes")
+                tape = codec.from_graph(msg.graph, max_nodes)
+                _check_unused_values(tape, prefix + "graph.")
+                return tape, None
+            if source == "packed_graph":
+                self._check_nodes(len(msg.packed_graph.ops), prefix + "packed_graph.ops")
+                return codec.unpack(msg.packed_graph, max_nodes), None
+        except GraphError as exc:
+            raise _graph_violation(f"{prefix}{source}.", exc) from None
+        if source == "graph_id" and isinstance(msg, pb.EvaluateRequest):
+            tape = self.cache.get(msg.graph_id)
+            if tape is None:
+                raise ServiceError(
+                    Code.NOT_FOUND,
+                    f"no graph {msg.graph_id!r} is registered here (the cache may have dropped "
+                    "it); send the graph again or register it",
+                )
+            return tape, msg.graph_id
+        field = prefix + "source"
+        raise ServiceError(
+            Code.INVALID_ARGUMENT,
+            "the request has no graph: set graph, packed_graph or graph_id",
+            [(field, "one of graph, packed_graph or graph_id is required")],
+        )
+
+    def plan(self, request: pb.EvaluateRequest, prefix: str = "") -> Plan:
+        """Decode and validate an ``EvaluateRequest`` against the graph and the limits."""
+        tape, known_id = self.decode_graph(request, prefix)
+        n = len(tape)
+        rows, batched = 1, request.HasField("batch")
+        if batched:
+            batch = request.batch
+            width = len(batch.columns) or int(tape.inputs.shape[0])
+            count = len(batch.values) + len(batch.values_f64) // 8
+            rows = count // width if width else 0
+            if rows > self.settings.max_batch_rows:
+                raise ServiceError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"{prefix}batch: {rows} rows; this server evaluates at most "
+                    f"{self.settings.max_batch_rows} per call (max_batch_rows)",
+                )
+        if n * rows > self.settings.max_batch_cells:
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{prefix}batch: {rows} rows x {n} nodes = {n * rows} node-bindings; this server "
+                f"evaluates at most {self.settings.max_batch_cells} per call (max_batch_cells)",
+            )
+        try:
+            output = codec.output_index(tape, request)
+            selection = codec.selection_indices(tape, request, output)
+            bound = codec.bindings(tape, request)
+        except GraphError as exc:
+            raise _graph_violation(prefix, exc) from None
+        return Plan(
+            tape=tape,
+            graph_id=known_id or codec.graph_id(tape),
+            bindings=bound,
+            output=output,
+            selection=selection,
+            rows=rows,
+            batched=batched,
+            gradients=not request.skip_gradients,
+            binary=request.binary_output,
+        )
+
+    # -- evaluation --------------------------------------------------------
+
+    def forward(self, plan: Plan) -> np.ndarray:
+        """Every node's value: ``(n,)``, or ``(n, B)`` for a batch (the kernel's layout)."""
+        values = plan.tape.leaf_values(plan.bindings)
+        with np.errstate(all="ignore"):
+            self.kernel.forward(plan.tape, values)
+        return values
+
+    def backward(self, plan: Plan, values: np.ndarray) -> np.ndarray:
+        """d(output)/d(node) for every node, laid out like ``values``."""
+        grads = np.zeros_like(values)
+        with np.errstate(all="ignore"):
+            self.kernel.backward(plan.tape, values, grads, plan.output)
+        return grads
+
+    @staticmethod
+    def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
+        """The selected nodes of kernel-layout ``columns``, row-major ``(rows, width)``."""
+        table = columns if columns.ndim == 2 else columns[:, None]
+        picked = table if plan.selection is None else table[plan.selection]
+        return np.ascontiguousarray(picked.T)
+
+    def header(self, plan: Plan) -> pb.EvaluateResponse:
+        """An ``EvaluateResponse`` with everything but the numbers."""
+        resp = pb.EvaluateResponse(
+            output=plan.output, rows=plan.rows, node_count=len(plan.tape), graph_id=plan.graph_id
+        )
+        names = plan.tape.names
+        if plan.selection is None:
+            if names:
+                resp.names.update(names)
+            return resp
+        selection = plan.selection
+        resp.nodes.extend(selection.tolist())
+        if names:
+            position = np.full(len(plan.tape), -1, dtype=np.int64)
+            order = np.arange(selection.shape[0] - 1, -1, -1)
+            position[selection[::-1]] = order  # first occurrence wins
+            labels = list(names)
+            where = position[np.fromiter(names.values(), dtype=np.int64, count=len(labels))]
+            resp.names.update(
+                (labels[j], int(where[j])) for j in np.flatnonzero(where >= 0).tolist()
+            )
+        return resp
+
+    def evaluate(
+        self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> pb.EvaluateResponse:
+        """The Evaluate rpc: values and gradients of the selected nodes."""
+        plan = self.plan(request)
+        deadline.check()
+        values = self.forward(plan)
+        deadline.check()
+        grads = self.backward(plan, values) if plan.gradients else None
+        deadline.check()
+        resp = self.header(plan)
+        vals = self.reported(plan, values)
+        if plan.binary:
+            resp.values_f64 = codec.f64_bytes(vals)
+            if grads is not None:
+                resp.grads_f64 = codec.f64_bytes(self.reported(plan, grads))
+        else:
+            set_doubles(resp, 2, "values", vals)
+            if grads is not None:
+                set_doubles(resp, 3, "grads", self.reported(plan, grads))
+        return resp
+
+    def chunk_size(self, requested: int) -> int:
+        """Numbers per stream chunk: the request's, capped, or the server default."""
+        if requested <= 0:
+            return self.settings.default_chunk_size
+        return min(requested, self.settings.max_chunk_size)
+
+    def evaluate_stream(
+        self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> Iterator[pb.EvaluateStreamResponse]:
+        """The EvaluateStream rpc: header, value chunks after the forward sweep, then gradients.
+
+        Validation happens on the first ``next()``; each later ``next()`` does
+        at most one sweep, so a transport can check for cancellation between them.
+        """
+        plan = self.plan(request.request, "request.")
+        size = self.chunk_size(request.chunk_size)
+        yield pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
+        deadline.check()
+        values = self.forward(plan)
+        deadline.check()
+        yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
+        if not plan.gradients:
+            return
+        grads = self.backward(plan, values)
+        deadline.check()
+        yield from self._chunks(plan, pb.PART_GRADIENTS, self.reported(plan, grads), size, deadline)
+
+    @staticmethod
+    def _chunks(
+        plan: Plan, part: int, table: np.ndarray, size: int, deadline: Deadline
+    ) -> Iterator[pb.EvaluateStreamResponse]:
+        """Cut a row-major array into stream messages of at most ``size`` numbers."""
+        flat = table.reshape(-1)
+        for offset in range(0, flat.shape[0], size):
+            piece = flat[offset : offset + size]
+            msg = pb.EvaluateStreamResponse(part=part, offset=offset)
+            if plan.binary:
+                msg.data_f64 = codec.f64_bytes(piece)
+            else:
+                set_doubles(msg, 4, "data", piece)
+            yield msg
+            deadline.check()
+
+    # -- registration ------------------------------------------------------
+
+    def register(self, tape: Tape) -> str:
+        """Put ``tape`` in the cache and return its id; RESOURCE_EXHAUSTED if it cannot fit."""
+        gid = codec.graph_id(tape)
+        if not self.cache.put(gid, tape):
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"a graph of {len(tape)} nodes does not fit in this server's graph cache "
+                f"(graph_cache_bytes {self.settings.graph_cache_bytes}, "
+                f"graph_cache_entries {self.settings.graph_cache_entries}); send it with each call",
+            )
+        return gid
+
+    def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
+        """The RegisterGraph rpc: decode, validate, cache; the same graph gives the same id."""
+        tape, _ = self.decode_graph(request)
+        return pb.RegisterGraphResponse(graph_id=self.register(tape), node_count=len(tape))
+
+    def upload(self) -> Upload:
+        """Start an UploadGraph call: feed pieces to ``Upload.add``, then ``Upload.finish``."""
+        return Upload(self)
+
+    # -- description -------------------------------------------------------
+
+    def server_info(
+        self, request: pb.GetServerInfoRequest | None = None
+    ) -> pb.GetServerInfoResponse:
+        """The GetServerInfo rpc: version, the op table, limits, kernel and workers."""
+        s = self.settings
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            ops=[
+                pb.OpInfo(
+                    op=op.code, name=op.name, arity=op.arity, uses_value=op.uses_value, doc=op.doc
+                )
+                for op in _ops.OPS
+            ],
+            limits=pb.Limits(
+                max_nodes=s.max_nodes,
+                max_message_bytes=s.max_message_bytes,
+                max_batch_rows=s.max_batch_rows,
+                max_batch_cells=s.max_batch_cells,
+                max_concurrent_calls=s.max_concurrent_calls,
+                graph_cache_entries=s.graph_cache_entries,
+                graph_cache_bytes=s.graph_cache_bytes,
+                max_chunk_size=s.max_chunk_size,
+            ),
+            kernel=self.kernel.name,
+            workers=s.workers,
+        )
+
+
+def _check_unused_values(tape: Tape, prefix: str) -> None:
+    """Reject a non-zero ``value`` on a node whose op ignores it (the proto says leave it 0)."""
+    bad = np.flatnonzero(~USES_VALUE[tape.code] & (tape.const != 0.0))
+    if bad.size:
+        i = int(bad[0])
+        op = _ops.BY_CODE[int(tape.code[i])]
+        field = f"{prefix}nodes[{i}].value"
+        reason = f"node {i}: {op.name} does not use a value; leave it 0 (got {tape.const[i]!r})"
+        raise ServiceError(Code.INVALID_ARGUMENT, f"{field}: {reason}", [(field, reason)])
+
+
+class Upload:
+    """One UploadGraph call: columns appended piece by piece within the limits, then registered."""
+
+    def __init__(self, service: GradientService) -> None:
+        """An empty upload into ``service``'s cache."""
+        self.service = service
+        self.ops = bytearray()
+        self.args = bytearray()
+        self.values = bytearray()
+        self.names: list[graph_pb2.NodeName] = []
+
+    def add(self, request: pb.UploadGraphRequest) -> None:
+        """Append one piece; RESOURCE_EXHAUSTED as soon as the graph outgrows ``max_nodes``."""
+        piece = request.piece
+        self.ops += piece.ops
+        self.args += piece.args
+        self.values += piece.values
+        self.names.extend(piece.names)
+        limit = self.service.settings.max_nodes
+        if (
+            len(self.ops) > limit
+            or len(self.args) > 8 * limit
+            or len(self.values) > 8 * limit
+            or len(self.names) > limit
+        ):
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"the uploaded graph exceeds {limit} nodes (max_nodes)",
+            )
+
+    def finish(self) -> pb.UploadGraphResponse:
+        """Decode, validate and register the concatenated graph."""
+        packed = graph_pb2.PackedGraph(
+            ops=bytes(self.ops), args=bytes(self.args), values=bytes(self.values), names=self.names
+        )
+        self.ops = self.args = self.values = bytearray()
+        try:
+            tape = codec.unpack(packed, self.service.settings.max_nodes)
+        except GraphError as exc:
+            raise _graph_violation("piece.", exc) from None
+        return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
