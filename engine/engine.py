@@ -200,11 +200,38 @@ class Value:
                 a.grad += da * g
                 b.grad += db * g
         if _STRICT:
-            for v in order:
-                if not math.isfinite(v.grad):
-                    raise FloatingPointError(
-                        f"gradient of {v!r} (op {v.op.name!r}) is not finite (strict mode)"
-                    )
+            _check_gradients(order)
+
+
+def _check_gradients(order: list[Value]) -> None:
+    """Strict mode: raise naming the op whose backward step first made a gradient non-finite.
+
+    Walks from the output back, as ``backward`` did, re-deriving each node's
+    local derivatives; only when every contribution was finite but a sum
+    overflowed does it fall back to naming the node whose gradient is not finite.
+    """
+    for v in reversed(order):
+        a = v._a
+        if a is None or not math.isfinite(v.grad):
+            continue
+        b = v._b
+        y = 0.0 if b is None else b.data
+        da, db = _PARTIALS[v._code](a.data, y, v._c, v.data)  # type: ignore[misc]
+        for name, d in (("x", da), ("y", db)):
+            if not math.isfinite(d * v.grad):
+                op = v.op
+                args = f"x={a.data!r}" if b is None else f"x={a.data!r}, y={y!r}"
+                if op.uses_value:
+                    args += f", exponent={v._c!r}"
+                raise FloatingPointError(
+                    f"gradient through {op.name}({args}) is not finite: "
+                    f"d/d{name} = {d!r} (strict mode)"
+                )
+    for v in order:
+        if not math.isfinite(v.grad):
+            raise FloatingPointError(
+                f"gradient of {v!r} (op {v.op.name!r}) is not finite (strict mode)"
+            )
 
 
 def _number_label(c: float) -> str:

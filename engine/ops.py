@@ -144,9 +144,19 @@ def _np_sigmoid(x: Any) -> Any:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def _np_pow(x: Any, c: float) -> Any:
+    """Vectorised ``x ** c`` for a constant ``c``, exactly as C ``pow`` computes it.
+
+    The exponent is passed as a full array because numpy's ``power`` turns a
+    scalar 0.5 into ``sqrt`` (``nan`` for ``-inf``, ``-0.0`` for ``-0.0``)
+    and small integers into products, which the scalar form does not.
+    """
+    return np.power(x, np.full_like(x, c, dtype=np.float64))
+
+
 def _np_pow_const_partial(x: Any, c: float) -> Any:
     """Vectorised ``d x**c / dx`` (0 when ``c == 0``)."""
-    return 0.0 if c == 0.0 else c * np.power(x, c - 1.0)
+    return 0.0 if c == 0.0 else c * _np_pow(x, c - 1.0)
 
 
 def _np_pow_value_partials(x: Any, y: Any, out: Any) -> tuple[Any, Any]:
@@ -202,7 +212,7 @@ OPS: tuple[Op, ...] = (
        doc="x ** value, a constant exponent (micrograd's `**`)",
        forward=lambda x, y, c: _pow(x, c),
        partials=lambda x, y, c, o: (_pow_const_partial(x, c), 0.0),
-       vforward=lambda x, y, c: np.power(x, c),
+       vforward=lambda x, y, c: _np_pow(x, c),
        vpartials=lambda x, y, c, o: (_np_pow_const_partial(x, c), 0.0)),
     Op(code=9, name="pow_value", arity=2, uses_value=False, label="**", expr="x ** y",
        doc="x ** y with both operands nodes",
