@@ -1,0 +1,223 @@
+"""Building requests: whatever the caller holds, turned into ``micrograd.v1`` messages.
+
+A graph may be given as a ``Graph`` or ``PackedGraph`` message, a ``Tape``,
+a ``Value`` (its whole expression graph) or the ``graph_id`` of a graph
+registered earlier. ``prepare`` brings each to one shape, ``evaluate_request``
+fills in inputs, batch, selection and output, and ``upload_pieces`` cuts a
+large ``PackedGraph`` into ``UploadGraph`` messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+from micrograd import codec
+from micrograd.engine import Value
+from micrograd.tape import ARITY, USES_VALUE, Tape
+from micrograd.v1 import gradient_service_pb2 as pb
+from micrograd.v1 import graph_pb2
+
+__all__ = [
+    "GraphLike",
+    "Prepared",
+    "SelectionLike",
+    "evaluate_request",
+    "packed",
+    "prepare",
+    "split_request",
+    "upload_pieces",
+    "with_source",
+]
+
+GraphLike: TypeAlias = graph_pb2.Graph | graph_pb2.PackedGraph | Tape | Value | str
+"""Anything ``evaluate`` accepts as its graph."""
+
+SelectionLike: TypeAlias = str | Sequence[int] | np.ndarray
+"""``"all"``, ``"inputs"``, ``"named"``, ``"output"`` or a list of node indices."""
+
+# Per-byte lookups (0 for bytes outside the op table, which the server will reject by node).
+_ARITY = np.zeros(256, dtype=np.int64)
+_ARITY[: ARITY.shape[0]] = ARITY
+_USES_VALUE = np.zeros(256, dtype=np.int64)
+_USES_VALUE[: USES_VALUE.shape[0]] = USES_VALUE
+
+_SELECTIONS = {
+    "all": pb.SELECTION_ALL,
+    "inputs": pb.SELECTION_INPUTS,
+    "named": pb.SELECTION_NAMED,
+    "output": pb.SELECTION_OUTPUT,
+}
+
+
+@dataclass
+class Prepared:
+    """A graph ready to send: a message, or only an id; ``order`` maps a ``Value`` graph back."""
+
+    message: graph_pb2.Graph | graph_pb2.PackedGraph | None
+    graph_id: str | None = None
+    order: list[Value] | None = None
+
+    @property
+    def node_count(self) -> int | None:
+        """Number of nodes, when the graph itself is at hand."""
+        if isinstance(self.message, graph_pb2.PackedGraph):
+            return len(self.message.ops)
+        if isinstance(self.message, graph_pb2.Graph):
+            return len(self.message.nodes)
+        return None
+
+    def byte_size(self) -> int:
+        """Encoded size of the graph message (0 for an id)."""
+        return 0 if self.message is None else self.message.ByteSize()
+
+
+def prepare(graph: GraphLike, names: Mapping[str, Value] | None = None) -> Prepared:
+    """Bring any accepted graph form to a ``Prepared``; ``names`` label a ``Value`` graph."""
+    if isinstance(graph, str):
+        return Prepared(None, graph_id=graph)
+    if isinstance(graph, Value):
+        message, _, order = codec.encode_value(graph, names)
+        return Prepared(message, order=order)
+    if names:
+        raise TypeError("names= applies to a Value graph; name nodes inside the graph instead")
+    if isinstance(graph, Tape):
+        return Prepared(codec.pack(graph))
+    if isinstance(graph, (graph_pb2.Graph, graph_pb2.PackedGraph)):
+        return Prepared(graph)
+    raise TypeError(
+        "graph must be a micrograd.v1 Graph or PackedGraph, a Tape, a Value or a graph_id "
+        f"string, not {type(graph).__name__}"
+    )
+
+
+def packed(message: graph_pb2.Graph | graph_pb2.PackedGraph) -> graph_pb2.PackedGraph:
+    """The graph as a ``PackedGraph`` (a ``Graph`` is decoded, validated and repacked)."""
+    if isinstance(message, graph_pb2.PackedGraph):
+        return message
+    return codec.pack(codec.from_graph(message))
+
+
+def _selection(request: pb.EvaluateRequest, selection: SelectionLike) -> None:
+    """Set ``selection`` (and the listed ``nodes``) on the request."""
+    if isinstance(selection, str):
+        try:
+            request.selection = _SELECTIONS[selection]
+        except KeyError:
+            raise ValueError(
+                f"unknown selection {selection!r}; use one of {', '.join(_SELECTIONS)} "
+                "or a list of node indices"
+            ) from None
+        return
+    request.selection = pb.SELECTION_LISTED
+    request.nodes.extend(np.asarray(selection, dtype=np.int64).tolist())
+
+
+def _batch(
+    request: pb.EvaluateRequest, batch: Mapping[str, Sequence[float]] | np.ndarray
+) -> None:
+    """Fill ``request.batch``: named columns from a mapping, or a ``(rows, inputs)`` array."""
+    if isinstance(batch, Mapping):
+        columns = list(batch)
+        if not columns:
+            raise ValueError("batch has no columns")
+        data = np.column_stack([np.asarray(batch[c], dtype=np.float64) for c in columns])
+        request.batch.columns.extend(columns)
+    else:
+        data = np.asarray(batch, dtype=np.float64)
+        if data.ndim != 2:
+            raise ValueError(
+                f"a batch array must be 2-D (rows, one column per input node), got {data.shape}"
+            )
+    request.batch.values_f64 = codec.f64_bytes(data)
+
+
+def evaluate_request(
+    *,
+    inputs: Mapping[str, float] | None = None,
+    output: int | None = None,
+    selection: SelectionLike = "all",
+    batch: Mapping[str, Sequence[float]] | np.ndarray | None = None,
+    gradients: bool = True,
+    binary_output: bool = True,
+) -> pb.EvaluateRequest:
+    """An ``EvaluateRequest`` without its graph source (set by ``with_source``)."""
+    request = pb.EvaluateRequest(binary_output=binary_output, skip_gradients=not gradients)
+    if inputs:
+        for name, value in inputs.items():
+            request.inputs[name] = float(value)
+    if output is not None:
+        request.output = int(output)
+    _selection(request, selection)
+    if batch is not None:
+        _batch(request, batch)
+    return request
+
+
+def with_source(
+    request: pb.EvaluateRequest,
+    source: graph_pb2.Graph | graph_pb2.PackedGraph | str,
+) -> pb.EvaluateRequest:
+    """A copy of ``request`` evaluating ``source`` (a graph message or a graph_id)."""
+    out = pb.EvaluateRequest()
+    out.CopyFrom(request)
+    if isinstance(source, str):
+        out.graph_id = source
+    elif isinstance(source, graph_pb2.PackedGraph):
+        out.packed_graph.CopyFrom(source)
+    else:
+        out.graph.CopyFrom(source)
+    return out
+
+
+def split_request(request: pb.EvaluateRequest) -> tuple[Prepared, pb.EvaluateRequest]:
+    """A complete ``EvaluateRequest`` as its graph source and the rest of the request."""
+    source = request.WhichOneof("source")
+    if source is None:
+        raise ValueError("the EvaluateRequest has no graph: set graph, packed_graph or graph_id")
+    prepared = prepare(getattr(request, source))
+    rest = pb.EvaluateRequest()
+    rest.CopyFrom(request)
+    rest.ClearField(source)
+    return prepared, rest
+
+
+def upload_pieces(
+    graph: graph_pb2.PackedGraph, piece_bytes: int
+) -> Iterator[pb.UploadGraphRequest]:
+    """``graph`` as ``UploadGraph`` messages of about ``piece_bytes`` each, cut at node edges.
+
+    Each piece carries a run of nodes: their op bytes, their argument
+    indices and their values, so every column stays aligned to whole
+    elements; names follow in pieces of their own.
+    """
+    ops = np.frombuffer(graph.ops, dtype=np.uint8)
+    n = ops.shape[0]
+    arity = _ARITY[ops]
+    uses = _USES_VALUE[ops]
+    arg_end = np.cumsum(arity)  # args consumed by nodes 0..i
+    val_end = np.cumsum(uses)
+    per_node = 1 + 4 * 2 + 8  # an upper bound of one node's bytes
+    step = max(piece_bytes // per_node, 1)
+    args, values = graph.args, graph.values
+    a0 = v0 = 0
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        a1, v1 = int(arg_end[stop - 1]), int(val_end[stop - 1])
+        yield pb.UploadGraphRequest(
+            piece=graph_pb2.PackedGraph(
+                ops=graph.ops[start:stop],
+                args=args[4 * a0 : 4 * a1],
+                values=values[8 * v0 : 8 * v1],
+            )
+        )
+        a0, v0 = a1, v1
+    names = graph.names
+    per_piece = max(piece_bytes // 64, 1)
+    for start in range(0, len(names), per_piece):
+        yield pb.UploadGraphRequest(
+            piece=graph_pb2.PackedGraph(names=names[start : start + per_piece])
+        )
+
