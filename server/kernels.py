@@ -82,10 +82,11 @@ def resolve_kernel(name: str, flush_denormals: bool = False) -> Kernel:
         except ValueError as exc:
             raise SettingsError(f"--kernel {name}: {exc}") from None
     if flush_denormals:
-        flush = getattr(kernel, "set_flush_denormals", None)
-        if flush is None:
+        if kernel.name != "native":
             raise SettingsError(
-                f"--flush-denormals: the {kernel.name} kernel cannot flush subnormal numbers"
+                f"--flush-denormals needs the native kernel; the {kernel.name} kernel is exact IEEE"
             )
-        flush(True)
+        from micrograd.native import NativeKernel
+
+        kernel = NativeKernel(flush_denormals=True)
     return kernel

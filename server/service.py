@@ -183,9 +183,8 @@ class GradientService:
         with self._lock:
             self._draining = True
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one of ``max_concurrent_calls`` slots for a call, or refuse it at once."""
+    def acquire(self) -> None:
+        """Take one of ``max_concurrent_calls`` slots, or refuse the call at once (no queue)."""
         with self._lock:
             if self._draining:
                 raise ServiceError(Code.UNAVAILABLE, "the server is shutting down; retry elsewhere")
@@ -196,11 +195,20 @@ class GradientService:
                     f"(max_concurrent_calls); retry later",
                 )
             self._in_flight += 1
+
+    def release(self) -> None:
+        """Give back a slot taken by ``acquire``."""
+        with self._lock:
+            self._in_flight -= 1
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold a call slot for the duration of a ``with`` block (see ``acquire``)."""
+        self.acquire()
         try:
             yield
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self.release()
 
     # -- sizing ------------------------------------------------------------
 
