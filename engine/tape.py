@@ -254,6 +254,8 @@ class Tape:
 def _checked_codes(code: np.ndarray | Sequence[int]) -> np.ndarray:
     """Op codes as contiguous uint8, reporting the first one outside the table."""
     given = np.asarray(code)
+    if given.size == 0:  # checked first: an empty list has numpy's default dtype, float
+        raise GraphError(None, "the graph has no nodes")
     if given.dtype.kind not in "iu":
         raise GraphError(None, f"op codes must be integers, got {given.dtype}")
     bad = np.flatnonzero((given < 1) | (given > _ops.MAX_CODE))
