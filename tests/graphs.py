@@ -87,8 +87,8 @@ def build(nodes: Sequence[Node], leaf: Callable[[float], Any]) -> list[Any]:
     return built
 
 
-def to_values(nodes: Sequence[Node]) -> list[Value | float]:
-    """The node list as a ``Value`` graph (constants as floats)."""
+def to_values(nodes: Sequence[Node]) -> list[Any]:
+    """The node list as a ``Value`` graph: a ``Value`` per node, but constants stay floats."""
     return build(nodes, Value)
 
 
