@@ -21,9 +21,12 @@ from pathlib import Path
 
 from micrograd.tape import Kernel
 
+from . import logs
 from .config import Settings
 from .grpc_server import GrpcServer
+from .http import HttpServer
 from .kernels import resolve_kernel
+from .metrics import Metrics, MetricsInterceptor
 from .service import GradientService
 
 __all__ = ["configure_logging", "run", "serve"]
@@ -34,13 +37,8 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def configure_logging(settings: Settings) -> None:
-    """Log lines to stderr, each with its process id, at ``settings.log_level``."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=settings.log_level_number,
-        format="%(asctime)s %(levelname)s micrograd-rpc[%(process)d] %(message)s",
-    )
-    logging.getLogger("micrograd").setLevel(settings.log_level_number)
+    """JSON lines on stderr, each with its process id, at ``settings.log_level``."""
+    logs.configure(settings.log_level_number, sys.stderr)
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -59,8 +57,13 @@ async def serve(
     on_ready: Callable[[GrpcServer], None] | None = None,
 ) -> None:
     """Serve until stopped (SIGTERM/SIGINT when ``handle_signals``, or ``GrpcServer.stop``)."""
-    server = GrpcServer(settings, GradientService(settings, kernel))
+    service = GradientService(settings, kernel)
+    metrics = Metrics()
+    metrics.watch_cache(service.cache)
+    server = GrpcServer(settings, service, interceptors=[MetricsInterceptor(metrics)])
     port = await server.start()
+    http = HttpServer(settings, service, metrics, server.pool) if settings.http_port >= 0 else None
+    http_port = await http.start() if http is not None else None
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
@@ -75,11 +78,19 @@ async def serve(
         server.service.kernel.name,
         settings.max_concurrent_calls,
     )
+    if http is not None:
+        log.info("JSON-RPC over HTTP on http://%s/rpc", http.address)
     if settings.port_file and worker == 0:
         _write_port_file(settings.port_file, port)
+    if settings.http_port_file and worker == 0 and http_port is not None:
+        _write_port_file(settings.http_port_file, http_port)
     if on_ready is not None:
         on_ready(server)
-    await server.wait()
+    try:
+        await server.wait()
+    finally:
+        if http is not None:
+            await http.stop()
 
 
 def run(settings: Settings) -> int:

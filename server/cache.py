@@ -36,6 +36,10 @@ class GraphCache:
         self._tapes: OrderedDict[str, tuple[Tape, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.hits = 0
+        """``get`` calls that found their graph."""
+        self.misses = 0
+        """``get`` calls that did not."""
 
     def __len__(self) -> int:
         return len(self._tapes)
@@ -49,13 +53,23 @@ class GraphCache:
         return self._bytes
 
     def get(self, graph_id: str) -> Tape | None:
-        """The tape registered as ``graph_id`` (now the most recently used), or ``None``."""
+        """The tape registered as ``graph_id`` (now the most recently used), or ``None``.
+
+        Counted in ``hits`` and ``misses``.
+        """
         with self._lock:
             entry = self._tapes.get(graph_id)
             if entry is None:
+                self.misses += 1
                 return None
+            self.hits += 1
             self._tapes.move_to_end(graph_id)
             return entry[0]
+
+    def peek(self, graph_id: str) -> Tape | None:
+        """Like ``get``, but neither counted nor marked as used (for sizing a request)."""
+        entry = self._tapes.get(graph_id)
+        return None if entry is None else entry[0]
 
     def put(self, graph_id: str, tape: Tape) -> bool:
         """Store ``tape``, evicting the least recently used; ``False`` if it can never fit."""

@@ -57,7 +57,21 @@ class Settings:
         ),
     )
     http_port: int = field(
-        default=8080, metadata=_help("Port of the JSON-RPC 2.0 over HTTP endpoint.")
+        default=8080,
+        metadata=_help(
+            "HTTP port: JSON-RPC 2.0 at POST /rpc, /healthz, /readyz, /metrics; 0 picks a free "
+            "port (reported on the startup line and in --http-port-file), -1 turns HTTP off."
+        ),
+    )
+    http_max_body_bytes: int = field(
+        default=64 * _MiB,
+        metadata=_help(
+            "Largest HTTP request body, in bytes (suffixes allowed); bigger bodies get 413."
+        ),
+    )
+    jsonrpc_max_batch: int = field(
+        default=100,
+        metadata=_help("Most calls in one JSON-RPC batch; longer batches get error -32600."),
     )
     workers: int = field(
         default_factory=lambda: os.cpu_count() or 1,
@@ -155,14 +169,21 @@ class Settings:
             "If set, write the bound gRPC port to this file once the server accepts calls."
         ),
     )
+    http_port_file: str = field(
+        default="",
+        metadata=_help(
+            "If set, write the bound HTTP port to this file once the server accepts calls."
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = []
         label = _label
         for name in ("port", "http_port"):
-            if not 0 <= getattr(self, name) <= 65535:
+            low = -1 if name == "http_port" else 0
+            if not low <= getattr(self, name) <= 65535:
                 problems.append(
-                    f"{label(name)} must be between 0 and 65535, got {getattr(self, name)}"
+                    f"{label(name)} must be between {low} and 65535, got {getattr(self, name)}"
                 )
         for name in (
             "workers",
@@ -173,6 +194,8 @@ class Settings:
             "max_concurrent_calls",
             "max_chunk_size",
             "default_chunk_size",
+            "http_max_body_bytes",
+            "jsonrpc_max_batch",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{label(name)} must be at least 1, got {getattr(self, name)}")
@@ -206,6 +229,11 @@ class Settings:
                 f"{label('port')} 0 (a free port) needs {label('workers')} 1: "
                 "separate processes would each pick a different port"
             )
+        if self.http_port == 0 and self.workers > 1:
+            problems.append(
+                f"{label('http_port')} 0 (a free port) needs {label('workers')} 1: "
+                "separate processes would each pick a different port"
+            )
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -216,7 +244,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SIZE = re.compile(r"^\s*(\d[\d_]*)\s*(b|kib|mib|gib|k|m|g)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(-?\d[\d_]*)\s*(b|kib|mib|gib|k|m|g)?\s*$", re.IGNORECASE)
 _UNITS = {
     None: 1,
     "b": 1,

@@ -178,6 +178,11 @@ class GradientService:
         """Calls admitted and not yet finished."""
         return self._in_flight
 
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain`` was called: the server is shutting down and refuses new calls."""
+        return self._draining
+
     def drain(self) -> None:
         """Refuse new calls (UNAVAILABLE) while those in flight finish: the start of shutdown."""
         with self._lock:
@@ -220,7 +225,7 @@ class GradientService:
         elif source == "packed_graph":
             n = len(request.packed_graph.ops)
         elif source == "graph_id":
-            tape = self.cache.get(request.graph_id)
+            tape = self.cache.peek(request.graph_id)
             n = 0 if tape is None else len(tape)
         else:
             n = 0

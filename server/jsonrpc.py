@@ -1,0 +1,370 @@
+"""JSON-RPC 2.0 over the service core: parsing, dispatch, batches, notifications, errors.
+
+Nothing here knows HTTP: ``JsonRpc.handle`` takes a request body and returns
+the response body (or ``None`` when nothing is to be sent back), so tests run
+it without a network and ``server/http.py`` only adds the transport.
+
+Methods are the gRPC rpcs by name. ``params`` is the rpc's request message
+and ``result`` its response message, both in the proto3 JSON mapping
+(camelCase names, int64 as strings, non-finite doubles as ``"NaN"``,
+``"Infinity"``, ``"-Infinity"``); ``EvaluateStream`` returns the stream's
+messages as one array. A ``ServiceError`` becomes a JSON-RPC error through
+the fixed table ``ERROR_CODES``; ``error.data`` carries the gRPC code name
+and the field violations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from micrograd.v1 import gradient_service_pb2 as pb
+
+from .metrics import Metrics, nodes_evaluated
+from .service import Deadline, GradientService, ServiceError
+
+__all__ = [
+    "ERROR_CODES",
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "PARSE_ERROR",
+    "JsonRpc",
+    "RpcError",
+    "error_code",
+]
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+SERVER_ERROR = -32000
+"""Server errors are ``SERVER_ERROR - <gRPC status number>`` (NOT_FOUND = 5 -> -32005)."""
+
+_SPECIAL = {
+    "INVALID_ARGUMENT": INVALID_PARAMS,
+    "UNIMPLEMENTED": METHOD_NOT_FOUND,
+    "INTERNAL": INTERNAL_ERROR,
+}
+
+
+def error_code(status: str) -> int:
+    """The JSON-RPC ``error.code`` of a gRPC status code name.
+
+    INVALID_ARGUMENT is -32602 (invalid params), UNIMPLEMENTED -32601 and
+    INTERNAL -32603; every other status is ``-32000 - <its number>``, inside
+    the range JSON-RPC reserves for server errors.
+    """
+    special = _SPECIAL.get(status)
+    if special is not None:
+        return special
+    return SERVER_ERROR - int(grpc.StatusCode[status].value[0])
+
+
+ERROR_CODES: dict[str, int] = {
+    code.name: error_code(code.name) for code in grpc.StatusCode if code is not grpc.StatusCode.OK
+}
+"""gRPC status name -> JSON-RPC error code, for every status (the table in docs/API.md)."""
+
+log = logging.getLogger("micrograd.server.jsonrpc")
+
+_NO_ID = object()
+"""Marks a request without an ``id`` member: a notification."""
+_PARSE_PATH = re.compile(r" at (?:\"?[A-Za-z0-9_]+)\.?([A-Za-z0-9_.\[\]]*)")
+
+
+class RpcError(Exception):
+    """A JSON-RPC error object: ``code``, ``message`` and optional ``data``."""
+
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        """An error to send as ``{"code": code, "message": message, "data": data}``."""
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    @classmethod
+    def from_status(
+        cls, status: str, message: str, violations: Iterable[tuple[str, str]] = ()
+    ) -> RpcError:
+        """The error for a gRPC status, with ``data = {grpcCode, violations}``."""
+        return cls(
+            error_code(status),
+            message,
+            {
+                "grpcCode": status,
+                "violations": [
+                    {"field": field, "description": text} for field, text in violations
+                ],
+            },
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The error object of a response."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+    @property
+    def status(self) -> str:
+        """The gRPC status name this error counts as in metrics and logs."""
+        if self.data and "grpcCode" in self.data:
+            return str(self.data["grpcCode"])
+        return {METHOD_NOT_FOUND: "UNIMPLEMENTED", INTERNAL_ERROR: "INTERNAL"}.get(
+            self.code, "INVALID_ARGUMENT"
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    """One JSON-RPC method: its request message type, the core call, and its size estimate."""
+
+    request: type[Message]
+    run: Callable[[Any, Deadline], Message | list[Message]]
+    """Runs the call (on the event loop or a worker thread); may raise ``ServiceError``."""
+    size: Callable[[Any], int]
+    """Work estimate (node-bindings); above ``inline_cells`` the call runs on the pool."""
+
+
+def _parse_params(method: Method, params: Any) -> Message:
+    """The request message from ``params`` in the proto3 JSON mapping; -32602 if it is not."""
+    message = method.request()
+    if params is None:
+        return message
+    if not isinstance(params, dict):
+        raise RpcError.from_status(
+            "INVALID_ARGUMENT",
+            "params must be an object: the request message in the proto3 JSON mapping",
+            [("params", f"expected an object, got {type(params).__name__}")],
+        )
+    try:
+        json_format.ParseDict(params, message, ignore_unknown_fields=False)
+    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
+        text = str(exc).strip().rstrip(".")
+        found = _PARSE_PATH.search(text)
+        field = found.group(1) if found and found.group(1) else "params"
+        raise RpcError.from_status(
+            "INVALID_ARGUMENT",
+            f"params is not a valid {message.DESCRIPTOR.name}: {text}",
+            [(field, text)],
+        ) from None
+    return message
+
+
+def _to_json(result: Message | list[Message]) -> Any:
+    """A response message (or a list of them) in the proto3 JSON mapping, defaults included."""
+    if isinstance(result, list):
+        return [_to_json(m) for m in result]
+    return json_format.MessageToDict(
+        result, preserving_proto_field_name=False, always_print_fields_with_no_presence=True
+    )
+
+
+def _nodes(result: Message | list[Message]) -> int:
+    """Node evaluations an answer reports (for the metrics)."""
+    if isinstance(result, list):
+        return sum(nodes_evaluated(m) for m in result)
+    return nodes_evaluated(result)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(
+        f"{name} is not JSON; write non-finite numbers as the strings "
+        '"NaN", "Infinity" and "-Infinity"'
+    )
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+def _error(id_: Any, error: RpcError) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "error": error.as_json(), "id": id_}
+
+
+class JsonRpc:
+    """The JSON-RPC 2.0 endpoint of one ``GradientService``: bodies in, bodies out."""
+
+    def __init__(
+        self,
+        service: GradientService,
+        *,
+        pool: concurrent.futures.Executor | None = None,
+        metrics: Metrics | None = None,
+        max_batch: int = 100,
+    ) -> None:
+        """Serve ``service``; big calls run on ``pool`` (inline when ``None``), batches of at
+        most ``max_batch`` calls."""
+        self.service = service
+        self.pool = pool
+        self.metrics = metrics or Metrics()
+        self.max_batch = max_batch
+        self.inline_cells = service.settings.inline_cells
+        s = service
+        self.methods: dict[str, Method] = {
+            "Evaluate": Method(pb.EvaluateRequest, s.evaluate, s.cells),
+            "EvaluateStream": Method(
+                pb.EvaluateStreamRequest,
+                lambda r, d: list(s.evaluate_stream(r, d)),
+                lambda r: s.cells(r.request),
+            ),
+            "RegisterGraph": Method(
+                pb.RegisterGraphRequest,
+                lambda r, d: s.register_graph(r),
+                lambda r: len(r.graph.nodes) + len(r.packed_graph.ops),
+            ),
+            "GetServerInfo": Method(
+                pb.GetServerInfoRequest, lambda r, d: s.server_info(r), lambda r: 0
+            ),
+        }
+
+    # -- bodies ------------------------------------------------------------
+
+    async def handle(
+        self, body: bytes, request_id: str | None = None, timeout: float | None = None
+    ) -> bytes | None:
+        """Answer one HTTP body: a response, an array of responses, or ``None`` (send nothing).
+
+        ``timeout`` (seconds) is the deadline of every call in the body.
+        """
+        try:
+            document = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._protocol_error(
+                request_id, RpcError(PARSE_ERROR, f"parse error: the body is not JSON ({exc})")
+            )
+        if isinstance(document, list):
+            if not document:
+                return self._protocol_error(
+                    request_id, RpcError(INVALID_REQUEST, "invalid request: the batch is empty")
+                )
+            if len(document) > self.max_batch:
+                return self._protocol_error(
+                    request_id,
+                    RpcError(
+                        INVALID_REQUEST,
+                        f"invalid request: the batch has {len(document)} requests; this server "
+                        f"accepts at most {self.max_batch} per batch (jsonrpc_max_batch)",
+                    ),
+                )
+            answers = []
+            for item in document:
+                answer = await self.request(item, request_id, timeout)
+                if answer is not None:
+                    answers.append(answer)
+            return _dumps(answers) if answers else None
+        answer = await self.request(document, request_id, timeout)
+        return None if answer is None else _dumps(answer)
+
+    def _protocol_error(self, request_id: str | None, error: RpcError) -> bytes:
+        """A response for a body that holds no valid call, counted under method ``(invalid)``."""
+        return _dumps(_error(None, self._record_protocol(request_id, error)))
+
+    # -- one request object ------------------------------------------------
+
+    async def request(
+        self, item: Any, request_id: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        """Answer one request object; ``None`` for a notification (no ``id`` member)."""
+        id_ = item.get("id", _NO_ID) if isinstance(item, dict) else None
+        valid_id = id_ is _NO_ID or id_ is None or (
+            isinstance(id_, str | int | float) and not isinstance(id_, bool)
+        )
+        reply_id = id_ if valid_id and id_ is not _NO_ID else None
+        problem = self._shape_problem(item, valid_id)
+        if problem is not None:
+            return _error(reply_id, self._record_protocol(request_id, problem))
+        name = item["method"]
+        method = self.methods.get(name)
+        label = name if method is not None else "(unknown)"
+        with self.metrics.call("jsonrpc", label, request_id) as call:
+            try:
+                if method is None:
+                    raise RpcError(
+                        METHOD_NOT_FOUND,
+                        f"method not found: {name!r}; the methods are "
+                        f"{', '.join(self.methods)} (UploadGraph is gRPC-only)",
+                    )
+                message = _parse_params(method, item.get("params"))
+                result = await self._run(method, message, timeout)
+            except RpcError as exc:
+                call.finish(exc.status, jsonrpc_code=exc.code)
+                return None if id_ is _NO_ID else _error(reply_id, exc)
+            call.finish("OK", _nodes(result))
+        if id_ is _NO_ID:
+            return None
+        return {"jsonrpc": "2.0", "result": _to_json(result), "id": id_}
+
+    def _record_protocol(self, request_id: str | None, error: RpcError) -> RpcError:
+        """Count and log an invalid request under method ``(invalid)``; returns ``error``."""
+        with self.metrics.call("jsonrpc", "(invalid)", request_id) as call:
+            call.finish(error.status, jsonrpc_code=error.code)
+        return error
+
+    @staticmethod
+    def _shape_problem(item: Any, valid_id: bool) -> RpcError | None:
+        """Why ``item`` is not a valid request object (-32600), or ``None`` if it is."""
+        if not isinstance(item, dict):
+            return RpcError(
+                INVALID_REQUEST,
+                f"invalid request: expected a request object, got {type(item).__name__}",
+            )
+        if item.get("jsonrpc") != "2.0":
+            return RpcError(INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"')
+        if not isinstance(item.get("method"), str):
+            return RpcError(INVALID_REQUEST, 'invalid request: "method" must be a string')
+        if not valid_id:
+            return RpcError(
+                INVALID_REQUEST, 'invalid request: "id" must be a string, a number or null'
+            )
+        if "params" in item and not isinstance(item["params"], dict | list):
+            return RpcError(
+                INVALID_REQUEST, 'invalid request: "params" must be an object or an array'
+            )
+        return None
+
+    # -- running a call ----------------------------------------------------
+
+    async def _run(
+        self, method: Method, message: Message, timeout: float | None
+    ) -> Message | list[Message]:
+        """Run ``method`` under a call slot, inline or on the pool; errors become ``RpcError``."""
+        deadline = Deadline(timeout)
+        pending: concurrent.futures.Future[Any] | None = None
+        try:
+            self.service.acquire()
+        except ServiceError as exc:
+            raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
+        try:
+            if self.pool is None or method.size(message) <= self.inline_cells:
+                return method.run(message, deadline)
+            pending = self.pool.submit(method.run, message, deadline)
+            try:
+                return await asyncio.wrap_future(pending)
+            except asyncio.CancelledError:
+                deadline.cancel()
+                raise
+        except ServiceError as exc:
+            raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
+        except RpcError:
+            raise
+        except Exception as exc:
+            log.exception("internal error in a JSON-RPC call")
+            raise RpcError.from_status("INTERNAL", f"internal error: {exc!r}") from None
+        finally:
+            if pending is not None and not pending.done():
+                pending.add_done_callback(lambda _: self.service.release())
+            else:
+                self.service.release()

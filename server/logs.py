@@ -1,0 +1,97 @@
+"""Structured logs: one JSON object per line on stderr, one line per served call.
+
+Every record of the ``micrograd`` loggers becomes a JSON line with a UTC
+timestamp, level, logger and message; request lines add the request id,
+transport, method, status, nodes evaluated and duration, so a log pipeline
+can filter and aggregate them without parsing prose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any, TextIO
+
+__all__ = ["REQUEST_LOGGER", "JsonLines", "configure", "log_request", "request_id"]
+
+REQUEST_LOGGER = "micrograd.server.requests"
+"""The logger of the per-call lines (INFO); raise its level to silence them alone."""
+
+_ROOT = "micrograd"
+_FIELDS = "fields"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_requests = logging.getLogger(REQUEST_LOGGER)
+
+
+class JsonLines(logging.Formatter):
+    """Formats a record as one JSON object; ``extra={"fields": {...}}`` adds members."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a single line of JSON (exceptions included as text)."""
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, _FIELDS, None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def configure(level: str | int, stream: TextIO | None = None) -> None:
+    """Send the ``micrograd`` loggers to ``stream`` (stderr) as JSON lines at ``level``.
+
+    Idempotent: calling it again replaces the handler it installed before.
+    """
+    root = logging.getLogger(_ROOT)
+    for handler in list(root.handlers):
+        if getattr(handler, "_micrograd_json", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonLines())
+    handler._micrograd_json = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    root.propagate = False
+
+
+def request_id(given: str | None = None) -> str:
+    """The caller's request id when it is a sane token (``x-request-id``), else a fresh one."""
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def log_request(
+    transport: str,
+    method: str,
+    request_id: str,
+    status: str,
+    nodes: int,
+    seconds: float,
+    **extra: Any,
+) -> None:
+    """Write the line of one finished call (INFO; WARNING for a server-side failure)."""
+    if not _requests.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "request_id": request_id,
+        "transport": transport,
+        "method": method,
+        "status": status,
+        "nodes": nodes,
+        "duration_ms": round(seconds * 1000.0, 3),
+    }
+    fields.update(extra)
+    level = logging.WARNING if status in ("INTERNAL", "UNKNOWN", "DATA_LOSS") else logging.INFO
+    _requests.log(level, "%s %s %s", transport, method, status, extra={_FIELDS: fields})

@@ -1,0 +1,322 @@
+"""Prometheus metrics of one server process, shared by the gRPC and JSON-RPC transports.
+
+Each server owns a ``Metrics`` with its own registry (several servers in one
+process, as in the tests, never mix their counts). ``Call`` times one call
+and records it in both the metrics and the request log; the gRPC side gets
+it from ``MetricsInterceptor``, the JSON-RPC side calls it per method call.
+With ``--workers N`` every process keeps its own registry, so a scrape of
+``/metrics`` reports the process that answered it (see docs/API.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from micrograd.v1 import gradient_service_pb2 as pb
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .logs import log_request, request_id
+
+__all__ = [
+    "CONTENT_TYPE",
+    "CacheCounts",
+    "Call",
+    "Metrics",
+    "MetricsInterceptor",
+    "nodes_evaluated",
+]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Media type of the Prometheus text exposition format."""
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+"""Upper bounds (seconds) of the latency histogram: 100 µs to 30 s."""
+
+
+class CacheCounts(Protocol):
+    """What the metrics read from a graph cache: its size and its hit and miss counts."""
+
+    hits: int
+    misses: int
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class _CacheCollector(Collector):
+    """Reads a graph cache's counters at scrape time (the cache knows nothing of Prometheus)."""
+
+    def __init__(self, cache: CacheCounts) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterable[Metric]:
+        """Hits, misses, entries and bytes of the cache, as of now."""
+        yield CounterMetricFamily(
+            "micrograd_graph_cache_hits",
+            "graph_id lookups that found the graph",
+            value=self.cache.hits,
+        )
+        yield CounterMetricFamily(
+            "micrograd_graph_cache_misses",
+            "graph_id lookups that did not (NOT_FOUND)",
+            value=self.cache.misses,
+        )
+        yield GaugeMetricFamily(
+            "micrograd_graph_cache_entries", "graphs held by the cache", value=len(self.cache)
+        )
+        yield GaugeMetricFamily(
+            "micrograd_graph_cache_bytes",
+            "bytes of the cached graphs' arrays",
+            value=self.cache.nbytes,
+        )
+
+
+class Metrics:
+    """The metrics of one server: calls by transport, method and status; latency; work done."""
+
+    def __init__(self) -> None:
+        """Fresh counters in a registry of their own."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "micrograd_requests",
+            "calls finished, by transport, method and gRPC status code",
+            ["transport", "method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "micrograd_request_duration_seconds",
+            "time from receiving a call to its answer",
+            ["transport", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.nodes = Counter(
+            "micrograd_nodes_evaluated",
+            "node evaluations (nodes x rows) of successful Evaluate and EvaluateStream calls",
+            ["transport"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "micrograd_in_flight_requests",
+            "calls being served right now",
+            ["transport"],
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "micrograd_http_responses",
+            "HTTP responses, by path and status",
+            ["path", "status"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "micrograd_ready", "1 while the server accepts calls, 0 while it drains", registry=r
+        )
+
+    def watch_cache(self, cache: CacheCounts) -> None:
+        """Export ``cache``'s hit and miss counters, entries and bytes at every scrape."""
+        self.registry.register(_CacheCollector(cache))
+
+    def exposition(self) -> bytes:
+        """Everything in the Prometheus text format (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+    def call(self, transport: str, method: str, request: str | None = None) -> Call:
+        """Start timing one call of ``method``; ``request`` is the caller's request id, if any."""
+        return Call(self, transport, method, request_id(request))
+
+
+class Call:
+    """One call being served: counted in flight while open, recorded once by ``finish``."""
+
+    __slots__ = ("_done", "method", "metrics", "request_id", "start", "transport")
+
+    def __init__(self, metrics: Metrics, transport: str, method: str, request_id: str) -> None:
+        """A call of ``method`` over ``transport``, timed from now."""
+        self.metrics = metrics
+        self.transport = transport
+        self.method = method
+        self.request_id = request_id
+        self.start = time.perf_counter()
+        self._done = False
+
+    def __enter__(self) -> Call:
+        self.metrics.in_flight.labels(self.transport).inc()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.metrics.in_flight.labels(self.transport).dec()
+        if not self._done:
+            self.finish(
+                "CANCELLED" if kind is not None and kind.__name__ == "CancelledError" else "UNKNOWN"
+            )
+
+    def finish(self, status: str, nodes: int = 0, **log_fields: Any) -> None:
+        """Record the call's outcome (a gRPC status code name) in the metrics and the log."""
+        if self._done:
+            return
+        self._done = True
+        seconds = time.perf_counter() - self.start
+        m = self.metrics
+        m.requests.labels(self.transport, self.method, status).inc()
+        m.latency.labels(self.transport, self.method).observe(seconds)
+        if nodes:
+            m.nodes.labels(self.transport).inc(nodes)
+        log_request(
+            self.transport, self.method, self.request_id, status, nodes, seconds, **log_fields
+        )
+
+
+def nodes_evaluated(response: Any) -> int:
+    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header."""
+    if isinstance(response, pb.EvaluateStreamResponse):
+        if response.part != pb.PART_HEADER:
+            return 0
+        response = response.header
+    if isinstance(response, pb.EvaluateResponse):
+        return int(response.node_count) * max(int(response.rows), 1)
+    return 0
+
+
+def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    """The status a finished gRPC call ends with, as a code name (``OK``, ``NOT_FOUND``…)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int) and not isinstance(code, bool):
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == code:
+                return str(candidate.name)
+    if error is None:
+        return "OK"
+    if isinstance(error, grpc.aio.AbortError):
+        return "UNKNOWN"
+    if type(error).__name__ == "CancelledError":
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``x-request-id`` the caller sent as metadata, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            return value
+    return None
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and logs every gRPC call of the server it is installed in."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        """Record into ``metrics`` with transport ``grpc``."""
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The method's handler, with its behaviour wrapped to record the call."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = str(handler_call_details.method).rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        if handler.response_streaming:
+            inner = handler.unary_stream or handler.stream_stream
+            wrapped_stream = self._streaming(method, inner)
+            if handler.request_streaming:
+                return grpc.stream_stream_rpc_method_handler(
+                    wrapped_stream, handler.request_deserializer, handler.response_serializer
+                )
+            return grpc.unary_stream_rpc_method_handler(
+                wrapped_stream, handler.request_deserializer, handler.response_serializer
+            )
+        inner = handler.unary_unary or handler.stream_unary
+        wrapped = self._unary(method, inner)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                wrapped, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped, handler.request_deserializer, handler.response_serializer
+        )
+
+    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """``behavior`` (one response) recorded as a call of ``method``."""
+        metrics = self.metrics
+
+        async def recorded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with metrics.call("grpc", method, _metadata_request_id(context)) as call:
+                try:
+                    response = behavior(request, context)
+                    if inspect.isawaitable(response):
+                        response = await response
+                except BaseException as exc:
+                    call.finish(_status_name(context, exc))
+                    raise
+                call.finish(_status_name(context, None), nodes_evaluated(response))
+                return response
+
+        return recorded
+
+    def _streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """``behavior`` (a response stream) recorded as a call of ``method``."""
+        metrics = self.metrics
+
+        async def recorded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with metrics.call("grpc", method, _metadata_request_id(context)) as call:
+                nodes = 0
+                try:
+                    responses = behavior(request, context)
+                    if hasattr(responses, "__aiter__"):
+                        async for response in responses:
+                            nodes += nodes_evaluated(response)
+                            yield response
+                    elif inspect.isawaitable(responses):
+                        await responses
+                    else:
+                        for response in responses:
+                            nodes += nodes_evaluated(response)
+                            yield response
+                except BaseException as exc:
+                    call.finish(_status_name(context, exc))
+                    raise
+                call.finish(_status_name(context, None), nodes)
+
+        return recorded
