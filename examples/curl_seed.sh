@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The seed example over JSON-RPC 2.0 with curl: evaluates the graph of
+# examples/graphs/seed.json (a = -4, b = 2, output g) and prints g, dg/da and
+# dg/db to 4 decimals: 24.7041, 138.8338, 645.5773.
+#
+# Usage: examples/curl_seed.sh [URL]   (or MICROGRAD_RPC_URL; default http://127.0.0.1:8080/rpc)
+# Needs curl; uses jq or python3 to pick the three numbers out of the
+# response, and prints the raw response when neither is installed.
+set -euo pipefail
+url="${1:-${MICROGRAD_RPC_URL:-http://127.0.0.1:8080/rpc}}"
+graph="$(dirname "$0")/graphs/seed.json"
+
+# SELECTION_NAMED reports the named nodes a, b and g; result.names maps each
+# name to its position in result.values and result.grads.
+request="{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"Evaluate\",
+  \"params\": {\"graph\": $(cat "$graph"), \"selection\": \"SELECTION_NAMED\"}}"
+response="$(curl --silent --show-error --fail-with-body \
+  -H 'Content-Type: application/json' --data-binary "$request" "$url")"
+
+if command -v jq >/dev/null; then
+  jq -r 'if .error then error(.error.message) else .result end
+         | .values[.names.g], .grads[.names.a], .grads[.names.b]' <<<"$response" \
+    | xargs printf '%.4f\n'
+elif command -v python3 >/dev/null; then
+  python3 -c '
+import json, sys
+answer = json.load(sys.stdin)
+if "error" in answer:
+    sys.exit(answer["error"]["message"])
+r = answer["result"]
+for number in (r["values"][r["names"]["g"]], r["grads"][r["names"]["a"]], r["grads"][r["names"]["b"]]):
+    print(f"{number:.4f}")
+' <<<"$response"
+else
+  echo "$response"
+fi
