@@ -190,6 +190,23 @@ def test_tape_matches_value_at_awkward_points(op: ops.Op, kernel: str) -> None:
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
+def test_tape_compiled_from_value_matches_value(op: ops.Op, kernel: str) -> None:
+    kern = get_kernel(kernel)
+    for x, y, c in _points(op, AWKWARD):
+        vx, vy = Value(x), Value(y)
+        out = eval(op.expr, {"__builtins__": {}}, {"x": vx, "y": vy, "c": c, "Value": Value})
+        out.backward()
+        tape, order = Tape.from_value(out, {"x": vx, "y": vy} if op.arity == 2 else {"x": vx})
+        assert tape.code[-1] == op.code
+        values, grads = tape.evaluate(kernel=kern)
+        for node, value, grad in zip(order, values, grads):
+            assert _same(node.data, float(value)) and _same(node.grad, float(grad)), (
+                f"{kernel} {op.name}({x}, {y}, c={c}): {node!r} vs {value!r}, {grad!r}"
+            )
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
 def test_tape_batch_equals_single_evaluations(op: ops.Op, kernel: str) -> None:
     kern = get_kernel(kernel)
     for c, rows in _by_exponent(_points(op, AWKWARD)):
