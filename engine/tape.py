@@ -444,3 +444,11 @@ def get_kernel(name: str | None = None) -> Kernel:
         raise ValueError(
             f"unknown kernel {name!r}; available here: {', '.join(available_kernels())}"
         ) from None
+
+
+try:  # the C kernel is optional: without the built extension, PythonKernel serves alone
+    from .native import NativeKernel
+except ImportError:
+    pass
+else:
+    _KERNELS["native"] = NativeKernel()

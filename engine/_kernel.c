@@ -1,0 +1,700 @@
+/* micrograd._kernel: the native tape kernel.
+ *
+ * Forward and reverse sweeps over a tape's columns (code uint8, arg0/arg1
+ * int32, const float64) and its values/grads, one binding (n,) or a batch
+ * (n, B) laid out node-major so that the loop over B is contiguous. The
+ * GIL is released for the sweeps. Semantics are those of micrograd.ops
+ * and PythonKernel: IEEE 754 via libm, no -ffast-math, no FMA contraction.
+ *
+ * Each op is written once below as a pair of inline functions, its forward
+ * value and its local partials side by side; the sweeps are generated from
+ * MG_OPS. The wire decoder lives in _kernel_decode.c.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64) || (defined(__i386__) && defined(__SSE2__))
+#include <xmmintrin.h>
+#define MG_HAVE_FLUSH 1
+#else
+#define MG_HAVE_FLUSH 0
+#endif
+
+#if defined(__GNUC__)
+#define MG_NOINLINE __attribute__((noinline))
+#define MG_LIKELY(x) __builtin_expect(!!(x), 1)
+#define MG_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define MG_NOINLINE
+#define MG_LIKELY(x) (x)
+#define MG_UNLIKELY(x) (x)
+#endif
+
+PyObject *mg_decode_graph(PyObject *module, PyObject *arg); /* _kernel_decode.c */
+
+/* ---- the ops: forward value and local partials ------------------------ */
+/* f(x, y, c) is the output; d(x, y, c, o, &dx, &dy) its partials, where o is
+ * the output. y is 0 for unary ops. Mirrors micrograd.ops entry by entry. */
+
+static inline double add_f(double x, double y, double c) { (void)c; return x + y; }
+static inline void add_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)y; (void)c; (void)o; *dx = 1.0; *dy = 1.0; }
+
+static inline double sub_f(double x, double y, double c) { (void)c; return x - y; }
+static inline void sub_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)y; (void)c; (void)o; *dx = 1.0; *dy = -1.0; }
+
+static inline double mul_f(double x, double y, double c) { (void)c; return x * y; }
+static inline void mul_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)c; (void)o; *dx = y; *dy = x; }
+
+static inline double div_f(double x, double y, double c) { (void)c; return x / y; }
+static inline void div_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)c; *dx = 1.0 / y; *dy = -(o / y); }
+
+static inline double neg_f(double x, double y, double c) { (void)y; (void)c; return -x; }
+static inline void neg_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)y; (void)c; (void)o; *dx = -1.0; *dy = 0.0; }
+
+/* x ** c; the derivative is 0 when c == 0 (not 0 * inf at x == 0). */
+static inline double pow_f(double x, double y, double c) { (void)y; return pow(x, c); }
+static inline void pow_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)y; (void)o; *dx = c == 0.0 ? 0.0 : c * pow(x, c - 1.0); *dy = 0.0; }
+
+/* x ** y with both operands nodes, masked at 0 as PyTorch does. */
+static inline double pow_value_f(double x, double y, double c) { (void)c; return pow(x, y); }
+static inline void pow_value_d(double x, double y, double c, double o, double *dx, double *dy)
+{
+    (void)c;
+    *dx = y == 0.0 ? 0.0 : y * pow(x, y - 1.0);
+    *dy = (x == 0.0 && y >= 0.0) ? 0.0 : o * log(x);
+}
+
+/* max(0, x) that keeps nan; derivative 0 at x == 0. */
+static inline double relu_f(double x, double y, double c) { (void)y; (void)c; return x <= 0.0 ? 0.0 : x; }
+static inline void relu_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)y; (void)c; (void)o; *dx = x > 0.0 ? 1.0 : 0.0; *dy = 0.0; }
+
+static inline double tanh_f(double x, double y, double c) { (void)y; (void)c; return tanh(x); }
+static inline void tanh_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)y; (void)c; *dx = 1.0 - o * o; *dy = 0.0; }
+
+static inline double exp_f(double x, double y, double c) { (void)y; (void)c; return exp(x); }
+static inline void exp_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)y; (void)c; *dx = o; *dy = 0.0; }
+
+static inline double log_f(double x, double y, double c) { (void)y; (void)c; return log(x); }
+static inline void log_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)y; (void)c; (void)o; *dx = 1.0 / x; *dy = 0.0; }
+
+/* Logistic function, computed so that neither tail overflows. */
+static inline double sigmoid_f(double x, double y, double c)
+{
+    (void)y; (void)c;
+    if (x >= 0.0)
+        return 1.0 / (1.0 + exp(-x));
+    if (x != x)
+        return x;
+    double e = exp(x);
+    return e / (1.0 + e);
+}
+static inline void sigmoid_d(double x, double y, double c, double o, double *dx, double *dy)
+{ (void)x; (void)y; (void)c; *dx = o * (1.0 - o); *dy = 0.0; }
+
+/* Every op this kernel implements: X(wire code, name, arity). Leaves (arity
+ * 0) have no functions: their rows arrive filled. */
+#define MG_OPS(X)            \
+    X(1, input, 0)           \
+    X(2, const, 0)           \
+    X(3, add, 2)             \
+    X(4, sub, 2)             \
+    X(5, mul, 2)             \
+    X(6, div, 2)             \
+    X(7, neg, 1)             \
+    X(8, pow, 1)             \
+    X(9, pow_value, 2)       \
+    X(10, relu, 1)           \
+    X(11, tanh, 1)           \
+    X(12, exp, 1)            \
+    X(13, log, 1)            \
+    X(14, sigmoid, 1)
+
+/* ---- the tape as the sweeps see it ------------------------------------- */
+
+typedef struct {
+    const uint8_t *code;
+    const int32_t *a;
+    const int32_t *b;
+    const double *c;
+    Py_ssize_t n;
+} Columns;
+
+/* Indices are re-checked inside the loops (a cheap, well-predicted compare)
+ * so that no tape, however malformed or concurrently modified, can make a
+ * sweep read or write outside its arrays. An argument must be an earlier
+ * node: (size_t)a < i rejects negatives and forward references at once. */
+#define ARG_OK1 ((size_t)ai < (size_t)i)
+#define ARG_OK2 ((size_t)ai < (size_t)i && (size_t)bi < (size_t)i)
+
+/* A sweep returns -1, or the index of the first node it could not evaluate. */
+
+/* ---- one binding -------------------------------------------------------- */
+
+#define FWD1_0(name)
+#define FWD1_1(name)                                   \
+    if (MG_UNLIKELY(!ARG_OK1)) return i;               \
+    v[i] = name##_f(v[ai], 0.0, C[i]);
+#define FWD1_2(name)                                   \
+    if (MG_UNLIKELY(!ARG_OK2)) return i;               \
+    v[i] = name##_f(v[ai], v[bi], C[i]);
+#define FWD1_CASE(code_, name, arity) \
+    case code_: { FWD1_##arity(name) } break;
+
+static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
+{
+    const uint8_t *code = t->code;
+    const int32_t *A = t->a, *B = t->b;
+    const double *C = t->c;
+    const Py_ssize_t n = t->n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_ssize_t ai = A[i], bi = B[i];
+        (void)ai; (void)bi;
+        switch (code[i]) {
+            MG_OPS(FWD1_CASE)
+        default:
+            return i;
+        }
+    }
+    return -1;
+}
+
+#define BWD1_0(name)
+#define BWD1_1(name)                                   \
+    if (MG_UNLIKELY(!ARG_OK1)) return i;               \
+    {                                                  \
+        double dx, dy;                                 \
+        name##_d(v[ai], 0.0, C[i], v[i], &dx, &dy);    \
+        (void)dy;                                      \
+        g[ai] += dx * gi;                              \
+        reached[ai] = 1;                               \
+    }
+#define BWD1_2(name)                                   \
+    if (MG_UNLIKELY(!ARG_OK2)) return i;               \
+    {                                                  \
+        double dx, dy;                                 \
+        name##_d(v[ai], v[bi], C[i], v[i], &dx, &dy);  \
+        g[ai] += dx * gi;                              \
+        g[bi] += dy * gi;                              \
+        reached[ai] = 1;                               \
+        reached[bi] = 1;                               \
+    }
+#define BWD1_CASE(code_, name, arity) \
+    case code_: { BWD1_##arity(name) } break;
+
+/* Reverse sweep from `out`; only nodes marked in `reached` (zeroed, length
+ * out + 1) pass gradient on, so a node outside the output's graph never
+ * touches a gradient even where its local derivative is infinite. */
+static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
+                                           uint8_t *restrict reached, Py_ssize_t out)
+{
+    const uint8_t *code = t->code;
+    const int32_t *A = t->a, *B = t->b;
+    const double *C = t->c;
+    g[out] = 1.0;
+    reached[out] = 1;
+    for (Py_ssize_t i = out; i >= 0; i--) {
+        if (!reached[i])
+            continue;
+        const Py_ssize_t ai = A[i], bi = B[i];
+        const double gi = g[i];
+        (void)ai; (void)bi; (void)gi;
+        switch (code[i]) {
+            MG_OPS(BWD1_CASE)
+        default:
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* ---- a batch: rows of B contiguous values ------------------------------- */
+
+/* One op over one row; `restrict` tells the compiler rows never overlap
+ * (arguments are earlier nodes), so add/sub/mul/div/neg vectorise. */
+#define ROW_FWD(code_, name, arity)                                                      \
+    static inline void name##_row_f(double *restrict o, const double *restrict x,        \
+                                    const double *restrict y, double c, Py_ssize_t m)   \
+    {                                                                                    \
+        for (Py_ssize_t j = 0; j < m; j++)                                               \
+            o[j] = name##_f(x[j], (arity) == 2 ? y[j] : 0.0, c);                         \
+    }                                                                                    \
+    static inline void name##_row_d(double *restrict gx, double *restrict gy,            \
+                                    const double *restrict x, const double *restrict y,  \
+                                    const double *restrict o, const double *restrict go, \
+                                    double c, Py_ssize_t m)                              \
+    {                                                                                    \
+        for (Py_ssize_t j = 0; j < m; j++) {                                             \
+            double dx, dy;                                                               \
+            name##_d(x[j], (arity) == 2 ? y[j] : 0.0, c, o[j], &dx, &dy);                \
+            gx[j] += dx * go[j];                                                         \
+            if ((arity) == 2)                                                            \
+                gy[j] += dy * go[j];                                                     \
+        }                                                                                \
+    }
+#define ROW_FWD_IF_NOT_LEAF(code_, name, arity) ROW_FWD_##arity(code_, name, arity)
+#define ROW_FWD_0(code_, name, arity)
+#define ROW_FWD_1(code_, name, arity) ROW_FWD(code_, name, arity)
+#define ROW_FWD_2(code_, name, arity) ROW_FWD(code_, name, arity)
+MG_OPS(ROW_FWD_IF_NOT_LEAF)
+
+#define FWDB_0(name)
+#define FWDB_1(name)                                                        \
+    if (MG_UNLIKELY(!ARG_OK1)) return i;                                    \
+    name##_row_f(v + i * m, v + ai * m, NULL, C[i], m);
+#define FWDB_2(name)                                                        \
+    if (MG_UNLIKELY(!ARG_OK2)) return i;                                    \
+    name##_row_f(v + i * m, v + ai * m, v + bi * m, C[i], m);
+#define FWDB_CASE(code_, name, arity) \
+    case code_: { FWDB_##arity(name) } break;
+
+static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssize_t m)
+{
+    const uint8_t *code = t->code;
+    const int32_t *A = t->a, *B = t->b;
+    const double *C = t->c;
+    const Py_ssize_t n = t->n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_ssize_t ai = A[i], bi = B[i];
+        (void)ai; (void)bi;
+        switch (code[i]) {
+            MG_OPS(FWDB_CASE)
+        default:
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* When both arguments are the same node (x * x) the two accumulations go to
+ * one row, one after the other, exactly as in the one-binding sweep. */
+#define BWDB_0(name)
+#define BWDB_1(name)                                                                  \
+    if (MG_UNLIKELY(!ARG_OK1)) return i;                                              \
+    name##_row_d(g + ai * m, NULL, v + ai * m, NULL, v + i * m, g + i * m, C[i], m);  \
+    reached[ai] = 1;
+#define BWDB_2(name)                                                                  \
+    if (MG_UNLIKELY(!ARG_OK2)) return i;                                              \
+    if (ai == bi) {                                                                   \
+        memset(scratch, 0, (size_t)m * sizeof(double));                               \
+        name##_row_d(g + ai * m, scratch, v + ai * m, v + bi * m, v + i * m,          \
+                     g + i * m, C[i], m);                                             \
+        for (Py_ssize_t j = 0; j < m; j++)                                            \
+            g[ai * m + j] += scratch[j];                                              \
+    } else {                                                                          \
+        name##_row_d(g + ai * m, g + bi * m, v + ai * m, v + bi * m, v + i * m,       \
+                     g + i * m, C[i], m);                                             \
+    }                                                                                 \
+    reached[ai] = 1;                                                                  \
+    reached[bi] = 1;
+#define BWDB_CASE(code_, name, arity) \
+    case code_: { BWDB_##arity(name) } break;
+
+static MG_NOINLINE Py_ssize_t backward_batch(const Columns *t, const double *v, double *g,
+                                             uint8_t *restrict reached, Py_ssize_t out,
+                                             Py_ssize_t m, double *scratch)
+{
+    const uint8_t *code = t->code;
+    const int32_t *A = t->a, *B = t->b;
+    const double *C = t->c;
+    for (Py_ssize_t j = 0; j < m; j++)
+        g[out * m + j] = 1.0;
+    reached[out] = 1;
+    for (Py_ssize_t i = out; i >= 0; i--) {
+        if (!reached[i])
+            continue;
+        const Py_ssize_t ai = A[i], bi = B[i];
+        (void)ai; (void)bi;
+        switch (code[i]) {
+            MG_OPS(BWDB_CASE)
+        default:
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* ---- denormals ----------------------------------------------------------- */
+
+/* MXCSR bits: FTZ (flush results that would be subnormal to zero, bit 15)
+ * and DAZ (treat subnormal operands as zero, bit 6). The register is per
+ * thread; it is set only around a sweep and restored right after. */
+#define MG_MXCSR_FTZ_DAZ 0x8040u
+
+static unsigned int flush_enter(int on)
+{
+#if MG_HAVE_FLUSH
+    unsigned int saved = _mm_getcsr();
+    if (on)
+        _mm_setcsr(saved | MG_MXCSR_FTZ_DAZ);
+    return saved;
+#else
+    (void)on; /* no portable equivalent here: subnormals are kept */
+    return 0;
+#endif
+}
+
+static void flush_leave(int on, unsigned int saved)
+{
+#if MG_HAVE_FLUSH
+    if (on)
+        _mm_setcsr(saved);
+#else
+    (void)on; (void)saved;
+#endif
+}
+
+/* ---- buffers ------------------------------------------------------------- */
+
+/* Whether a struct-module format string describes one native item of type
+ * `want` ('B', 'i' or 'd') and the given size. */
+static int format_is(const char *fmt, char want, Py_ssize_t itemsize, Py_ssize_t size)
+{
+    if (fmt == NULL)
+        fmt = "B";
+    if (*fmt == '@' || *fmt == '=')
+        fmt++;
+#if PY_LITTLE_ENDIAN
+    else if (*fmt == '<')
+        fmt++;
+#else
+    else if (*fmt == '>' || *fmt == '!')
+        fmt++;
+#endif
+    if (fmt[0] == '\0' || fmt[1] != '\0' || itemsize != size)
+        return 0;
+    if (want == 'i')
+        return fmt[0] == 'i' || (fmt[0] == 'l' && size == 4);
+    return fmt[0] == want;
+}
+
+static const char *dtype_name(char want)
+{
+    return want == 'B' ? "uint8" : want == 'i' ? "int32" : "float64";
+}
+
+/* Acquire `obj` as a C-contiguous, aligned array of `want` items with 1 or
+ * `max_ndim` dimensions; errors name the argument. */
+static int get_array(PyObject *obj, const char *what, char want, Py_ssize_t size, int writable,
+                     int max_ndim, Py_buffer *view)
+{
+    if (!PyObject_CheckBuffer(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %s numpy array, not %.100s", what,
+                     dtype_name(want), Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO) < 0)
+        return -1;
+    if (!format_is(view->format, want, view->itemsize, size)) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s (native byte order), got format '%s'",
+                     what, dtype_name(want), view->format ? view->format : "B");
+        goto fail;
+    }
+    if (view->ndim < 1 || view->ndim > max_ndim) {
+        if (max_ndim == 1)
+            PyErr_Format(PyExc_ValueError, "%s must be one-dimensional, got %d dimensions", what,
+                         view->ndim);
+        else
+            PyErr_Format(PyExc_ValueError, "%s must have shape (n,) or (n, B), got %d dimensions",
+                         what, view->ndim);
+        goto fail;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", what);
+        goto fail;
+    }
+    if (((uintptr_t)view->buf) % (uintptr_t)size != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be aligned to %zd bytes", what, size);
+        goto fail;
+    }
+    if (writable && view->readonly) {
+        PyErr_Format(PyExc_ValueError, "%s must be writable", what);
+        goto fail;
+    }
+    return 0;
+fail:
+    PyBuffer_Release(view);
+    return -1;
+}
+
+/* The four tape columns, all of one length n. */
+typedef struct {
+    Py_buffer code, a, b, c;
+    int held;
+    Columns cols;
+} TapeBuffers;
+
+static void release_tape(TapeBuffers *tb)
+{
+    Py_buffer *views[4] = {&tb->code, &tb->a, &tb->b, &tb->c};
+    for (int k = 0; k < tb->held; k++)
+        PyBuffer_Release(views[k]);
+    tb->held = 0;
+}
+
+static int get_tape(PyObject *code, PyObject *a, PyObject *b, PyObject *c, TapeBuffers *tb)
+{
+    tb->held = 0;
+    if (get_array(code, "code", 'B', 1, 0, 1, &tb->code) < 0)
+        return -1;
+    tb->held = 1;
+    if (get_array(a, "arg0", 'i', 4, 0, 1, &tb->a) < 0)
+        goto fail;
+    tb->held = 2;
+    if (get_array(b, "arg1", 'i', 4, 0, 1, &tb->b) < 0)
+        goto fail;
+    tb->held = 3;
+    if (get_array(c, "const", 'd', 8, 0, 1, &tb->c) < 0)
+        goto fail;
+    tb->held = 4;
+    Py_ssize_t n = tb->code.shape[0];
+    if (tb->a.shape[0] != n || tb->b.shape[0] != n || tb->c.shape[0] != n) {
+        PyErr_Format(PyExc_ValueError,
+                     "code, arg0, arg1 and const must have the same length, got %zd, %zd, %zd "
+                     "and %zd", n, tb->a.shape[0], tb->b.shape[0], tb->c.shape[0]);
+        goto fail;
+    }
+    tb->cols.code = (const uint8_t *)tb->code.buf;
+    tb->cols.a = (const int32_t *)tb->a.buf;
+    tb->cols.b = (const int32_t *)tb->b.buf;
+    tb->cols.c = (const double *)tb->c.buf;
+    tb->cols.n = n;
+    return 0;
+fail:
+    release_tape(tb);
+    return -1;
+}
+
+/* Shape (n, B) of a values or grads buffer: B is 0 for one binding (n,). */
+static int get_rows(PyObject *obj, const char *what, Py_ssize_t n, Py_buffer *view, Py_ssize_t *m)
+{
+    if (get_array(obj, what, 'd', 8, 1, 2, view) < 0)
+        return -1;
+    if (view->shape[0] != n) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd rows but the tape has %zd nodes", what,
+                     view->shape[0], n);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    *m = view->ndim == 2 ? view->shape[1] : 0;
+    return 0;
+}
+
+/* Raise ValueError for the node a sweep stopped at, saying what is wrong. */
+static void raise_bad_node(const Columns *t, Py_ssize_t i)
+{
+    static const int arity[] = {
+#define ARITY_ENTRY(code_, name, ar) [code_] = ar + 1,
+        MG_OPS(ARITY_ENTRY)
+#undef ARITY_ENTRY
+    };
+    unsigned k = t->code[i];
+    if (k >= sizeof(arity) / sizeof(arity[0]) || arity[k] == 0) {
+        PyErr_Format(PyExc_ValueError, "node %zd: unknown op code %u", i, k);
+        return;
+    }
+    Py_ssize_t args[2] = {t->a[i], t->b[i]};
+    for (int s = 0; s < arity[k] - 1; s++) {
+        if (args[s] < 0 || args[s] >= i) {
+            PyErr_Format(PyExc_ValueError,
+                         "node %zd: argument %d is %zd, which is not an earlier node", i, s, args[s]);
+            return;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "node %zd: the tape changed during the sweep", i);
+}
+
+/* ---- Python entry points ------------------------------------------------ */
+
+PyDoc_STRVAR(forward_doc,
+"forward(code, arg0, arg1, const, values, flush_denormals=False)\n--\n\n"
+"Forward sweep: fill the non-leaf rows of values ((n,) or (n, B) float64,\n"
+"C-contiguous, leaf rows already filled) in place.");
+
+static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "flush_denormals", NULL};
+    PyObject *code, *a, *b, *c, *values;
+    int flush = 0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|p:forward", keywords, &code, &a, &b, &c,
+                                     &values, &flush))
+        return NULL;
+    TapeBuffers tb;
+    if (get_tape(code, a, b, c, &tb) < 0)
+        return NULL;
+    Py_buffer vv;
+    Py_ssize_t m;
+    if (get_rows(values, "values", tb.cols.n, &vv, &m) < 0) {
+        release_tape(&tb);
+        return NULL;
+    }
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned int saved = flush_enter(flush);
+    if (vv.ndim == 1)
+        bad = forward_one(&tb.cols, (double *)vv.buf);
+    else
+        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m);
+    flush_leave(flush, saved);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0)
+        raise_bad_node(&tb.cols, bad);
+    PyBuffer_Release(&vv);
+    release_tape(&tb);
+    if (bad >= 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(backward_doc,
+"backward(code, arg0, arg1, const, values, grads, output, flush_denormals=False)\n--\n\n"
+"Reverse sweep: add d(output)/d(node) into grads (zeroed, shaped like the\n"
+"forward-filled values) for every node the output depends on.");
+
+static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "grads", "output",
+                               "flush_denormals", NULL};
+    PyObject *code, *a, *b, *c, *values, *grads;
+    Py_ssize_t out;
+    int flush = 0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|p:backward", keywords, &code, &a, &b,
+                                     &c, &values, &grads, &out, &flush))
+        return NULL;
+    TapeBuffers tb;
+    if (get_tape(code, a, b, c, &tb) < 0)
+        return NULL;
+    const Py_ssize_t n = tb.cols.n;
+    Py_buffer vv, gv;
+    Py_ssize_t m, mg;
+    uint8_t *reached = NULL;
+    double *scratch = NULL;
+    PyObject *result = NULL;
+    if (get_rows(values, "values", n, &vv, &m) < 0)
+        goto done_tape;
+    if (get_rows(grads, "grads", n, &gv, &mg) < 0)
+        goto done_values;
+    if (gv.ndim != vv.ndim || mg != m) {
+        PyErr_SetString(PyExc_ValueError, "grads must have the same shape as values");
+        goto done;
+    }
+    if (gv.buf == vv.buf && n > 0) {
+        PyErr_SetString(PyExc_ValueError, "grads and values must be different arrays");
+        goto done;
+    }
+    if (out < 0 || out >= n) {
+        PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
+        goto done;
+    }
+    reached = PyMem_RawCalloc((size_t)out + 1, 1);
+    if (vv.ndim == 2 && m > 0)
+        scratch = PyMem_RawMalloc((size_t)m * sizeof(double));
+    if (reached == NULL || (vv.ndim == 2 && m > 0 && scratch == NULL)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned int saved = flush_enter(flush);
+    if (vv.ndim == 1)
+        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out);
+    else
+        bad = m == 0 ? -1
+                     : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached,
+                                      out, m, scratch);
+    flush_leave(flush, saved);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0)
+        raise_bad_node(&tb.cols, bad);
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(reached);
+    PyMem_RawFree(scratch);
+    PyBuffer_Release(&gv);
+done_values:
+    PyBuffer_Release(&vv);
+done_tape:
+    release_tape(&tb);
+    return result;
+}
+
+PyDoc_STRVAR(decode_graph_doc,
+"decode_graph(buf)\n--\n\n"
+"Decode the protobuf wire bytes of a micrograd.v1.Graph into columns:\n"
+"(n, code, arg0, arg1, const, names), the four columns as bytearrays of\n"
+"uint8, int32, int32 and float64 items and names a list of (node, name)\n"
+"for the nodes with a non-empty name. Raises ValueError((node, reason)).");
+
+static PyMethodDef kernel_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))kernel_forward, METH_VARARGS | METH_KEYWORDS,
+     forward_doc},
+    {"backward", (PyCFunction)(void (*)(void))kernel_backward, METH_VARARGS | METH_KEYWORDS,
+     backward_doc},
+    {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int kernel_exec(PyObject *module)
+{
+    PyObject *ops = PyList_New(0);
+    if (ops == NULL)
+        return -1;
+#define OP_ENTRY(code_, name, ar)                                   \
+    {                                                               \
+        PyObject *entry = Py_BuildValue("(isi)", code_, #name, ar); \
+        int failed = entry == NULL || PyList_Append(ops, entry) < 0; \
+        Py_XDECREF(entry);                                          \
+        if (failed) {                                               \
+            Py_DECREF(ops);                                         \
+            return -1;                                              \
+        }                                                           \
+    }
+    MG_OPS(OP_ENTRY)
+#undef OP_ENTRY
+    PyObject *table = PyList_AsTuple(ops);
+    Py_DECREF(ops);
+    if (table == NULL)
+        return -1;
+    int failed = PyModule_AddObjectRef(module, "OPS", table) < 0;
+    Py_DECREF(table);
+    if (failed)
+        return -1;
+    return PyModule_AddObjectRef(module, "FLUSH_DENORMALS_SUPPORTED",
+                                 MG_HAVE_FLUSH ? Py_True : Py_False);
+}
+
+static PyModuleDef_Slot kernel_slots[] = {
+    {Py_mod_exec, kernel_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef kernel_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "micrograd._kernel",
+    .m_doc = "The native tape kernel: forward/reverse sweeps and the Graph wire decoder.\n"
+             "OPS lists (code, name, arity) of every op the sweeps implement.",
+    .m_size = 0,
+    .m_methods = kernel_methods,
+    .m_slots = kernel_slots,
+};
+
+PyMODINIT_FUNC PyInit__kernel(void)
+{
+    return PyModuleDef_Init(&kernel_module);
+}

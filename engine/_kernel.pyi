@@ -1,0 +1,30 @@
+"""Types of the C extension ``micrograd._kernel`` (see ``_kernel.c`` and ``native.py``)."""
+
+from typing import Any
+
+OPS: tuple[tuple[int, str, int], ...]
+"""``(code, name, arity)`` of every op the native sweeps implement."""
+FLUSH_DENORMALS_SUPPORTED: bool
+"""Whether ``flush_denormals=True`` sets the processor's FTZ/DAZ modes here."""
+
+def forward(
+    code: Any, arg0: Any, arg1: Any, const: Any, values: Any, flush_denormals: bool = False
+) -> None:
+    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place."""
+
+def backward(
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    values: Any,
+    grads: Any,
+    output: int,
+    flush_denormals: bool = False,
+) -> None:
+    """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
+
+def decode_graph(
+    buf: bytes | bytearray | memoryview,
+) -> tuple[int, bytearray, bytearray, bytearray, bytearray, list[tuple[int, str]]]:
+    """Columns of a wire ``micrograd.v1.Graph``: ``(n, code, arg0, arg1, const, names)``."""

@@ -1,0 +1,134 @@
+"""The native kernel: the tape sweeps in C, and the wire decoder beside them.
+
+``NativeKernel`` runs the same forward and reverse sweeps as
+``micrograd.tape.PythonKernel`` with the same IEEE results (libm's ``exp``,
+``log``, ``tanh`` and ``pow``; no fast-math), in a tight C loop that
+releases the GIL, so several threads can evaluate tapes at once. A batch
+``(n, B)`` is swept node by node with a contiguous loop over the B
+bindings. When the extension ``micrograd._kernel`` is built (see
+``setup.py``), ``micrograd.tape`` registers a default ``NativeKernel`` as
+``"native"`` and uses it first.
+
+Denormals. Gradients that decay through a long chain become subnormal
+numbers, which x86 processors handle up to ten times slower.
+``NativeKernel(flush_denormals=True)`` sets the processor's flush-to-zero
+and denormals-are-zero modes (MXCSR FTZ and DAZ) for the duration of each
+sweep, in the sweeping thread only, and restores them afterwards: every
+subnormal input and result is then taken as 0, which is no longer exactly
+IEEE. It is off by default; ``get_kernel("native")`` is the exact kernel.
+On processors other than x86 the option is accepted and does nothing
+(``FLUSH_DENORMALS_SUPPORTED`` says which applies).
+
+``decode_graph`` reads the protobuf bytes of a ``micrograd.v1.Graph``
+straight into tape columns, without building a message object per node.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from . import _kernel
+
+if TYPE_CHECKING:
+    from .tape import Tape
+
+__all__ = ["FLUSH_DENORMALS_SUPPORTED", "DecodedGraph", "NativeKernel", "decode_graph"]
+
+FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
+"""Whether ``flush_denormals=True`` changes anything on this processor."""
+
+
+class NativeKernel:
+    """The C sweeps over a tape: one binding ``(n,)`` or a node-major batch ``(n, B)``."""
+
+    name = "native"
+
+    def __init__(self, flush_denormals: bool = False) -> None:
+        """``flush_denormals``: treat subnormal numbers as 0 during sweeps (faster, not exact)."""
+        self.flush_denormals = bool(flush_denormals)
+
+    def __repr__(self) -> str:
+        return f"NativeKernel(flush_denormals={self.flush_denormals})"
+
+    def forward(self, tape: Tape, values: np.ndarray) -> None:
+        """Fill the non-leaf rows of ``values`` (float64, leaves filled) in place."""
+        _check_float64("values", values)
+        target = values if values.flags.c_contiguous else np.ascontiguousarray(values)
+        _kernel.forward(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            target,
+            flush_denormals=self.flush_denormals,
+        )
+        if target is not values:
+            values[...] = target
+
+    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+        """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
+        _check_float64("values", values)
+        _check_float64("grads", grads)
+        target = grads if grads.flags.c_contiguous else np.ascontiguousarray(grads)
+        _kernel.backward(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            np.ascontiguousarray(values),
+            target,
+            output,
+            flush_denormals=self.flush_denormals,
+        )
+        if target is not grads:
+            grads[...] = target
+
+
+def _check_float64(what: str, array: np.ndarray) -> None:
+    """Raise ``TypeError`` unless ``array`` is a float64 numpy array."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.float64:
+        got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise TypeError(f"{what} must be a float64 numpy array, got {got}")
+
+
+class DecodedGraph(NamedTuple):
+    """The columns of a wire ``Graph``, ready for ``Tape.from_arrays``."""
+
+    code: np.ndarray
+    """uint8 op codes, as sent (not yet checked against the op table)."""
+    arg0: np.ndarray
+    """int32 first argument of each node, -1 where the node has none."""
+    arg1: np.ndarray
+    """int32 second argument of each node, -1 where the node has none."""
+    const: np.ndarray
+    """float64 ``value`` of each node (0 where not sent)."""
+    names: list[tuple[int, str]]
+    """``(node, name)`` for every node with a non-empty name, in node order."""
+
+
+def decode_graph(data: bytes | bytearray | memoryview) -> DecodedGraph:
+    """Decode the protobuf wire bytes of a ``micrograd.v1.Graph`` into columns.
+
+    Accepts packed and unpacked ``args`` and skips unknown fields. Malformed
+    bytes (a truncated varint or field, an invalid wire type, more than two
+    args on a node) raise ``GraphError`` naming the node. Only the framing is
+    checked here; ``Tape.from_arrays`` then checks ops and argument indices.
+    """
+    try:
+        n, code, arg0, arg1, const, names = _kernel.decode_graph(data)
+    except ValueError as exc:
+        if len(exc.args) != 2:
+            raise
+        from .tape import GraphError
+
+        node, reason = exc.args
+        raise GraphError(node, reason) from None
+    return DecodedGraph(
+        np.frombuffer(code, dtype=np.uint8, count=n),
+        np.frombuffer(arg0, dtype=np.int32, count=n),
+        np.frombuffer(arg1, dtype=np.int32, count=n),
+        np.frombuffer(const, dtype=np.float64, count=n),
+        names,
+    )

@@ -1,0 +1,332 @@
+"""The native kernel (``micrograd._kernel``) against the op table and ``PythonKernel``.
+
+The Python kernel is the reference: for one binding it evaluates the op
+table's scalar functions, which call the same libm as the C code, so the
+native results must be bit-identical (NaN payloads aside). For a batch the
+Python kernel uses numpy's ufuncs, whose ``exp``/``log``/``tanh``/``pow`` may
+differ from libm in the last bit, hence 1e-12 relative there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+
+import numpy as np
+import pytest
+from micrograd import ops
+from micrograd.tape import Kernel, PythonKernel, Tape, available_kernels, get_kernel
+
+native = pytest.importorskip("micrograd.native", reason="the C extension is not built")
+_kernel = pytest.importorskip("micrograd._kernel")
+
+NATIVE = native.NativeKernel()
+PYTHON = PythonKernel()
+
+EDGE = (math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 2.0, 0.5, -3.5, 1e-300, 710.0, -745.5)
+"""Operands that exercise every IEEE corner of the op table (overflow, 0, signs, nan)."""
+EXPONENTS = (0.0, 1.0, 2.0, 3.0, -1.0, -2.0, 0.5, -0.5, 1.5, math.nan, math.inf)
+
+
+def random_tape(seed: int, n: int = 400, leaves: int = 10, window: int = 25) -> Tape:
+    """A seeded random DAG using every op, with edge values among its leaves."""
+    rng = np.random.default_rng(seed)
+    inner = [op for op in ops.OPS if op.arity > 0]
+    code = np.empty(n, np.uint8)
+    a = np.full(n, -1, np.int32)
+    b = np.full(n, -1, np.int32)
+    c = np.zeros(n)
+    for i in range(n):
+        if i < leaves:
+            code[i] = ops.INPUT.code if i % 2 == 0 else ops.CONST.code
+            c[i] = EDGE[rng.integers(len(EDGE))] if rng.random() < 0.4 else rng.normal() * 2
+            continue
+        op = (
+            inner[(i - leaves) % len(inner)]
+            if i - leaves < len(inner)
+            else inner[rng.integers(len(inner))]
+        )
+        code[i] = op.code
+        a[i] = rng.integers(max(0, i - window), i)
+        if op.arity == 2:
+            b[i] = rng.integers(max(0, i - window), i)
+        if op.uses_value:
+            c[i] = EXPONENTS[rng.integers(len(EXPONENTS))]
+    return Tape.from_arrays(code, a, b, c)
+
+
+def evaluate(
+    tape: Tape, kernel: Kernel, bindings: np.ndarray | None = None, output: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """``tape.evaluate`` with numpy's IEEE warnings silenced (inf and nan are expected here)."""
+    with np.errstate(all="ignore"):
+        return tape.evaluate(bindings, output, kernel=kernel)
+
+
+# -- the op table ---------------------------------------------------------------
+
+
+def test_native_kernel_implements_every_op_of_the_table() -> None:
+    implemented = {code: (name, arity) for code, name, arity in _kernel.OPS}
+    for op in ops.OPS:
+        assert op.code in implemented, f"the native kernel lacks op {op.name} (code {op.code})"
+        assert implemented[op.code] == (op.name, op.arity), f"native entry for {op.name} differs"
+    assert len(implemented) == len(ops.OPS), "the native kernel has ops the table does not"
+
+
+def test_native_kernel_is_registered_first() -> None:
+    assert available_kernels()[0] == "native"
+    assert isinstance(get_kernel(), native.NativeKernel)
+    assert get_kernel("native").flush_denormals is False
+
+
+@pytest.mark.parametrize("op", [op for op in ops.OPS if op.arity > 0], ids=lambda op: op.name)
+def test_each_op_matches_the_table_on_edge_values(op: ops.Op) -> None:
+    # Tape [x, y, op(x, y)] (or [x, op(x)]), every pair of edge values as one batch;
+    # expected numbers: the op table's own scalar forward and partials.
+    pairs = list(itertools.product(EDGE, EDGE if op.arity == 2 else (0.0,)))
+    for c in EXPONENTS if op.uses_value else (0.0,):
+        if op.arity == 2:
+            tape = Tape.from_nodes([("input", (), 0.0), ("input", (), 0.0), (op.name, (0, 1), c)])
+            bindings = np.array(pairs)
+        else:
+            tape = Tape.from_nodes([("input", (), 0.0), (op.name, (0,), c)])
+            bindings = np.array([[x] for x, _ in pairs])
+        values, grads = evaluate(tape, NATIVE, bindings)
+        for row, (x, y) in enumerate(pairs):
+            out = op.forward(x, y, c)
+            dx, dy = op.partials(x, y, c, out)
+            expected_grads = [dx, dy, 1.0] if op.arity == 2 else [dx, 1.0]
+            context = f"{op.name}(x={x}, y={y}, c={c})"
+            np.testing.assert_array_equal(values[row, -1], out, err_msg=context)
+            np.testing.assert_array_equal(grads[row], expected_grads, err_msg=context)
+            one_values, one_grads = evaluate(tape, NATIVE, bindings[row])
+            np.testing.assert_array_equal(one_values, values[row], err_msg=context)
+            np.testing.assert_array_equal(one_grads, grads[row], err_msg=context)
+
+
+def test_binary_op_with_one_node_as_both_arguments_accumulates_twice() -> None:
+    # d(x*x)/dx = x + x and d(x/x)/dx = 1/x - (x/x)/x: 6 and 0 at x = 3 (by hand).
+    for name, expected in (("mul", 6.0), ("div", 0.0), ("add", 2.0), ("sub", 0.0)):
+        tape = Tape.from_nodes([("input", (), 3.0), (name, (0, 0), 0.0)])
+        for bindings in (None, np.array([[3.0], [3.0]])):
+            _, grads = evaluate(tape, NATIVE, bindings)
+            assert np.all(grads[..., 0] == expected), name
+
+
+# -- native against the Python kernel ------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_dag_is_bit_identical_to_the_python_kernel(seed: int) -> None:
+    tape = random_tape(seed)
+    for output in (-1, len(tape) // 2):
+        expected_values, expected_grads = evaluate(tape, PYTHON, output=output)
+        values, grads = evaluate(tape, NATIVE, output=output)
+        np.testing.assert_array_equal(values, expected_values)
+        np.testing.assert_array_equal(grads, expected_grads)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_matches_the_python_kernel_and_each_single_binding(seed: int) -> None:
+    tape = random_tape(seed + 100)
+    rng = np.random.default_rng(seed)
+    bindings = rng.normal(size=(7, len(tape.inputs))) * 3
+    bindings[0, 0] = math.nan
+    bindings[1, -1] = 0.0
+    expected_values, expected_grads = evaluate(tape, PYTHON, bindings)
+    values, grads = evaluate(tape, NATIVE, bindings)
+    np.testing.assert_allclose(values, expected_values, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(grads, expected_grads, rtol=1e-12, atol=0)
+    for row in range(bindings.shape[0]):
+        one_values, one_grads = evaluate(tape, NATIVE, bindings[row])
+        np.testing.assert_array_equal(one_values, values[row])
+        np.testing.assert_array_equal(one_grads, grads[row])
+
+
+def test_node_outside_the_output_graph_never_touches_a_gradient() -> None:
+    # log'(0) = inf: were node 1 swept with gradient 0, d/dx would be 0 * inf = nan.
+    # Expected d(2x)/dx = 2 at x = 0 (by hand).
+    tape = Tape.from_nodes(
+        [("input", (), 0.0), ("log", (0,), 0.0), ("const", (), 2.0), ("mul", (0, 2), 0.0)]
+    )
+    for bindings in (None, np.array([[0.0], [0.0]])):
+        _, grads = evaluate(tape, NATIVE, bindings)
+        assert np.all(grads[..., 0] == 2.0)
+        assert np.all(grads[..., 1] == 0.0)
+    # The output may be any node; later nodes keep a zero gradient.
+    _, grads = evaluate(tape, NATIVE, output=1)
+    np.testing.assert_array_equal(grads, [math.inf, 1.0, 0.0, 0.0])
+
+
+def test_reached_node_with_zero_gradient_still_propagates_nan() -> None:
+    # At x = 0: log(0) = -inf and relu'(-inf) = 0, so node 1 is reached with gradient 0;
+    # then log'(0) * 0 = inf * 0 = nan, as in PyTorch's relu(log(x)).backward() at x = 0.
+    tape = Tape.from_nodes([("input", (), 0.0), ("log", (0,), 0.0), ("relu", (1,), 0.0)])
+    _, grads = evaluate(tape, NATIVE)
+    _, expected = evaluate(tape, PYTHON)
+    np.testing.assert_array_equal(grads, expected)
+    assert math.isnan(grads[0]) and grads[1] == 0.0
+
+
+def test_non_contiguous_arrays_through_the_tape_api() -> None:
+    # A (B, n) C-ordered values array reaches the kernel as an F-ordered (n, B) view.
+    tape = random_tape(7)
+    bindings = np.random.default_rng(7).normal(size=(5, len(tape.inputs)))
+    values = tape.forward(bindings, kernel=NATIVE)
+    expected = tape.forward(bindings, kernel=PYTHON)
+    np.testing.assert_allclose(values, expected, rtol=1e-12, atol=0)
+    grads = tape.backward(np.ascontiguousarray(values), kernel=NATIVE)
+    with np.errstate(all="ignore"):
+        expected_grads = tape.backward(np.ascontiguousarray(values), kernel=PYTHON)
+    np.testing.assert_allclose(grads, expected_grads, rtol=1e-12, atol=0)
+
+
+def test_empty_batch_does_nothing() -> None:
+    tape = random_tape(3)
+    values, grads = evaluate(tape, NATIVE, np.zeros((0, len(tape.inputs))))
+    assert values.shape == grads.shape == (0, len(tape))
+
+
+# -- threads --------------------------------------------------------------------------
+
+
+def test_two_threads_evaluate_different_tapes_concurrently() -> None:
+    tapes = [random_tape(21, n=30_000), random_tape(22, n=30_000)]
+    expected = [evaluate(t, PYTHON) for t in tapes]
+    errors: list[str] = []
+    start = threading.Barrier(2)
+
+    def work(k: int) -> None:
+        start.wait(timeout=30)
+        for _ in range(20):
+            values, grads = evaluate(tapes[k], NATIVE)
+            if not (
+                np.array_equal(values, expected[k][0], equal_nan=True)
+                and np.array_equal(grads, expected[k][1], equal_nan=True)
+            ):
+                errors.append(f"thread {k} got different numbers")
+                return
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+
+
+# -- denormals ----------------------------------------------------------------------
+
+
+def halving_chain(depth: int) -> Tape:
+    """x, 0.5, then y = y * 0.5 repeated: d(out)/d(node k) = 2**-(depth - k) exactly."""
+    nodes: list[tuple[str, tuple[int, ...], float]] = [("input", (), 1.0), ("const", (), 0.5)]
+    nodes.append(("mul", (0, 1), 0.0))
+    nodes.extend(("mul", (i, 1), 0.0) for i in range(2, depth + 1))
+    return Tape.from_nodes(nodes)
+
+
+def test_subnormal_gradients_are_exact_by_default() -> None:
+    tape = halving_chain(1060)
+    _, grads = evaluate(tape, NATIVE)
+    _, expected = evaluate(tape, PYTHON)
+    np.testing.assert_array_equal(grads, expected)
+    assert grads[0] == 2.0**-1060 and 0.0 < grads[0] < np.finfo(np.float64).tiny
+
+
+@pytest.mark.skipif(not native.FLUSH_DENORMALS_SUPPORTED, reason="no flush-to-zero on this CPU")
+def test_flush_denormals_turns_subnormal_gradients_into_zero() -> None:
+    tape = halving_chain(1060)
+    flushing = native.NativeKernel(flush_denormals=True)
+    values, grads = evaluate(tape, flushing)
+    tiny = np.finfo(np.float64).tiny
+    assert grads[0] == 0.0
+    # Every normal number is unchanged; every subnormal one became 0.
+    _, exact = evaluate(tape, NATIVE)
+    np.testing.assert_array_equal(grads, np.where(np.abs(exact) < tiny, 0.0, exact))
+    assert np.all((values == 0.0) | (np.abs(values) >= tiny))
+    # The mode is restored after the sweep: numpy still makes subnormals here.
+    assert np.float64(tiny) / 4 > 0.0
+    _, again = evaluate(tape, NATIVE)
+    np.testing.assert_array_equal(again, exact)
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+def columns(tape: Tape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return tape.code, tape.arg0, tape.arg1, tape.const
+
+
+def test_bad_buffers_raise_clear_errors() -> None:
+    tape = random_tape(1, n=50)
+    n = len(tape)
+    good = tape.const.copy()
+    grads = np.zeros(n)
+    cases: list[tuple[type[Exception], str, tuple[object, ...]]] = [
+        (TypeError, "values must have dtype float64", (*columns(tape), good.astype(np.float32))),
+        (TypeError, "values must be a float64 numpy array", (*columns(tape), list(good))),
+        (ValueError, "values has 49 rows but the tape has 50", (*columns(tape), good[:-1])),
+        (ValueError, "values must be C-contiguous", (*columns(tape), np.zeros((2 * n, 3))[::2])),
+        (ValueError, "values must have shape", (*columns(tape), np.zeros((n, 2, 2)))),
+        (
+            TypeError,
+            "arg0 must have dtype int32",
+            (tape.code, tape.arg0.astype(np.int64), tape.arg1, tape.const, good),
+        ),
+        (
+            TypeError,
+            "code must have dtype uint8",
+            (tape.arg0, tape.arg0, tape.arg1, tape.const, good),
+        ),
+        (ValueError, "same length", (tape.code, tape.arg0[:-1], tape.arg1, tape.const, good)),
+        (TypeError, "dtype float64", (*columns(tape), good.astype(">f8"))),
+    ]
+    for error, message, args in cases:
+        with pytest.raises(error, match=message):
+            _kernel.forward(*args)
+    readonly = good.copy()
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="values must be writable"):
+        _kernel.forward(*columns(tape), readonly)
+    with pytest.raises(ValueError, match="grads must have the same shape"):
+        _kernel.backward(*columns(tape), good, np.zeros((n, 2)), n - 1)
+    with pytest.raises(ValueError, match="output 50 is out of range"):
+        _kernel.backward(*columns(tape), good, grads, n)
+    with pytest.raises(ValueError, match="output -1 is out of range"):
+        _kernel.backward(*columns(tape), good, grads, -1)
+    with pytest.raises(ValueError, match="must be different arrays"):
+        _kernel.backward(*columns(tape), good, good, n - 1)
+    with pytest.raises(TypeError, match="float64"):
+        NATIVE.forward(tape, good.astype(np.float32))
+
+
+def test_unvalidated_tape_cannot_make_the_kernel_read_out_of_bounds() -> None:
+    # Tape(...) skips from_arrays' checks; the sweeps still refuse the bad node.
+    code = np.array([1, 3, 7, 200], np.uint8)
+    ahead = Tape(
+        code[:3], np.array([-1, 0, 5], np.int32), np.array([-1, 0, -1], np.int32), np.zeros(3)
+    )
+    for sweep in (
+        lambda: NATIVE.forward(ahead, np.zeros(3)),
+        lambda: NATIVE.backward(ahead, np.zeros(3), np.zeros(3), 2),
+        lambda: NATIVE.forward(ahead, np.zeros((3, 4))),
+        lambda: NATIVE.backward(ahead, np.zeros((3, 4)), np.zeros((3, 4)), 2),
+    ):
+        with pytest.raises(
+            ValueError, match="node 2: argument 0 is 5, which is not an earlier node"
+        ):
+            sweep()
+    negative = Tape(
+        code[:2], np.array([-1, -7], np.int32), np.array([-1, 0], np.int32), np.zeros(2)
+    )
+    with pytest.raises(ValueError, match="node 1: argument 0 is -7"):
+        NATIVE.forward(negative, np.zeros(2))
+    unknown = Tape(
+        code[[0, 3]], np.array([-1, 0], np.int32), np.array([-1, -1], np.int32), np.zeros(2)
+    )
+    with pytest.raises(ValueError, match="node 1: unknown op code 200"):
+        NATIVE.forward(unknown, np.zeros(2))
