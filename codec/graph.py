@@ -18,9 +18,9 @@ from micrograd.tape import ARITY, USES_VALUE, GraphError, Tape
 from micrograd.v1 import graph_pb2
 
 try:  # the native wire decoder, when the C extension is built
-    from micrograd._kernel import decode_graph as _native_decode_graph
+    from micrograd.native import decode_graph as _native_decode_graph
 except ImportError:  # pragma: no cover - exercised on machines without a compiler
-    _native_decode_graph = None
+    _native_decode_graph = None  # type: ignore[assignment]
 
 __all__ = [
     "GraphTooLarge",
@@ -152,17 +152,12 @@ def from_graph_bytes(data: bytes, max_nodes: int | None = None) -> Tape:
     """Decode a serialized ``Graph`` straight from its wire bytes (native decoder if built)."""
     if _native_decode_graph is None:
         return from_graph(graph_pb2.Graph.FromString(data), max_nodes)
-    try:
-        code, arg0, arg1, const, named = _native_decode_graph(data)
-    except ValueError as exc:
-        raise GraphError(None, f"malformed Graph message: {exc}", "nodes") from None
+    code, arg0, arg1, const, named = _native_decode_graph(data)  # GraphError when malformed
     n = len(code)
     if n == 0:
         raise GraphError(None, "the graph has no nodes", "nodes")
     _check_size(n, max_nodes, "nodes")
-    return _tape_from_columns(
-        np.asarray(code), np.asarray(arg0), np.asarray(arg1), np.asarray(const), named
-    )
+    return _tape_from_columns(code, arg0, arg1, const, named)
 
 
 def _tape_from_columns(
