@@ -8,7 +8,10 @@ chain ``y = y * 1 + 1`` whose values are exact integers plus one half.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -355,3 +358,34 @@ def test_readyz_turns_503_while_draining_and_calls_in_flight_finish(
     (info_line,) = [c for c in calls if c["request_id"] == "grpc-info-1"]
     assert info_line["transport"] == "grpc" and info_line["method"] == "GetServerInfo"
     assert any(c["status"] == "UNAVAILABLE" for c in calls)
+
+
+# -- the curl example ---------------------------------------------------------------------------
+
+CURL_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "curl_seed.sh"
+
+
+def _curl_example(url: str, path: str | None = None) -> list[str]:
+    env = {"PATH": path} if path is not None else None
+    done = subprocess.run(
+        [shutil.which("bash") or "bash", str(CURL_EXAMPLE), url],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_example_prints_the_seed_numbers(server: RunningServer) -> None:
+    assert _curl_example(server.http_url + "/rpc") == ["24.7041", "138.8338", "645.5773"]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_example_without_jq_uses_python(server: RunningServer, tmp_path: Path) -> None:
+    for tool in ("curl", "cat", "dirname", "xargs"):
+        found = shutil.which(tool)
+        assert found is not None
+        (tmp_path / tool).symlink_to(found)
+    (tmp_path / "python3").symlink_to(sys.executable)
+    lines = _curl_example(server.http_url + "/rpc", path=str(tmp_path))
+    assert lines == ["24.7041", "138.8338", "645.5773"]
