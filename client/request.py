@@ -16,7 +16,7 @@ from typing import TypeAlias
 import numpy as np
 from micrograd import codec
 from micrograd.engine import Value
-from micrograd.tape import ARITY, USES_VALUE, Tape
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
@@ -37,12 +37,6 @@ GraphLike: TypeAlias = graph_pb2.Graph | graph_pb2.PackedGraph | Tape | Value | 
 
 SelectionLike: TypeAlias = str | Sequence[int] | np.ndarray
 """``"all"``, ``"inputs"``, ``"named"``, ``"output"`` or a list of node indices."""
-
-# Per-byte lookups (0 for bytes outside the op table, which the server will reject by node).
-_ARITY = np.zeros(256, dtype=np.int64)
-_ARITY[: ARITY.shape[0]] = ARITY
-_USES_VALUE = np.zeros(256, dtype=np.int64)
-_USES_VALUE[: USES_VALUE.shape[0]] = USES_VALUE
 
 _SELECTIONS = {
     "all": pb.SELECTION_ALL,
@@ -187,33 +181,25 @@ def split_request(request: pb.EvaluateRequest) -> tuple[Prepared, pb.EvaluateReq
 def upload_pieces(
     graph: graph_pb2.PackedGraph, piece_bytes: int
 ) -> Iterator[pb.UploadGraphRequest]:
-    """``graph`` as ``UploadGraph`` messages of about ``piece_bytes`` each, cut at node edges.
+    """``graph`` as ``UploadGraph`` messages of about ``piece_bytes`` each.
 
-    Each piece carries a run of nodes: their op bytes, their argument
-    indices and their values, so every column stays aligned to whole
-    elements; names follow in pieces of their own.
+    The server appends each column to what earlier pieces sent, so the
+    columns are cut independently: piece k carries the k-th of m equal runs
+    of ``ops``, of ``args`` and of ``values`` (cut at whole elements), with
+    no per-node work; names follow in pieces of their own.
     """
-    ops = np.frombuffer(graph.ops, dtype=np.uint8)
-    n = ops.shape[0]
-    arity = _ARITY[ops]
-    uses = _USES_VALUE[ops]
-    arg_end = np.cumsum(arity)  # args consumed by nodes 0..i
-    val_end = np.cumsum(uses)
-    per_node = 1 + 4 * 2 + 8  # an upper bound of one node's bytes
-    step = max(piece_bytes // per_node, 1)
-    args, values = graph.args, graph.values
-    a0 = v0 = 0
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        a1, v1 = int(arg_end[stop - 1]), int(val_end[stop - 1])
+    columns = ((graph.ops, 1), (graph.args, 4), (graph.values, 8))
+    total = sum(len(data) for data, _ in columns)
+    m = max(-(-total // max(piece_bytes, 1)), 1)
+    cuts = [
+        [len(data) // size * k // m * size for k in range(m)] + [len(data)]
+        for data, size in columns
+    ]
+    for k in range(m):
+        ops, args, values = (data[cut[k] : cut[k + 1]] for (data, _), cut in zip(columns, cuts))
         yield pb.UploadGraphRequest(
-            piece=graph_pb2.PackedGraph(
-                ops=graph.ops[start:stop],
-                args=args[4 * a0 : 4 * a1],
-                values=values[8 * v0 : 8 * v1],
-            )
+            piece=graph_pb2.PackedGraph(ops=ops, args=args, values=values)
         )
-        a0, v0 = a1, v1
     names = graph.names
     per_piece = max(piece_bytes // 64, 1)
     for start in range(0, len(names), per_piece):
