@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from micrograd.tape import Tape
 
-__all__ = ["GraphCache", "tape_bytes"]
+__all__ = ["GraphCache", "RecentGraphs", "tape_bytes"]
 
 _NAME_OVERHEAD = 64
 """Rough bytes of one ``names`` entry (key string plus dict slot) beyond its characters."""
@@ -88,3 +88,37 @@ class GraphCache:
             self._tapes[graph_id] = (tape, size)
             self._bytes += size
             return True
+
+
+class RecentGraphs:
+    """Small graphs decoded lately, keyed by their wire bytes: a repeat skips decode and hashing.
+
+    Clients often send the same small graph again and again with new inputs;
+    for those, decoding and validating dominates the call. Only graphs of at
+    most ``max_nodes`` nodes are kept, at most ``max_entries`` of them (LRU).
+    """
+
+    def __init__(self, max_entries: int = 256, max_nodes: int = 1024) -> None:
+        """Keep up to ``max_entries`` graphs of up to ``max_nodes`` nodes."""
+        self.max_entries = max_entries
+        self.max_nodes = max_nodes
+        self._graphs: OrderedDict[bytes, tuple[Tape, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[Tape, str] | None:
+        """The tape and graph id decoded from these wire bytes before, if remembered."""
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is not None:
+                self._graphs.move_to_end(key)
+            return entry
+
+    def put(self, key: bytes, tape: Tape, graph_id: str) -> None:
+        """Remember a decoded graph (ignored when it is larger than ``max_nodes``)."""
+        if len(tape) > self.max_nodes or self.max_entries == 0:
+            return
+        with self._lock:
+            self._graphs[key] = (tape, graph_id)
+            self._graphs.move_to_end(key)
+            while len(self._graphs) > self.max_entries:
+                self._graphs.popitem(last=False)

@@ -117,12 +117,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
         """Evaluate rpc."""
+        service = self.service
         call = None
         try:
-            call = _Call(self.service, self.pool, context)
-            if self.service.cells(request) <= self.inline_cells:
-                return self.service.evaluate(request)
-            return await call.offload(self.service.evaluate, request, call.deadline)
+            if service.cells(request) <= self.inline_cells:
+                with service.admit():
+                    return service.evaluate(request)
+            call = _Call(service, self.pool, context)
+            return await call.offload(service.evaluate, request, call.deadline)
         except Exception as exc:
             await self._fail(context, exc)
             raise AssertionError("unreachable") from exc

@@ -26,7 +26,7 @@ from micrograd.tape import USES_VALUE, GraphError, Kernel, Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
-from .cache import GraphCache
+from .cache import GraphCache, RecentGraphs
 from .config import Settings
 from .kernels import resolve_kernel
 
@@ -167,6 +167,7 @@ class GradientService:
         self.settings = settings
         self.kernel = kernel or resolve_kernel(settings.kernel, settings.flush_denormals)
         self.cache = GraphCache(settings.graph_cache_entries, settings.graph_cache_bytes)
+        self.recent = RecentGraphs()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._draining = False
@@ -247,21 +248,9 @@ class GradientService:
 
     def decode_graph(
         self, msg: pb.EvaluateRequest | pb.RegisterGraphRequest, prefix: str = ""
-    ) -> tuple[Tape, str | None]:
-        """The tape a request's ``source`` gives, and its id when it came from the cache."""
+    ) -> tuple[Tape, str]:
+        """The tape a request's ``source`` gives, validated, and its graph id."""
         source = msg.WhichOneof("source")
-        max_nodes = self.settings.max_nodes
-        try:
-            if source == "graph":
-                self._check_nodes(len(msg.graph.nodes), prefix + "graph.nodes")
-                tape = codec.from_graph(msg.graph, max_nodes)
-                _check_unused_values(tape, prefix + "graph.")
-                return tape, None
-            if source == "packed_graph":
-                self._check_nodes(len(msg.packed_graph.ops), prefix + "packed_graph.ops")
-                return codec.unpack(msg.packed_graph, max_nodes), None
-        except GraphError as exc:
-            raise _graph_violation(f"{prefix}{source}.", exc) from None
         if source == "graph_id" and isinstance(msg, pb.EvaluateRequest):
             tape = self.cache.get(msg.graph_id)
             if tape is None:
@@ -271,16 +260,42 @@ class GradientService:
                     "it); send the graph again or register it",
                 )
             return tape, msg.graph_id
-        field = prefix + "source"
-        raise ServiceError(
-            Code.INVALID_ARGUMENT,
-            "the request has no graph: set graph, packed_graph or graph_id",
-            [(field, "one of graph, packed_graph or graph_id is required")],
-        )
+        if source == "graph":
+            n = len(msg.graph.nodes)
+            self._check_nodes(n, prefix + "graph.nodes")
+        elif source == "packed_graph":
+            n = len(msg.packed_graph.ops)
+            self._check_nodes(n, prefix + "packed_graph.ops")
+        else:
+            field = prefix + "source"
+            raise ServiceError(
+                Code.INVALID_ARGUMENT,
+                "the request has no graph: set graph, packed_graph or graph_id",
+                [(field, "one of graph, packed_graph or graph_id is required")],
+            )
+        key = None
+        if n <= self.recent.max_nodes:
+            key = source.encode() + getattr(msg, source).SerializeToString()
+            known = self.recent.get(key)
+            if known is not None:
+                return known
+        max_nodes = self.settings.max_nodes
+        try:
+            if source == "graph":
+                tape = codec.from_graph(msg.graph, max_nodes)
+                _check_unused_values(tape, prefix + "graph.")
+            else:
+                tape = codec.unpack(msg.packed_graph, max_nodes)
+        except GraphError as exc:
+            raise _graph_violation(f"{prefix}{source}.", exc) from None
+        gid = codec.graph_id(tape)
+        if key is not None:
+            self.recent.put(key, tape, gid)
+        return tape, gid
 
     def plan(self, request: pb.EvaluateRequest, prefix: str = "") -> Plan:
         """Decode and validate an ``EvaluateRequest`` against the graph and the limits."""
-        tape, known_id = self.decode_graph(request, prefix)
+        tape, gid = self.decode_graph(request, prefix)
         n = len(tape)
         rows, batched = 1, request.HasField("batch")
         if batched:
@@ -308,7 +323,7 @@ class GradientService:
             raise _graph_violation(prefix, exc) from None
         return Plan(
             tape=tape,
-            graph_id=known_id or codec.graph_id(tape),
+            graph_id=gid,
             bindings=bound,
             output=output,
             selection=selection,
@@ -431,9 +446,9 @@ class GradientService:
 
     # -- registration ------------------------------------------------------
 
-    def register(self, tape: Tape) -> str:
+    def register(self, tape: Tape, gid: str | None = None) -> str:
         """Put ``tape`` in the cache and return its id; RESOURCE_EXHAUSTED if it cannot fit."""
-        gid = codec.graph_id(tape)
+        gid = gid or codec.graph_id(tape)
         if not self.cache.put(gid, tape):
             raise ServiceError(
                 Code.RESOURCE_EXHAUSTED,
@@ -445,8 +460,8 @@ class GradientService:
 
     def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
         """The RegisterGraph rpc: decode, validate, cache; the same graph gives the same id."""
-        tape, _ = self.decode_graph(request)
-        return pb.RegisterGraphResponse(graph_id=self.register(tape), node_count=len(tape))
+        tape, gid = self.decode_graph(request)
+        return pb.RegisterGraphResponse(graph_id=self.register(tape, gid), node_count=len(tape))
 
     def upload(self) -> Upload:
         """Start an UploadGraph call: feed pieces to ``Upload.add``, then ``Upload.finish``."""

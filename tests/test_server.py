@@ -26,7 +26,7 @@ from micrograd.engine import Value
 from micrograd.server import cli, config
 from micrograd.server.cache import GraphCache
 from micrograd.server.grpc_server import PID_METADATA, SERVICE_NAME
-from micrograd.server.service import Code, GradientService, ServiceError
+from micrograd.server.service import Code, Deadline, GradientService, ServiceError
 from micrograd.tape import Tape, available_kernels, get_kernel
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
@@ -490,27 +490,22 @@ def test_calls_over_the_concurrency_limit_are_refused_at_once(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
     server = grpc_server_factory(max_concurrent_calls=1, kernel="python", inline_cells=0)
+    assert server.server is not None
+    service = server.server.service
+    graph_id = service.register(chain_tape(300_001))
     channel, stub = _stub(server.target)
-    slow = pb.EvaluateRequest(
-        packed_graph=codec.pack(chain_tape(1_000_001)), selection=pb.SELECTION_OUTPUT
-    )
+    slow = pb.EvaluateRequest(graph_id=graph_id, selection=pb.SELECTION_OUTPUT)
     tiny = pb.EvaluateRequest(packed_graph=codec.pack(chain_tape(5)))
     with channel:
         pending = stub.Evaluate.future(slow)
-        refused = None
-        for _ in range(500):  # the slow call holds the only slot for about a second
-            try:
-                stub.Evaluate(tiny)
-            except grpc.RpcError as err:
-                refused = err
-                break
-            if pending.done():
-                break
+        assert wait_until(lambda: service.in_flight == 1)  # the python kernel needs ~0.3 s
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Evaluate(tiny)
+        refused = err.value
         assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_concurrent_calls" in refused.details()
-        assert pending.result().node_count == 1_000_001
-        assert server.server is not None
-        assert wait_until(lambda: server.server.service.in_flight == 0)  # type: ignore[union-attr]
+        assert pending.result().node_count == 300_001
+        assert wait_until(lambda: service.in_flight == 0)
         assert stub.Evaluate(tiny).node_count == 5
 
 
@@ -602,15 +597,13 @@ def test_cancelled_call_stops_and_frees_its_slot(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
     server = grpc_server_factory(kernel="python", inline_cells=0)
+    assert server.server is not None
+    service = server.server.service
+    graph_id = service.register(chain_tape(2_000_001))  # the python kernel needs about 2 s
     channel, stub = _stub(server.target)
     with channel:
-        pending = stub.Evaluate.future(
-            pb.EvaluateRequest(
-                packed_graph=codec.pack(chain_tape(2_000_001)), selection=pb.SELECTION_OUTPUT
-            )
-        )
-        assert server.server is not None
-        service = server.server.service
+        request = pb.EvaluateRequest(graph_id=graph_id, selection=pb.SELECTION_OUTPUT)
+        pending = stub.Evaluate.future(request)
         assert wait_until(lambda: service.in_flight == 1)
         assert pending.cancel()
         with pytest.raises(grpc.FutureCancelledError):
@@ -625,16 +618,31 @@ def test_cancelled_call_stops_and_frees_its_slot(
 
 def test_deadline_exceeded(grpc_server_factory: Callable[..., RunningServer]) -> None:
     server = grpc_server_factory(kernel="python", inline_cells=0)
+    assert server.server is not None
+    service = server.server.service
+    graph_id = service.register(chain_tape(2_000_001))  # the python kernel needs about 2 s
     channel, stub = _stub(server.target)
     with channel:
-        slow = pb.EvaluateRequest(
-            packed_graph=codec.pack(chain_tape(2_000_001)), selection=pb.SELECTION_OUTPUT
-        )
+        slow = pb.EvaluateRequest(graph_id=graph_id, selection=pb.SELECTION_OUTPUT)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Evaluate(slow, timeout=0.3)
+            stub.Evaluate(slow, timeout=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert server.server is not None
-        assert wait_until(lambda: server.server.service.in_flight == 0)  # type: ignore[union-attr]
+        assert wait_until(lambda: service.in_flight == 0)
+
+
+def test_core_stops_between_phases_when_out_of_time(seed: dict[str, Any]) -> None:
+    service = GradientService(config.Settings(workers=1))
+    request = pb.EvaluateRequest(packed_graph=seed["packed"])
+    with pytest.raises(ServiceError) as err:
+        service.evaluate(request, Deadline(0.0))
+    assert err.value.code is Code.DEADLINE_EXCEEDED
+    cancelled = Deadline(60.0)
+    stream = service.evaluate_stream(pb.EvaluateStreamRequest(request=request), cancelled)
+    assert next(stream).part == pb.PART_HEADER
+    cancelled.cancel()
+    with pytest.raises(ServiceError) as err:
+        next(stream)
+    assert err.value.code is Code.CANCELLED
 
 
 @pytest.mark.slow
@@ -650,10 +658,10 @@ def test_sigterm_lets_calls_in_flight_finish(
             health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status
             == health_pb2.HealthCheckResponse.SERVING
         )
-        pending = stub.Evaluate.future(
-            pb.EvaluateRequest(packed_graph=codec.pack(tape), selection=pb.SELECTION_OUTPUT)
-        )
-        time.sleep(0.3)  # let the call arrive; the python kernel needs about 2 s for it
+        graph_id = stub.UploadGraph(_ops_pieces(codec.pack(tape), 4 << 20)).graph_id
+        request = pb.EvaluateRequest(graph_id=graph_id, selection=pb.SELECTION_OUTPUT)
+        stream = stub.EvaluateStream(pb.EvaluateStreamRequest(request=request))
+        assert next(stream).part == pb.PART_HEADER  # in flight: the sweeps take about 2 s
         assert server.process is not None
         server.process.send_signal(signal.SIGTERM)
 
@@ -662,12 +670,13 @@ def test_sigterm_lets_calls_in_flight_finish(
             return bool(status == health_pb2.HealthCheckResponse.NOT_SERVING)
 
         assert wait_until(not_serving, timeout=5.0)
-        assert not pending.done()
         with pytest.raises(grpc.RpcError) as err:
             stub.Evaluate(pb.EvaluateRequest(packed_graph=codec.pack(chain_tape(5))))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        resp = pending.result(timeout=30)
-        assert resp.values[0] == tape.forward(kernel=get_kernel("python"))[-1]
+        rest = list(stream)
+        assert [m.part for m in rest] == [pb.PART_VALUES, pb.PART_GRADIENTS]
+        assert list(rest[0].data) == [tape.forward(kernel=get_kernel("python"))[-1]]
+        assert list(rest[1].data) == [1.0]
     assert server.process.wait(30) == 0
     log = server.log()
     assert "listening on 127.0.0.1:" in log and "shutting down" in log and "stopped" in log
