@@ -1,0 +1,582 @@
+"""The gradient service against bare gRPC, side by side in one run: one table.
+
+Two server processes run on 127.0.0.1 ephemeral ports, both ``grpc.aio``
+servers in one process each: the real one (``python -m micrograd.server
+serve --workers 1``) and a generic echo server started from this file
+(``grpc.method_handlers_generic_handler``, no protobuf at all). The echo is
+the floor: what gRPC in Python costs for the same bytes. Rows:
+
+1. seed-graph ``Evaluate`` latency (p50/p90, prebuilt request bytes) vs the
+   echo of the same request bytes; target <= 1.3x.
+2. a 1,000,000-node graph through ``Client.evaluate`` (upload in pieces,
+   streamed values and gradients into numpy) vs one echo call moving the
+   same number of bytes each way; target <= 3x.
+3. decode + validate of a 1M-node graph in this process (the codec the
+   server runs), ns/node, repeated-``Node`` form and packed form; target
+   <= 100 ns/node.
+4. ``Evaluate`` calls per second with 8 calls in flight against one server
+   process vs the echo; target >= 3,000/s.
+
+Every figure is a median over the stated repeats. Each measure is a
+function returning ``Row``s listed in ``MEASURES``, so adding a row (say,
+JSON-RPC over HTTP) is one more function.
+
+    python bench/service.py            # everything (about a minute)
+    python bench/service.py --quick    # fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import numpy as np
+from micrograd import codec
+from micrograd import ops as _ops
+from micrograd.client import Client
+from micrograd.engine import Value
+from micrograd.tape import Tape
+from micrograd.v1 import gradient_service_pb2 as pb
+from micrograd.v1 import graph_pb2
+
+MiB = 1 << 20
+MAX_MESSAGE = 256 * MiB
+EVALUATE = "/micrograd.v1.GradientService/Evaluate"
+ECHO = "/bench.Echo/Echo"
+SIZED = "/bench.Echo/Sized"
+"""Echo methods: ``Echo`` returns the request bytes; ``Sized`` returns as many zero bytes
+as the request's first 8 bytes say (little-endian), whatever else it carries."""
+
+BIG_NODES = 1_000_000
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a measured figure, its baseline, and the target on their ratio."""
+
+    measure: str
+    ours: float
+    baseline: float | None
+    unit: str
+    target: str = ""
+    """``"<= 1.3x"`` (on ours/baseline), ``"<= 100"`` or ``">= 3000"`` (on ``ours``), or empty."""
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """``ours / baseline`` when there is a baseline."""
+        return None if not self.baseline else self.ours / self.baseline
+
+    def verdict(self) -> str:
+        """``ok`` / ``MISSED`` against the target, or empty without one."""
+        if not self.target:
+            return ""
+        op, number = self.target.split()
+        on_ratio = number.endswith("x")
+        value = self.ratio if on_ratio else self.ours
+        limit = float(number.rstrip("x").replace(",", ""))
+        if value is None:
+            return ""
+        met = value <= limit if op == "<=" else value >= limit
+        return "ok" if met else "MISSED"
+
+
+@dataclass
+class Servers:
+    """Where the two servers listen, and the sizes of the runs."""
+
+    ours: str
+    echo: str
+    repeats: int
+    quick: bool
+    load_processes: int = 2
+    http: str = ""
+    """``host:port`` of our server's HTTP (JSON-RPC) endpoint."""
+
+
+# -- the echo server -----------------------------------------------------------------
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+async def _sized(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    size = int.from_bytes(request[:8], "little")
+    if size not in _ZEROS:
+        _ZEROS[size] = bytes(size)
+    return _ZEROS[size]
+
+
+async def serve_echo(port_file: Path) -> None:
+    """Run the bare gRPC echo server (raw bytes, no protobuf) until killed."""
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(_echo),  # type: ignore[arg-type]
+            "Sized": grpc.unary_unary_rpc_method_handler(_sized),  # type: ignore[arg-type]
+        },
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(str(port))
+    await server.wait_for_termination()
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+@contextmanager
+def server_process(argv: Sequence[str], directory: Path, name: str) -> Iterator[str]:
+    """Start ``argv`` (which must write its port to ``{port_file}``); yield ``127.0.0.1:PORT``."""
+    port_file = directory / f"{name}.port"
+    log = open(directory / f"{name}.log", "wb")
+    proc = subprocess.Popen(
+        [a.replace("{port_file}", str(port_file)) for a in argv], stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{name} server did not start:\n{(directory / f'{name}.log').read_text()}"
+                )
+            time.sleep(0.02)
+        yield f"127.0.0.1:{int(port_file.read_text())}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+
+
+# -- graphs --------------------------------------------------------------------------
+
+
+def seed_tape() -> Tape:
+    """The seed document's graph, inputs named ``a`` and ``b``."""
+    a = Value(-4.0)
+    b = Value(2.0)
+    c = a + b
+    d = a * b + b**3
+    c += c + 1
+    c += 1 + c + (-a)
+    d += d * 2 + (b + a).relu()
+    d += 3 * d + (b - a).relu()
+    e = c - d
+    f = e**2
+    g = f / 2.0
+    g += 10.0 / f
+    tape, _ = Tape.from_value(g, {"a": a, "b": b})
+    return tape
+
+
+def big_tape(n: int = BIG_NODES, seed: int = 0) -> Tape:
+    """A seeded ``n``-node DAG built from arrays: ``y = tanh(y * w + skip)`` with random skips.
+
+    Node 0 is an input, node 1 a constant; then triples (mul by the
+    constant, add a random earlier node, tanh), so every value stays in
+    (-1, 1) and the graph is deep and wide at once.
+    """
+    rng = np.random.default_rng(seed)
+    code = np.empty(n, dtype=np.uint8)
+    arg0 = np.full(n, -1, dtype=np.int32)
+    arg1 = np.full(n, -1, dtype=np.int32)
+    const = np.zeros(n, dtype=np.float64)
+    code[0], const[0] = _ops.INPUT.code, 0.5
+    code[1], const[1] = _ops.CONST.code, 0.9
+    i = np.arange(2, n)
+    phase = (i - 2) % 3
+    code[2:] = np.choose(
+        phase, [_ops.BY_NAME["mul"].code, _ops.BY_NAME["add"].code, _ops.BY_NAME["tanh"].code]
+    )
+    prev = i - 1
+    arg0[2:] = np.where(phase == 0, np.where(i == 2, 0, prev), prev)
+    arg1[2:] = np.where(phase == 0, 1, -1)
+    adds = i[phase == 1]
+    arg1[adds] = (rng.random(adds.shape[0]) * (adds - 1)).astype(np.int32)
+    return Tape.from_arrays(code, arg0, arg1, const, {"x": 0})
+
+
+# -- timing --------------------------------------------------------------------------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples``."""
+    return float(np.percentile(np.asarray(samples), q))
+
+
+def latencies(call: Callable[[], object], count: int, budget: float) -> list[float]:
+    """Seconds of up to ``count`` sequential calls, stopping after ``budget`` seconds."""
+    out: list[float] = []
+    end = time.perf_counter() + budget
+    for _ in range(count):
+        t0 = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t0)
+        if t0 > end:
+            break
+    return out
+
+
+# -- the measures --------------------------------------------------------------------
+
+
+def seed_request() -> bytes:
+    """The seed graph's ``EvaluateRequest`` (packed, binary output), serialized."""
+    return pb.EvaluateRequest(
+        packed_graph=codec.pack(seed_tape()), binary_output=True
+    ).SerializeToString()
+
+
+def measure_latency(servers: Servers) -> list[Row]:
+    """Row 1: seed ``Evaluate`` p50/p90 vs the echo of the same request bytes, interleaved."""
+    request = seed_request()
+    count = 250 if servers.quick else 500
+    blocks = max(servers.repeats, 2)
+    ours: list[float] = []
+    echo: list[float] = []
+    client_side: list[float] = []
+    tape = seed_tape()
+    with _channel(servers.ours) as real, _channel(servers.echo) as bare, Client(servers.ours) as c:
+        evaluate = real.unary_unary(EVALUATE)
+        reflect = bare.unary_unary(ECHO)
+        reply = pb.EvaluateResponse.FromString(evaluate(request))
+        assert f"{codec.f64_array(reply.values_f64)[-1]:.4f}" == "24.7041"
+        latencies(lambda: evaluate(request), 200, 5)
+        latencies(lambda: reflect(request), 200, 5)
+        for _ in range(blocks):
+            ours += latencies(lambda: evaluate(request), count, 10)
+            echo += latencies(lambda: reflect(request), count, 10)
+            client_side += latencies(lambda: c.evaluate(tape), count // 2, 10)
+    note = f"{len(ours)} calls each, {blocks} interleaved blocks, {len(request)} B request"
+    return [
+        Row("seed Evaluate p50", percentile(ours, 50) * 1e6, percentile(echo, 50) * 1e6, "us",
+            "<= 1.3x", note),
+        Row("seed Evaluate p90", percentile(ours, 90) * 1e6, percentile(echo, 90) * 1e6, "us",
+            "<= 1.3x"),
+        Row("seed Client.evaluate(tape) p50", percentile(client_side, 50) * 1e6,
+            percentile(echo, 50) * 1e6, "us", "",
+            "whole Python client: pack, call, numpy result"),
+    ]
+
+
+def measure_big_graph(servers: Servers) -> list[Row]:
+    """Row 2: a 1M-node graph through ``Client.evaluate`` vs the same bytes through echo."""
+    tape = big_tape()
+    packed = codec.pack(tape)
+    values, grads = tape.evaluate()
+    up = packed.ByteSize()
+    down = 2 * 8 * len(tape)
+    e2e: list[float] = []
+    bare: list[float] = []
+    with Client(servers.ours) as client, _channel(servers.echo) as channel:
+        sized = channel.unary_unary(SIZED)
+        payload = down.to_bytes(8, "little") + bytes(up - 8)
+        for _ in range(servers.repeats):
+            t0 = time.perf_counter()
+            result = client.evaluate(packed)
+            e2e.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            reply = sized(payload)
+            bare.append(time.perf_counter() - t0)
+            assert len(reply) == down
+    assert np.array_equal(result.values, values) and np.array_equal(result.grads, grads)
+    note = (
+        f"{len(tape):,} nodes, {up / MiB:.1f} MiB up, {down / MiB:.1f} MiB down, "
+        f"{servers.repeats} repeats"
+    )
+    return [
+        Row("1M-node graph, Client.evaluate end to end", statistics.median(e2e) * 1e3,
+            statistics.median(bare) * 1e3, "ms", "<= 3x", note),
+    ]
+
+
+def _ns_per_node(fn: Callable[[], object], n: int, repeats: int) -> float:
+    """Median ns/node of ``fn`` over ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e9 / n
+
+
+def measure_decode(servers: Servers) -> list[Row]:
+    """Row 3: decode + validate ns/node in this process (the server's codec), both forms."""
+    tape = big_tape()
+    n = len(tape)
+    graph = codec.to_graph(tape)
+    data = graph.SerializeToString()
+    parsed = graph_pb2.Graph.FromString(data)
+    packed = codec.pack(tape)
+    reps = servers.repeats
+    assert codec.graph_id(codec.from_graph(parsed)) == codec.graph_id(tape)
+    assert codec.graph_id(codec.unpack(packed)) == codec.graph_id(tape)
+    note = f"{n:,} nodes, {reps} repeats, in process"
+    return [
+        Row("decode+validate Graph (repeated Node)",
+            _ns_per_node(lambda: codec.from_graph(parsed), n, reps), None, "ns/node",
+            "<= 100", note + "; codec.from_graph on the parsed message"),
+        Row("decode+validate Graph from wire bytes",
+            _ns_per_node(lambda: codec.from_graph_bytes(data), n, reps), None, "ns/node",
+            "<= 100", "codec.from_graph_bytes"),
+        Row("decode+validate PackedGraph",
+            _ns_per_node(lambda: codec.unpack(packed), n, reps), None, "ns/node",
+            "<= 100", "codec.unpack"),
+        Row("(protobuf parse of the Graph, by gRPC)",
+            _ns_per_node(lambda: graph_pb2.Graph.FromString(data), n, reps), None,
+            "ns/node", "", f"{len(data) / MiB:.1f} MiB message"),
+    ]
+
+
+async def _load(
+    target: str, method: str, request: bytes, in_flight: int, total: int, start_at: float,
+    budget: float,
+) -> int:
+    """Calls completed by ``in_flight`` concurrent loops from ``start_at`` (wall clock) for
+    ``budget`` seconds or ``total`` calls, whichever ends first."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)
+        for _ in range(20):
+            await call(request)
+        await asyncio.sleep(max(start_at - time.time(), 0.0))
+        done = 0
+        end = start_at + budget
+
+        async def loop() -> None:
+            nonlocal done
+            while done < total and time.time() < end:
+                done += 1
+                await call(request)
+
+        await asyncio.gather(*(loop() for _ in range(in_flight)))
+        return done
+
+
+def _load_process(job: tuple[str, str, bytes, int, int, float, float]) -> tuple[int, float]:
+    """One load-generating process: ``(calls done, seconds taken)``."""
+    target, method, request, in_flight, total, start_at, budget = job
+    done = asyncio.run(_load(target, method, request, in_flight, total, start_at, budget))
+    return done, time.time() - start_at
+
+
+def calls_per_second(
+    target: str, method: str, request: bytes, in_flight: int, processes: int, total: int,
+    budget: float,
+) -> float:
+    """Rate of ``in_flight`` calls kept in flight by ``processes`` client processes together."""
+    start_at = time.time() + 2.0  # after every process has imported and connected
+    share = in_flight // processes
+    jobs = [
+        (target, method, request, share, total // processes, start_at, budget)
+        for _ in range(processes)
+    ]
+    with concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        results = list(pool.map(_load_process, jobs))
+    return sum(done for done, _ in results) / max(elapsed for _, elapsed in results)
+
+
+def measure_throughput(servers: Servers) -> list[Row]:
+    """Row 4: seed ``Evaluate`` calls per second with 8 in flight, vs echo."""
+    request = seed_request()
+    total = 6000 if servers.quick else 20_000
+    budget = 3.0 if servers.quick else 5.0
+    p = servers.load_processes
+    ours: list[float] = []
+    echo: list[float] = []
+    for _ in range(servers.repeats):
+        ours.append(calls_per_second(servers.ours, EVALUATE, request, 8, p, total, budget))
+        echo.append(calls_per_second(servers.echo, ECHO, request, 8, p, total, budget))
+    return [
+        Row("seed Evaluate calls/s, 8 in flight", statistics.median(ours),
+            statistics.median(echo), "calls/s", ">= 3000",
+            f"one server process; {p} client process(es) x {8 // p} in flight, up to "
+            f"{total:,} calls or {budget:.0f} s, {servers.repeats} repeats"),
+    ]
+
+
+# -- JSON-RPC over HTTP ----------------------------------------------------------------
+
+
+def measure_jsonrpc(servers: Servers) -> list[Row]:
+    """Seed ``Evaluate`` over JSON-RPC (one keep-alive HTTP connection) vs over gRPC, p50.
+
+    Both send the one-message-per-node ``Graph`` a JSON caller writes and get
+    repeated doubles back, so the ratio is the cost of HTTP/1.1 + JSON over
+    HTTP/2 + protobuf for the same call on the same server process.
+    """
+    import http.client
+    import json
+
+    from google.protobuf import json_format
+
+    params = {"graph": json_format.MessageToDict(codec.to_graph(seed_tape()))}
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": params})
+    request = json_format.ParseDict(params, pb.EvaluateRequest()).SerializeToString()
+    host, port = servers.http.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Content-Type": "application/json"}
+
+    def over_http() -> bytes:
+        connection.request("POST", "/rpc", body, headers)
+        reply = connection.getresponse()
+        data = reply.read()
+        assert reply.status == 200
+        return data
+
+    count = 250 if servers.quick else 500
+    blocks = max(servers.repeats, 2)
+    ours: list[float] = []
+    grpc_side: list[float] = []
+    with _channel(servers.ours) as channel:
+        evaluate = channel.unary_unary(EVALUATE)
+        result = json.loads(over_http())["result"]
+        assert f"{result['values'][-1]:.4f}" == "24.7041"
+        assert list(pb.EvaluateResponse.FromString(evaluate(request)).values) == result["values"]
+        latencies(over_http, 200, 5)
+        latencies(lambda: evaluate(request), 200, 5)
+        for _ in range(blocks):
+            ours += latencies(over_http, count, 10)
+            grpc_side += latencies(lambda: evaluate(request), count, 10)
+    connection.close()
+    return [
+        Row("seed Evaluate over JSON-RPC p50", percentile(ours, 50) * 1e6,
+            percentile(grpc_side, 50) * 1e6, "us", "<= 2x",
+            f"baseline: the same Evaluate over gRPC (not echo); {len(ours)} calls each, "
+            f"{blocks} interleaved blocks, {len(body)} B JSON body"),
+        Row("seed Evaluate over JSON-RPC p90", percentile(ours, 90) * 1e6,
+            percentile(grpc_side, 90) * 1e6, "us", ""),
+    ]
+
+
+MEASURES: dict[str, Callable[[Servers], list[Row]]] = {
+    "latency": measure_latency,
+    "big": measure_big_graph,
+    "decode": measure_decode,
+    "throughput": measure_throughput,
+    "jsonrpc": measure_jsonrpc,
+}
+"""Every measure, in table order; each returns its rows."""
+
+
+# -- the table -----------------------------------------------------------------------
+
+
+def _figure(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def render(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table, notes beneath."""
+    head = ("measure", "ours", "bare gRPC", "unit", "ratio", "target", "")
+    cells = [head] + [
+        (
+            r.measure,
+            _figure(r.ours),
+            _figure(r.baseline),
+            r.unit,
+            "-" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.target or "-",
+            r.verdict(),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(head))]
+    lines = []
+    for k, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                cell.ljust(w) if c == 0 else cell.rjust(w)
+                for c, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
+        )
+        if k == 0:
+            lines.append("-" * len(lines[0]))
+    notes = [f"  {r.measure}: {r.note}" for r in rows if r.note]
+    return "\n".join([*lines, "", "notes:", *notes])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start both servers, run the measures, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls and repeats")
+    parser.add_argument("--only", nargs="*", choices=list(MEASURES), help="run only these")
+    parser.add_argument(
+        "--load-processes", type=int, default=2, choices=(1, 2, 4, 8),
+        help="client processes generating the 8 calls in flight (default 2)",
+    )
+    parser.add_argument("--echo-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_server:
+        asyncio.run(serve_echo(Path(args.echo_server)))
+        return 0
+    repeats = 3 if args.quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        ours_argv = [sys.executable, "-m", "micrograd.server", "serve", "--host", "127.0.0.1",
+                     "--port", "0", "--http-port", "0", "--workers", "1",
+                     "--port-file", "{port_file}", "--http-port-file", "{port_file}.http",
+                     "--log-level", "WARNING"]
+        echo_argv = [sys.executable, os.path.abspath(__file__), "--echo-server", "{port_file}"]
+        with server_process(ours_argv, directory, "ours") as ours, \
+                server_process(echo_argv, directory, "echo") as echo:
+            http_port = int((directory / "ours.port.http").read_text())
+            servers = Servers(ours, echo, repeats, args.quick, args.load_processes,
+                              f"127.0.0.1:{http_port}")
+            with Client(ours) as client:
+                info = client.server_info()
+            rows: list[Row] = []
+            for name, measure in MEASURES.items():
+                if args.only and name not in args.only:
+                    continue
+                rows += measure(servers)
+    print(f"micrograd-rpc {info.version}, kernel {info.kernel}, {info.workers} worker; "
+          f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}")
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
