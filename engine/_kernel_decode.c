@@ -99,6 +99,8 @@ static int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *field, int
         return fail(err, node, "invalid field key %llu in %s", (unsigned long long)tag, where);
     *field = (uint32_t)(tag >> 3);
     *wt = (int)(tag & 7);
+    if (*wt > WT_I32)
+        return fail(err, node, "invalid wire type %d (field %u) in %s", *wt, *field, where);
     return 0;
 }
 

@@ -12,11 +12,24 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from micrograd import ops
-from micrograd.tape import Kernel, PythonKernel, Tape, available_kernels, get_kernel
+from micrograd.tape import (
+    GraphError,
+    Kernel,
+    PythonKernel,
+    Tape,
+    available_kernels,
+    get_kernel,
+)
+from micrograd.v1 import graph_pb2
+
+if TYPE_CHECKING:
+    from micrograd.native import DecodedGraph
 
 native = pytest.importorskip("micrograd.native", reason="the C extension is not built")
 _kernel = pytest.importorskip("micrograd._kernel")
@@ -330,3 +343,185 @@ def test_unvalidated_tape_cannot_make_the_kernel_read_out_of_bounds() -> None:
     )
     with pytest.raises(ValueError, match="node 1: unknown op code 200"):
         NATIVE.forward(unknown, np.zeros(2))
+
+
+# -- the Graph wire decoder -------------------------------------------------------------
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint; negative numbers as their 64-bit two's complement."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def field(number: int, wire_type: int, payload: bytes = b"") -> bytes:
+    """One field: its key, then a length prefix for wire type 2, then ``payload``."""
+    key = varint(number << 3 | wire_type)
+    return key + (varint(len(payload)) if wire_type == 2 else b"") + payload
+
+
+def wire_graph(*nodes: bytes) -> bytes:
+    """A Graph message holding the given encoded Node messages."""
+    return b"".join(field(1, 2, node) for node in nodes)
+
+
+def assert_decoded_like(decoded: DecodedGraph, message: graph_pb2.Graph) -> None:
+    """The decoder's columns hold exactly what protobuf parsed into ``message``."""
+    nodes = message.nodes
+    assert decoded.code.tolist() == [node.op for node in nodes]
+    assert decoded.arg0.tolist() == [node.args[0] if len(node.args) > 0 else -1 for node in nodes]
+    assert decoded.arg1.tolist() == [node.args[1] if len(node.args) > 1 else -1 for node in nodes]
+    expected_const = np.array([node.value for node in nodes], dtype=np.float64)
+    assert decoded.const.tobytes() == expected_const.tobytes()  # bit for bit: -0.0, nan
+    assert decoded.names == [(i, node.name) for i, node in enumerate(nodes) if node.name]
+
+
+def random_graph_message(seed: int, n: int = 300) -> graph_pb2.Graph:
+    """A seeded Graph of arbitrary (not necessarily valid) nodes, built with protobuf."""
+    rng = np.random.default_rng(seed)
+    values = (0.0, -0.0, 1.5, -2.25e300, math.inf, -math.inf, math.nan, 5e-324)
+    message = graph_pb2.Graph()
+    for _ in range(n):
+        node = message.nodes.add()
+        node.op = int(rng.choice([0, 1, 2, 3, 7, 14, 15, 255]))
+        node.args.extend(int(x) for x in rng.integers(0, 2**31 - 1, rng.integers(0, 3)))
+        if rng.random() < 0.6:
+            node.value = values[rng.integers(len(values))] if rng.random() < 0.5 else rng.normal()
+        if rng.random() < 0.1:
+            node.name = rng.choice(["x", "weight_1", "ünïcödé", "名前", "a" * 300])
+    return message
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_decoder_reads_what_protobuf_writes(seed: int) -> None:
+    message = random_graph_message(seed)
+    assert_decoded_like(native.decode_graph(message.SerializeToString()), message)
+
+
+def test_decoded_graph_evaluates_like_the_same_graph_built_in_python() -> None:
+    tape = random_tape(5)
+    message = graph_pb2.Graph()
+    for i in range(len(tape)):
+        node = message.nodes.add(op=int(tape.code[i]), value=float(tape.const[i]))
+        node.args.extend(int(x) for x in (tape.arg0[i], tape.arg1[i]) if x >= 0)
+    message.nodes[0].name = "first"
+    decoded = native.decode_graph(message.SerializeToString())
+    rebuilt = Tape.from_arrays(
+        decoded.code, decoded.arg0, decoded.arg1, decoded.const, {n: i for i, n in decoded.names}
+    )
+    assert rebuilt.names == {"first": 0}
+    for got, expected in zip(evaluate(rebuilt, NATIVE), evaluate(tape, PYTHON), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_unpacked_and_split_args_decode_like_packed_args() -> None:
+    packed = field(1, 0, varint(3)) + field(2, 2, varint(0) + varint(1))
+    unpacked = field(1, 0, varint(3)) + field(2, 0, varint(0)) + field(2, 0, varint(1))
+    split = field(2, 2, varint(0)) + field(1, 0, varint(3)) + field(2, 0, varint(1))
+    leaves = field(1, 0, varint(1)), field(1, 0, varint(2)) + field(3, 1, struct_double(4.0))
+    for node in (packed, unpacked, split):
+        data = wire_graph(*leaves, node)
+        decoded = native.decode_graph(data)
+        assert_decoded_like(decoded, graph_pb2.Graph.FromString(data))
+        assert decoded.code.tolist() == [1, 2, 3]
+        assert decoded.arg0.tolist() == [-1, -1, 0] and decoded.arg1.tolist() == [-1, -1, 1]
+
+
+def struct_double(x: float) -> bytes:
+    return np.array([x], dtype="<f8").tobytes()
+
+
+def test_unknown_fields_of_every_wire_type_are_skipped() -> None:
+    unknown = (
+        field(9, 0, varint(2**63))
+        + field(10, 1, b"\x01" * 8)
+        + field(11, 2, b"anything")
+        + field(12, 5, b"\x02" * 4)
+        + field(13, 3)  # a group holding a field and a nested group
+        + field(1, 0, varint(7))
+        + field(14, 3)
+        + field(14, 4)
+        + field(13, 4)
+    )
+    node = field(1, 0, varint(7)) + unknown + field(2, 2, varint(0)) + field(4, 2, b"y")
+    data = unknown + wire_graph(field(1, 0, varint(1)) + unknown) + unknown + wire_graph(node)
+    decoded = native.decode_graph(data)
+    assert_decoded_like(decoded, graph_pb2.Graph.FromString(data))
+    assert decoded.code.tolist() == [1, 7] and decoded.arg0.tolist() == [-1, 0]
+    assert decoded.names == [(1, "y")]
+
+
+def test_for_singular_fields_the_last_one_wins() -> None:
+    node = (
+        field(1, 0, varint(5))
+        + field(3, 1, struct_double(1.0))
+        + field(4, 2, b"first")
+        + field(1, 0, varint(1))
+        + field(3, 1, struct_double(2.0))
+        + field(4, 2, b"second")
+    )
+    data = wire_graph(node)
+    decoded = native.decode_graph(data)
+    assert_decoded_like(decoded, graph_pb2.Graph.FromString(data))
+    assert decoded.code.tolist() == [1] and decoded.const.tolist() == [2.0]
+    assert decoded.names == [(0, "second")]
+
+
+def test_empty_graph_and_bytes_like_inputs() -> None:
+    empty = native.decode_graph(b"")
+    assert empty.code.shape == (0,) and empty.names == []
+    data = wire_graph(field(1, 0, varint(1)) + field(4, 2, b"x"))
+    for buffer in (data, bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
+        assert native.decode_graph(buffer).names == [(0, "x")]
+    with pytest.raises(TypeError, match="bytes-like"):
+        native.decode_graph("not bytes")  # type: ignore[arg-type]
+
+
+LEAF = field(1, 0, varint(1))
+MALFORMED = [
+    # (wire bytes, node named in the error, what the error says); each also fails in protobuf
+    # unless marked False in the last column (valid protobuf our columns cannot hold).
+    (wire_graph(LEAF, b"\x08"), 1, "truncated varint in op", True),
+    (wire_graph(LEAF, b"\x08\xff"), 1, "truncated varint in op", True),
+    (wire_graph(LEAF) + b"\x0a", 1, "truncated varint in node", True),
+    (wire_graph(LEAF) + b"\x0a\x05\x08", 1, "truncated node: length 5 but 1 bytes left", True),
+    (wire_graph(LEAF, LEAF + b"\x0f"), 1, "invalid wire type 7", True),
+    (wire_graph(LEAF + b"\x1e"), 0, "invalid wire type 6", True),
+    (wire_graph(LEAF) + b"\x0f", 1, "invalid wire type 7", True),
+    (wire_graph(LEAF + b"\x08" + b"\xff" * 10 + b"\x01"), 0, "malformed varint", True),
+    (wire_graph(LEAF + b"\x19\x00\x00"), 0, "truncated double in value", True),
+    (wire_graph(LEAF + field(5, 4)), 0, "end-group for field 5 without its start", True),
+    (wire_graph(LEAF + field(5, 3) + field(6, 4)), 0, "end-group for field 6", True),
+    (wire_graph(LEAF + field(5, 3)), 0, "truncated group", True),
+    (wire_graph(LEAF + b"\x00"), 0, "invalid field key 0", True),
+    (wire_graph(field(2, 2, varint(0) + varint(1) + varint(2))), 0, "more than 2 args", False),
+    (wire_graph(field(2, 0, varint(0)) * 3), 0, "more than 2 args", False),
+    (wire_graph(LEAF, field(2, 0, varint(2**31))), 1, "argument 0 is 2147483648", False),
+    (wire_graph(LEAF, field(1, 0, varint(300))), 1, "unknown op code 300", False),
+    (wire_graph(LEAF, field(1, 0, varint(-1))), 1, "unknown op code -1", False),
+    (wire_graph(field(1, 2, b"\x01")), 0, "op must be a varint", False),
+    (wire_graph(field(3, 0, varint(1))), 0, "value must be a double", False),
+    (wire_graph(field(4, 0, varint(1))), 0, "name must be a string", False),
+    (field(1, 0, varint(1)), 0, "nodes must be length-delimited", False),
+    (wire_graph(LEAF + field(4, 2, b"\xff\xfe")), 0, "name is not valid UTF-8", True),
+]
+
+
+@pytest.mark.parametrize(("data", "node", "reason", "protobuf_rejects"), MALFORMED)
+def test_malformed_bytes_raise_graph_error_naming_the_node(
+    data: bytes, node: int, reason: str, protobuf_rejects: bool
+) -> None:
+    with pytest.raises(GraphError, match=f"^node {node}: {reason}") as caught:
+        native.decode_graph(data)
+    assert caught.value.node == node
+    if protobuf_rejects:
+        with pytest.raises(DecodeError):
+            graph_pb2.Graph.FromString(data)
