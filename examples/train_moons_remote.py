@@ -16,6 +16,7 @@ import argparse
 import math
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +42,17 @@ def _moons(n: int, seed: int) -> list[Point]:
     return points
 
 
-def moons(n: int = 100, seed: int = 1) -> list[Point]:
-    """The local example's data (``examples/train_moons.py``) when present, else our own."""
+def local_recipe() -> tuple[Callable[[int], list[Point]], int]:
+    """The data generator and weight seed of ``examples/train_moons.py``, the local twin of
+    this script, so both train on the same points; our own generator if it is missing."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from train_moons import moons as shared  # type: ignore[import-not-found]
+        import train_moons  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        return _moons(n, seed)
+        return (lambda n: _moons(n, 0)), 1
     finally:
         sys.path.pop(0)
-    return [tuple(map(float, p)) for p in shared(n)]  # type: ignore[misc]
+    return train_moons.moons, int(train_moons.WEIGHT_SEED)
 
 
 def loss_graph(
@@ -80,10 +82,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     parser.add_argument("--steps", type=int, default=100, help="SGD steps (default 100)")
-    parser.add_argument("--seed", type=int, default=2, help="seed of the initial weights")
+    moons, weight_seed = local_recipe()
+    parser.add_argument(
+        "--seed", type=int, default=weight_seed, help="seed of the initial weights"
+    )
     args = parser.parse_args()
 
-    points = moons()
+    points = moons(100)
     model = MLP(2, [16, 16, 1], rng=random.Random(args.seed))
     loss, names = loss_graph(model, points)
     tape, _ = Tape.from_value(loss, names)
