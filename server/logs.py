@@ -16,7 +16,9 @@ import time
 import uuid
 from typing import Any, TextIO
 
-__all__ = ["REQUEST_LOGGER", "JsonLines", "configure", "log_request", "request_id"]
+__all__ = [
+    "REQUEST_LOGGER", "JsonLines", "configure", "log_request", "request_id", "requests_logged"
+]
 
 REQUEST_LOGGER = "micrograd.server.requests"
 """The logger of the per-call lines (INFO); raise its level to silence them alone."""
@@ -70,6 +72,11 @@ def request_id(given: str | None = None) -> str:
     if given and _REQUEST_ID.match(given):
         return given
     return uuid.uuid4().hex
+
+
+def requests_logged() -> bool:
+    """Whether per-call lines are written at the current level (skip their work if not)."""
+    return _requests.isEnabledFor(logging.INFO)
 
 
 def log_request(

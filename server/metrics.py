@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import logs
 from .logs import log_request, request_id
 
 __all__ = [
@@ -137,6 +138,7 @@ class Metrics:
             ["path", "status"],
             registry=r,
         )
+        self._series: dict[tuple[str, str], _Series] = {}
         self.ready = Gauge(
             "micrograd_ready", "1 while the server accepts calls, 0 while it drains", registry=r
         )
@@ -151,25 +153,74 @@ class Metrics:
 
     def call(self, transport: str, method: str, request: str | None = None) -> Call:
         """Start timing one call of ``method``; ``request`` is the caller's request id, if any."""
-        return Call(self, transport, method, request_id(request))
+        series = self._series.get((transport, method))
+        if series is None:
+            series = self._series[(transport, method)] = _Series(self, transport, method)
+        return Call(series, request)
+
+
+class _Series:
+    """The metric children of one (transport, method), resolved once: labels() costs a lock."""
+
+    __slots__ = (
+        "_requests_family", "in_flight", "latency", "method", "nodes", "requests", "transport"
+    )
+
+    def __init__(self, metrics: Metrics, transport: str, method: str) -> None:
+        self.transport = transport
+        self.method = method
+        self.in_flight = metrics.in_flight.labels(transport)
+        self.latency = metrics.latency.labels(transport, method)
+        self.nodes = metrics.nodes.labels(transport)
+        self.requests = {
+            code: metrics.requests.labels(transport, method, code) for code in _COMMON_CODES
+        }
+        self._requests_family = metrics.requests
+
+    def count(self, status: str) -> None:
+        """One more finished call with ``status``."""
+        child = self.requests.get(status)
+        if child is None:
+            child = self.requests[status] = self._requests_family.labels(
+                self.transport, self.method, status)
+        child.inc()
+
+
+_COMMON_CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND")
+"""Status labels created with a series, so that they appear (at 0) before the first failure."""
 
 
 class Call:
     """One call being served: counted in flight while open, recorded once by ``finish``."""
 
-    __slots__ = ("_done", "method", "metrics", "request_id", "start", "transport")
+    __slots__ = ("_done", "_request_id", "series", "start")
 
-    def __init__(self, metrics: Metrics, transport: str, method: str, request_id: str) -> None:
-        """A call of ``method`` over ``transport``, timed from now."""
-        self.metrics = metrics
-        self.transport = transport
-        self.method = method
-        self.request_id = request_id
+    def __init__(self, series: _Series, request_id: str | None) -> None:
+        """A call counted in ``series``, timed from now; ``request_id`` as the caller gave it."""
+        self.series = series
+        self._request_id = request_id
         self.start = time.perf_counter()
         self._done = False
 
+    @property
+    def transport(self) -> str:
+        """``grpc`` or ``jsonrpc``."""
+        return self.series.transport
+
+    @property
+    def method(self) -> str:
+        """The method's name as counted."""
+        return self.series.method
+
+    @property
+    def request_id(self) -> str:
+        """The caller's request id when it is usable, else a fresh one (made on first use)."""
+        rid = request_id(self._request_id)
+        self._request_id = rid
+        return rid
+
     def __enter__(self) -> Call:
-        self.metrics.in_flight.labels(self.transport).inc()
+        self.series.in_flight.inc()
         return self
 
     def __exit__(
@@ -178,11 +229,10 @@ class Call:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.metrics.in_flight.labels(self.transport).dec()
+        self.series.in_flight.dec()
         if not self._done:
-            self.finish(
-                "CANCELLED" if kind is not None and kind.__name__ == "CancelledError" else "UNKNOWN"
-            )
+            self.finish("CANCELLED" if kind is not None and kind.__name__ == "CancelledError"
+                        else "UNKNOWN")
 
     def finish(self, status: str, nodes: int = 0, **log_fields: Any) -> None:
         """Record the call's outcome (a gRPC status code name) in the metrics and the log."""
@@ -190,14 +240,14 @@ class Call:
             return
         self._done = True
         seconds = time.perf_counter() - self.start
-        m = self.metrics
-        m.requests.labels(self.transport, self.method, status).inc()
-        m.latency.labels(self.transport, self.method).observe(seconds)
+        series = self.series
+        series.count(status)
+        series.latency.observe(seconds)
         if nodes:
-            m.nodes.labels(self.transport).inc(nodes)
-        log_request(
-            self.transport, self.method, self.request_id, status, nodes, seconds, **log_fields
-        )
+            series.nodes.inc(nodes)
+        if logs.requests_logged():
+            log_request(series.transport, series.method, self.request_id, status, nodes,
+                        seconds, **log_fields)
 
 
 def nodes_evaluated(response: Any) -> int:
