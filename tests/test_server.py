@@ -7,6 +7,7 @@ the local tape evaluated with the same kernel (large graphs).
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import time
@@ -729,9 +730,18 @@ def test_server_info_describes_ops_limits_and_kernel(
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the usual ephemeral range (32768 and up), so that no server started
+    elsewhere with port 0 (and gRPC's default SO_REUSEPORT) can be handed the same one."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-29999")
 
 
 @pytest.mark.slow
