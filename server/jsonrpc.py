@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -78,6 +78,11 @@ ERROR_CODES: dict[str, int] = {
 """gRPC status name -> JSON-RPC error code, for every status (the table in docs/API.md)."""
 
 log = logging.getLogger("micrograd.server.jsonrpc")
+
+T = TypeVar("T")
+
+_BIG_BODY = 1 << 20
+"""Bodies of at least this many bytes are parsed on the worker pool, not the event loop."""
 
 _NO_ID = object()
 """Marks a request without an ``id`` member: a notification."""
@@ -179,6 +184,17 @@ def _nodes(result: Message | list[Message]) -> int:
     return nodes_evaluated(result)
 
 
+def _answer(method: Method, message: Message, deadline: Deadline) -> tuple[bytes, int]:
+    """Run the call and serialize its ``result``, in one step (so both can leave the loop)."""
+    result = method.run(message, deadline)
+    deadline.check()
+    return _dumps(_to_json(result)), _nodes(result)
+
+
+def _loads(body: bytes) -> Any:
+    return json.loads(body, parse_constant=_reject_constant)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(
         f"{name} is not JSON; write non-finite numbers as the strings "
@@ -239,8 +255,9 @@ class JsonRpc:
 
         ``timeout`` (seconds) is the deadline of every call in the body.
         """
+        big = len(body) >= _BIG_BODY
         try:
-            document = json.loads(body, parse_constant=_reject_constant)
+            document = await self._off(big, _loads, body)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._protocol_error(
                 request_id, RpcError(PARSE_ERROR, f"parse error: the body is not JSON ({exc})")
@@ -261,12 +278,17 @@ class JsonRpc:
                 )
             answers = []
             for item in document:
-                answer = await self.request(item, request_id, timeout)
+                answer = await self.request(item, request_id, timeout, big)
                 if answer is not None:
                     answers.append(answer)
-            return _dumps(answers) if answers else None
-        answer = await self.request(document, request_id, timeout)
-        return None if answer is None else _dumps(answer)
+            return b"[" + b",".join(answers) + b"]" if answers else None
+        return await self.request(document, request_id, timeout, big)
+
+    async def _off(self, big: bool, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: on the pool when ``big`` (the loop keeps serving), else right here."""
+        if not big or self.pool is None:
+            return fn(*args)
+        return await asyncio.wrap_future(self.pool.submit(fn, *args))
 
     def _protocol_error(self, request_id: str | None, error: RpcError) -> bytes:
         """A response for a body that holds no valid call, counted under method ``(invalid)``."""
@@ -275,9 +297,16 @@ class JsonRpc:
     # -- one request object ------------------------------------------------
 
     async def request(
-        self, item: Any, request_id: str | None = None, timeout: float | None = None
-    ) -> dict[str, Any] | None:
-        """Answer one request object; ``None`` for a notification (no ``id`` member)."""
+        self,
+        item: Any,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        big: bool = False,
+    ) -> bytes | None:
+        """The serialized response to one request object; ``None`` for a notification.
+
+        ``big`` says the body was large: its params are then parsed off the loop.
+        """
         id_ = item.get("id", _NO_ID) if isinstance(item, dict) else None
         valid_id = id_ is _NO_ID or id_ is None or (
             isinstance(id_, str | int | float) and not isinstance(id_, bool)
@@ -285,7 +314,7 @@ class JsonRpc:
         reply_id = id_ if valid_id and id_ is not _NO_ID else None
         problem = self._shape_problem(item, valid_id)
         if problem is not None:
-            return _error(reply_id, self._record_protocol(request_id, problem))
+            return _dumps(_error(reply_id, self._record_protocol(request_id, problem)))
         name = item["method"]
         method = self.methods.get(name)
         label = name if method is not None else "(unknown)"
@@ -297,15 +326,15 @@ class JsonRpc:
                         f"method not found: {name!r}; the methods are "
                         f"{', '.join(self.methods)} (UploadGraph is gRPC-only)",
                     )
-                message = _parse_params(method, item.get("params"))
-                result = await self._run(method, message, timeout)
+                message = await self._off(big, _parse_params, method, item.get("params"))
+                result, nodes = await self._run(method, message, timeout)
             except RpcError as exc:
                 call.finish(exc.status, jsonrpc_code=exc.code)
-                return None if id_ is _NO_ID else _error(reply_id, exc)
-            call.finish("OK", _nodes(result))
+                return None if id_ is _NO_ID else _dumps(_error(reply_id, exc))
+            call.finish("OK", nodes)
         if id_ is _NO_ID:
             return None
-        return {"jsonrpc": "2.0", "result": _to_json(result), "id": id_}
+        return b'{"jsonrpc":"2.0","result":' + result + b',"id":' + _dumps(id_) + b"}"
 
     def _record_protocol(self, request_id: str | None, error: RpcError) -> RpcError:
         """Count and log an invalid request under method ``(invalid)``; returns ``error``."""
@@ -339,8 +368,9 @@ class JsonRpc:
 
     async def _run(
         self, method: Method, message: Message, timeout: float | None
-    ) -> Message | list[Message]:
-        """Run ``method`` under a call slot, inline or on the pool; errors become ``RpcError``."""
+    ) -> tuple[bytes, int]:
+        """Run ``method`` under a call slot, inline or on the pool: the serialized result and
+        the node evaluations; errors become ``RpcError``."""
         deadline = Deadline(timeout)
         pending: concurrent.futures.Future[Any] | None = None
         try:
@@ -349,8 +379,8 @@ class JsonRpc:
             raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
         try:
             if self.pool is None or method.size(message) <= self.inline_cells:
-                return method.run(message, deadline)
-            pending = self.pool.submit(method.run, message, deadline)
+                return _answer(method, message, deadline)
+            pending = self.pool.submit(_answer, method, message, deadline)
             try:
                 return await asyncio.wrap_future(pending)
             except asyncio.CancelledError:

@@ -183,6 +183,21 @@ def test_jsonrpc_and_grpc_give_identical_numbers(
     assert over_http["graphId"] == over_grpc.graph_id
 
 
+def test_a_large_graph_over_jsonrpc_matches_grpc(
+    server: RunningServer, stub: pb_grpc.GradientServiceStub
+) -> None:
+    # Over 1 MiB of JSON and over inline_cells nodes: parsed and evaluated off the event loop.
+    graph = json_format.MessageToDict(codec.to_graph(step_chain(20_000)))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": {"graph": graph}})
+    assert len(body) > 1 << 20
+    reply = http(server.http_url + "/rpc", body.encode())
+    result = reply.json()["result"]
+    over_grpc = stub.Evaluate(pb.EvaluateRequest(graph=codec.to_graph(step_chain(20_000))))
+    assert result["nodeCount"] == 40_003 and result["values"][-1] == 20_000.5
+    assert result["values"] == list(over_grpc.values)
+    assert result["grads"] == list(over_grpc.grads)
+
+
 def test_a_batch_and_a_notification_over_http(server: RunningServer) -> None:
     url = server.http_url + "/rpc"
     batch = [
