@@ -382,6 +382,14 @@ class GradientService:
     ) -> pb.EvaluateResponse:
         """The Evaluate rpc: values and gradients of the selected nodes."""
         plan = self.plan(request)
+        numbers = plan.rows * plan.width * (2 if plan.gradients else 1)
+        if 8 * numbers + 4 * plan.width > self.settings.max_message_bytes:
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"the response would hold {numbers} numbers, more than one message of "
+                f"{self.settings.max_message_bytes} bytes (max_message_bytes) can carry; "
+                "use EvaluateStream, or report fewer nodes with a selection",
+            )
         deadline.check()
         values = self.forward(plan)
         deadline.check()
@@ -400,10 +408,11 @@ class GradientService:
         return resp
 
     def chunk_size(self, requested: int) -> int:
-        """Numbers per stream chunk: the request's, capped, or the server default."""
-        if requested <= 0:
-            return self.settings.default_chunk_size
-        return min(requested, self.settings.max_chunk_size)
+        """Numbers per stream chunk: the request's or the server default, capped so that a
+        chunk stays within ``max_chunk_size`` and one message of ``max_message_bytes``."""
+        s = self.settings
+        size = s.default_chunk_size if requested <= 0 else min(requested, s.max_chunk_size)
+        return max(1, min(size, (s.max_message_bytes - 64) // 8))
 
     def evaluate_stream(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE

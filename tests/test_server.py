@@ -487,6 +487,33 @@ def test_batch_limits_are_resource_exhausted(
         assert ok.rows == 4
 
 
+def test_response_too_big_for_one_message_points_to_streaming(
+    grpc_server_factory: Callable[..., RunningServer],
+) -> None:
+    server = grpc_server_factory(max_message_bytes=64 * 1024)
+    channel, stub = _stub(server.target)
+    with channel:
+        packed = codec.pack(chain_tape(5001))  # 5001 values + 5001 gradients: about 80 kB
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Evaluate(pb.EvaluateRequest(packed_graph=packed))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "EvaluateStream" in err.value.details()
+        small = stub.Evaluate(
+            pb.EvaluateRequest(packed_graph=packed, selection=pb.SELECTION_OUTPUT)
+        )
+        assert small.node_count == 5001
+        stream = stub.EvaluateStream(
+            pb.EvaluateStreamRequest(request=pb.EvaluateRequest(packed_graph=packed))
+        )
+        assert sum(len(m.data) for m in stream) == 2 * 5001
+        assert server.server is not None
+        graph_id = server.server.service.register(chain_tape(20001))  # too big to send here
+        big = pb.EvaluateRequest(graph_id=graph_id, binary_output=True)
+        chunks = list(stub.EvaluateStream(pb.EvaluateStreamRequest(request=big)))[1:]
+        assert max(len(m.data_f64) for m in chunks) <= 64 * 1024
+        assert sum(len(m.data_f64) for m in chunks) == 2 * 8 * 20001
+
+
 def test_calls_over_the_concurrency_limit_are_refused_at_once(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
