@@ -12,7 +12,6 @@ that onto its own error format.
 from __future__ import annotations
 
 import enum
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
-from micrograd.tape import USES_VALUE, GraphError, Kernel, Tape
+from micrograd.tape import GraphError, Kernel, Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
@@ -139,21 +138,13 @@ def set_doubles(msg: object, field_number: int, field: str, data: np.ndarray) ->
     msg.MergeFromString(bytes(header) + payload)  # type: ignore[attr-defined]
 
 
-_ARG_SLOT = re.compile(r"^(?:argument|arg) (\d)")
-
-
 def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
-    """Turn a codec/tape ``GraphError`` into INVALID_ARGUMENT (or RESOURCE_EXHAUSTED if too big)."""
-    where = exc.field
-    slot = _ARG_SLOT.match(exc.reason)
-    if (
-        exc.node is not None
-        and where == f"nodes[{exc.node}]"
-        and slot
-        and prefix.endswith("graph.")
-    ):
-        where += f".args[{slot.group(1)}]"
-    field = prefix + where
+    """Turn a codec/tape ``GraphError`` into INVALID_ARGUMENT (or RESOURCE_EXHAUSTED if too big).
+
+    ``prefix`` locates the graph in the request (``"graph."``, ``"request.packed_graph."``,
+    or ``""`` for request-level fields such as ``inputs[x]``).
+    """
+    field = prefix.rstrip(".") if exc.field == "graph" and prefix else prefix + exc.field
     if isinstance(exc, codec.GraphTooLarge):
         return ServiceError(Code.RESOURCE_EXHAUSTED, f"{field}: {exc}")
     return ServiceError(Code.INVALID_ARGUMENT, f"{field}: {exc}", [(field, str(exc))])
@@ -283,7 +274,6 @@ class GradientService:
         try:
             if source == "graph":
                 tape = codec.from_graph(msg.graph, max_nodes)
-                _check_unused_values(tape, prefix + "graph.")
             else:
                 tape = codec.unpack(msg.packed_graph, max_nodes)
         except GraphError as exc:
@@ -502,17 +492,6 @@ class GradientService:
             kernel=self.kernel.name,
             workers=s.workers,
         )
-
-
-def _check_unused_values(tape: Tape, prefix: str) -> None:
-    """Reject a non-zero ``value`` on a node whose op ignores it (the proto says leave it 0)."""
-    bad = np.flatnonzero(~USES_VALUE[tape.code] & (tape.const != 0.0))
-    if bad.size:
-        i = int(bad[0])
-        op = _ops.BY_CODE[int(tape.code[i])]
-        field = f"{prefix}nodes[{i}].value"
-        reason = f"node {i}: {op.name} does not use a value; leave it 0 (got {tape.const[i]!r})"
-        raise ServiceError(Code.INVALID_ARGUMENT, f"{field}: {reason}", [(field, reason)])
 
 
 class Upload:

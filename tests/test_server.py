@@ -417,6 +417,11 @@ INVALID = {
         "'q'",
     ),
     "no graph": (lambda seed: pb.EvaluateRequest(), "source", "graph"),
+    "empty graph": (
+        lambda seed: pb.EvaluateRequest(packed_graph=graph_pb2.PackedGraph()),
+        "packed_graph.ops",
+        "no nodes",
+    ),
 }
 
 
