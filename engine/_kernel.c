@@ -144,6 +144,107 @@ typedef struct {
 
 /* ---- one binding -------------------------------------------------------- */
 
+/* Arity + 1 of every op code (0: not an op), for checks outside the loops. */
+static const uint8_t ARITY_PLUS_1[256] = {
+#define ARITY_ENTRY(code_, name, ar) [code_] = ar + 1,
+    MG_OPS(ARITY_ENTRY)
+#undef ARITY_ENTRY
+};
+
+/* Whether node i's arguments are all earlier nodes (an unknown op is not). */
+static int node_ok(const Columns *t, Py_ssize_t i)
+{
+    const Py_ssize_t ai = t->a[i], bi = t->b[i];
+    switch (ARITY_PLUS_1[t->code[i]]) {
+    case 1: return 1;
+    case 2: return ARG_OK1;
+    case 3: return ARG_OK2;
+    default: return 0;
+    }
+}
+
+#if defined(__GNUC__) && !defined(MG_PORTABLE_SWITCH)
+#define MG_THREADED 1
+#else
+#define MG_THREADED 0
+#endif
+
+#if MG_THREADED
+#pragma GCC diagnostic ignored "-Woverride-init"
+/* Threaded code (GNU C computed goto): every handler dispatches the next node
+ * itself, so the branch predictor sees op pairs. Arguments one or two nodes
+ * back, the common case in sums and chains, are taken from registers rather
+ * than reloaded from memory just after their store (store-to-load
+ * forwarding is slow and would sit on the critical path of a chain). The
+ * two registers are named by the parity of the node that wrote them, and the
+ * handlers come in an even and an odd copy, so no register moves are needed:
+ * at node i, P holds v[i-2] and is overwritten with v[i], Q holds v[i-1]. */
+#define NEAR_ARG(dst, idx, prev1, prev2)                             \
+    if (idx == i - 1)                                                \
+        dst = prev1;                                                 \
+    else if (idx == i - 2)                                           \
+        dst = prev2;                                                 \
+    else if (MG_LIKELY((size_t)idx < (size_t)i))                     \
+        dst = v[idx];                                                \
+    else                                                             \
+        return i;
+#define FWD1_0(name, P, Q) P = v[i];
+#define FWD1_1(name, P, Q)                                           \
+    {                                                                \
+        const Py_ssize_t ai = A[i];                                  \
+        double x;                                                    \
+        NEAR_ARG(x, ai, Q, P)                                        \
+        P = name##_f(x, 0.0, C[i]);                                  \
+        v[i] = P;                                                    \
+    }
+#define FWD1_2(name, P, Q)                                           \
+    {                                                                \
+        const Py_ssize_t ai = A[i], bi = B[i];                       \
+        double x, y;                                                 \
+        NEAR_ARG(x, ai, Q, P)                                        \
+        NEAR_ARG(y, bi, Q, P)                                        \
+        P = name##_f(x, y, C[i]);                                    \
+        v[i] = P;                                                    \
+    }
+#define FWD1_EVEN_LABEL(code_, name, arity) [code_] = &&even_##name,
+#define FWD1_ODD_LABEL(code_, name, arity) [code_] = &&odd_##name,
+#define FWD1_HANDLERS(code_, name, arity)                            \
+    even_##name:                                                     \
+    FWD1_##arity(name, r_even, r_odd)                                \
+    if (MG_UNLIKELY(++i == n))                                       \
+        return -1;                                                   \
+    goto *odd[code[i]];                                              \
+    odd_##name:                                                      \
+    FWD1_##arity(name, r_odd, r_even)                                \
+    if (MG_UNLIKELY(++i == n))                                       \
+        return -1;                                                   \
+    goto *even[code[i]];
+
+static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
+{
+    static const void *const even[256] = {[0 ... 255] = &&unknown, MG_OPS(FWD1_EVEN_LABEL)};
+    static const void *const odd[256] = {[0 ... 255] = &&unknown, MG_OPS(FWD1_ODD_LABEL)};
+    const uint8_t *code = t->code;
+    const int32_t *A = t->a, *B = t->b;
+    const double *C = t->c;
+    const Py_ssize_t n = t->n;
+    double r_even = 0.0, r_odd = 0.0;
+    Py_ssize_t i;
+    /* Nodes 0 and 1 have no (or only one) real predecessor in the registers. */
+    for (i = 0; i < n && i < 2; i++)
+        if (!node_ok(t, i))
+            return i;
+    if (n == 0)
+        return -1;
+    i = 0;
+    goto *even[code[0]];
+    MG_OPS(FWD1_HANDLERS)
+unknown:
+    return i;
+}
+
+#else /* portable: a switch per node */
+
 #define FWD1_0(name)
 #define FWD1_1(name)                                   \
     if (MG_UNLIKELY(!ARG_OK1)) return i;               \
@@ -171,6 +272,88 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
     }
     return -1;
 }
+#endif
+
+/* Reverse sweep from `out`; only nodes marked in `reached` (zeroed, length
+ * out + 1) pass gradient on, so a node outside the output's graph never
+ * touches a gradient even where its local derivative is infinite. */
+#ifndef MG_THREADED_BACKWARD
+#define MG_THREADED_BACKWARD MG_THREADED
+#endif
+#if MG_THREADED_BACKWARD
+/* As in the forward sweep, the gradients of nodes i, i-1 and i-2 live in
+ * registers G0, G1, G2 while node i is swept (a sum or a chain adds into the
+ * gradient of the node just before, which is read one or two nodes later);
+ * g[i] is stored when the sweep leaves node i, and farther arguments are
+ * updated in memory. The additions happen in the same order either way. */
+#define GRAD_ADD(idx, c)                                             \
+    if (idx == i - 1)                                                \
+        G1 += c;                                                     \
+    else if (idx == i - 2)                                           \
+        G2 += c;                                                     \
+    else                                                             \
+        g[idx] += c;
+#define BWD1_0(name)
+#define BWD1_1(name)                                                 \
+    {                                                                \
+        const Py_ssize_t ai = A[i];                                  \
+        if (MG_UNLIKELY(!ARG_OK1))                                   \
+            return i;                                                \
+        double dx, dy;                                               \
+        name##_d(v[ai], 0.0, C[i], v[i], &dx, &dy);                  \
+        (void)dy;                                                    \
+        GRAD_ADD(ai, dx * G0)                                        \
+        reached[ai] = 1;                                             \
+    }
+#define BWD1_2(name)                                                 \
+    {                                                                \
+        const Py_ssize_t ai = A[i], bi = B[i];                       \
+        if (MG_UNLIKELY(!ARG_OK2))                                   \
+            return i;                                                \
+        double dx, dy;                                               \
+        name##_d(v[ai], v[bi], C[i], v[i], &dx, &dy);                \
+        GRAD_ADD(ai, dx * G0)                                        \
+        GRAD_ADD(bi, dy * G0)                                        \
+        reached[ai] = 1;                                             \
+        reached[bi] = 1;                                             \
+    }
+#define BWD1_LABEL(code_, name, arity) [code_] = &&grad_##name,
+/* Leave node i: store its gradient, slide the window down to the next
+ * reached node and dispatch it. */
+#define BWD1_NEXT                                                    \
+    g[i] = G0;                                                       \
+    for (;;) {                                                       \
+        if (MG_UNLIKELY(--i < 0))                                    \
+            return -1;                                               \
+        G0 = G1;                                                     \
+        G1 = G2;                                                     \
+        G2 = i >= 2 ? g[i - 2] : 0.0;                                \
+        if (reached[i])                                              \
+            break;                                                   \
+    }                                                                \
+    goto *labels[code[i]];
+#define BWD1_HANDLER(code_, name, arity)                             \
+    grad_##name:                                                     \
+    BWD1_##arity(name)                                               \
+    BWD1_NEXT
+
+static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
+                                           uint8_t *restrict reached, Py_ssize_t out)
+{
+    static const void *const labels[256] = {[0 ... 255] = &&unknown, MG_OPS(BWD1_LABEL)};
+    const uint8_t *code = t->code;
+    const int32_t *A = t->a, *B = t->b;
+    const double *C = t->c;
+    Py_ssize_t i = out;
+    double G0 = 1.0, G1 = out >= 1 ? g[out - 1] : 0.0, G2 = out >= 2 ? g[out - 2] : 0.0;
+    reached[out] = 1;
+    goto *labels[code[i]];
+    MG_OPS(BWD1_HANDLER)
+unknown:
+    return i;
+}
+
+#else /* portable: a switch per node */
 
 #define BWD1_0(name)
 #define BWD1_1(name)                                   \
@@ -195,9 +378,6 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
 #define BWD1_CASE(code_, name, arity) \
     case code_: { BWD1_##arity(name) } break;
 
-/* Reverse sweep from `out`; only nodes marked in `reached` (zeroed, length
- * out + 1) pass gradient on, so a node outside the output's graph never
- * touches a gradient even where its local derivative is infinite. */
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
                                            uint8_t *restrict reached, Py_ssize_t out)
 {
@@ -220,6 +400,7 @@ static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, do
     }
     return -1;
 }
+#endif
 
 /* ---- a batch: rows of B contiguous values ------------------------------- */
 
@@ -496,18 +677,13 @@ static int get_rows(PyObject *obj, const char *what, Py_ssize_t n, Py_buffer *vi
 /* Raise ValueError for the node a sweep stopped at, saying what is wrong. */
 static void raise_bad_node(const Columns *t, Py_ssize_t i)
 {
-    static const int arity[] = {
-#define ARITY_ENTRY(code_, name, ar) [code_] = ar + 1,
-        MG_OPS(ARITY_ENTRY)
-#undef ARITY_ENTRY
-    };
     unsigned k = t->code[i];
-    if (k >= sizeof(arity) / sizeof(arity[0]) || arity[k] == 0) {
+    if (ARITY_PLUS_1[k] == 0) {
         PyErr_Format(PyExc_ValueError, "node %zd: unknown op code %u", i, k);
         return;
     }
     Py_ssize_t args[2] = {t->a[i], t->b[i]};
-    for (int s = 0; s < arity[k] - 1; s++) {
+    for (int s = 0; s < ARITY_PLUS_1[k] - 1; s++) {
         if (args[s] < 0 || args[s] >= i) {
             PyErr_Format(PyExc_ValueError,
                          "node %zd: argument %d is %zd, which is not an earlier node", i, s, args[s]);
