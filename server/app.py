@@ -55,8 +55,11 @@ async def serve(
     worker: int = 0,
     handle_signals: bool = True,
     on_ready: Callable[[GrpcServer], None] | None = None,
-) -> None:
-    """Serve until stopped (SIGTERM/SIGINT when ``handle_signals``, or ``GrpcServer.stop``)."""
+) -> int:
+    """Serve until stopped (SIGTERM/SIGINT when ``handle_signals``, or ``GrpcServer.stop``).
+
+    Returns how many calls were still working on a thread when the grace period ran out.
+    """
     service = GradientService(settings, kernel)
     metrics = Metrics()
     metrics.watch_cache(service.cache)
@@ -91,6 +94,7 @@ async def serve(
     finally:
         if http is not None:
             await http.stop()
+    return server.service.in_flight
 
 
 def run(settings: Settings) -> int:
@@ -98,9 +102,18 @@ def run(settings: Settings) -> int:
     configure_logging(settings)
     kernel = resolve_kernel(settings.kernel, settings.flush_denormals)
     if settings.workers == 1:
-        asyncio.run(serve(settings, kernel))
+        if asyncio.run(serve(settings, kernel)):
+            _exit_now(0)  # do not wait for abandoned sweeps past the grace period
         return 0
     return _run_workers(settings, kernel)
+
+
+def _exit_now(code: int) -> None:
+    """Leave the process at once (threads still sweeping are abandoned), logs flushed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_workers(settings: Settings, kernel: Kernel) -> int:
@@ -119,8 +132,7 @@ def _run_workers(settings: Settings, kernel: Kernel) -> int:
             except BaseException:
                 log.exception("worker %d failed", worker + 1)
             finally:
-                logging.shutdown()
-                os._exit(code)
+                _exit_now(code)
         children[pid] = worker
     log.info("started %d workers: pids %s", len(children), ", ".join(map(str, children)))
     stopping = False

@@ -715,6 +715,28 @@ def test_sigterm_lets_calls_in_flight_finish(
     assert "listening on 127.0.0.1:" in log and "shutting down" in log and "stopped" in log
 
 
+@pytest.mark.slow
+def test_calls_outliving_the_grace_period_are_cut_off(
+    grpc_server_factory: Callable[..., RunningServer],
+) -> None:
+    server = grpc_server_factory(process=True, kernel="python", inline_cells=0, grace_period=0.2)
+    channel, stub = _stub(server.target)
+    with channel:
+        graph_id = stub.UploadGraph(
+            _ops_pieces(codec.pack(chain_tape(4_000_001)), 4 << 20)
+        ).graph_id
+        request = pb.EvaluateRequest(graph_id=graph_id, selection=pb.SELECTION_OUTPUT)
+        stream = stub.EvaluateStream(pb.EvaluateStreamRequest(request=request))
+        assert next(stream).part == pb.PART_HEADER  # the sweeps take about 4 s
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert server.process.wait(30) == 0
+    assert "grace period over: cancelling 1 call(s)" in server.log()
+
+
 # -- health, reflection, info, workers -------------------------------------------------
 
 
