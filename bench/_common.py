@@ -173,8 +173,17 @@ def ensure_micrograd_pypi() -> Path:
     """
     if not (MICROGRAD_DIR / "micrograd" / "engine.py").exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-             "--target", str(MICROGRAD_DIR), f"micrograd=={MICROGRAD_PYPI}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(MICROGRAD_DIR),
+                f"micrograd=={MICROGRAD_PYPI}",
+            ],
             check=True,
         )
     return MICROGRAD_DIR
@@ -242,7 +251,7 @@ def fixed(x: float | None, digits: int = 3) -> str:
     """``x`` to ``digits`` significant figures, or ``—`` when unknown."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
 
 
 def verdict(name: str, measured: float, target: float, higher_is_better: bool, unit: str) -> str:

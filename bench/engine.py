@@ -223,8 +223,13 @@ def worker(system: str, graph: str, steps: int, repeats: int) -> dict[str, Any]:
         traced = c.traced_peak(run)
     times = c.timed(run, repeats)
     return {
-        "times": times, "traced": traced, "traced_steps": traced_steps, "rss": rss,
-        "output": output, "dfirst": dfirst, "note": note,
+        "times": times,
+        "traced": traced,
+        "traced_steps": traced_steps,
+        "rss": rss,
+        "output": output,
+        "dfirst": dfirst,
+        "note": note,
     }
 
 
@@ -325,23 +330,34 @@ def main() -> None:
             rss = r.get("rss")
             traced_n = n if r.get("traced_steps") is None else chain_size(r["traced_steps"])
             per_node = r["traced"] / traced_n
-            rows.append([
-                label(system, versions),
-                str(len(r["times"])),
-                c.fixed(ms),
-                c.si(n / (ms / 1e3)),
-                "n/a (C++ heap)" if system == "torch" else f"{per_node:,.0f}",
-                "—" if rss is None else f"{rss / n:,.0f}",
-                "1.00×" if system == "micrograd" else (f"{c.fixed(ratio)}×" if ratio else "—"),
-            ])
+            rows.append(
+                [
+                    label(system, versions),
+                    str(len(r["times"])),
+                    c.fixed(ms),
+                    c.si(n / (ms / 1e3)),
+                    "n/a (C++ heap)" if system == "torch" else f"{per_node:,.0f}",
+                    "—" if rss is None else f"{rss / n:,.0f}",
+                    "1.00×" if system == "micrograd" else (f"{c.fixed(ratio)}×" if ratio else "—"),
+                ]
+            )
             if r.get("note"):
                 notes.append(f"- {label(system, versions)}: {r['note']}")
             r["ratio"], r["bytes"] = ratio, per_node
-        print(c.table(
-            ["system", "N", "median ms", "nodes/s", "bytes/node (tracemalloc)",
-             "RSS growth/node", "speed vs micrograd"],
-            rows,
-        ))
+        print(
+            c.table(
+                [
+                    "system",
+                    "N",
+                    "median ms",
+                    "nodes/s",
+                    "bytes/node (tracemalloc)",
+                    "RSS growth/node",
+                    "speed vs micrograd",
+                ],
+                rows,
+            )
+        )
         outputs = [(s, r["output"], r["dfirst"]) for s, r in results.items() if "output" in r]
         if outputs:
             ref_out, ref_d = outputs[0][1], outputs[0][2]
@@ -357,15 +373,32 @@ def main() -> None:
         print("\n" + "\n".join(notes))
         value = results.get("value", {})
         if value.get("ratio"):
-            verdicts.append(c.verdict(f"Value speed vs micrograd, {graph}", value["ratio"],
-                                      TARGET_VALUE_SPEEDUP, True, "×"))
+            verdicts.append(
+                c.verdict(
+                    f"Value speed vs micrograd, {graph}",
+                    value["ratio"],
+                    TARGET_VALUE_SPEEDUP,
+                    True,
+                    "×",
+                )
+            )
         if "bytes" in value:
-            verdicts.append(c.verdict(f"Value bytes/node, {graph}", value["bytes"],
-                                      TARGET_BYTES_PER_NODE, False, " B"))
+            verdicts.append(
+                c.verdict(
+                    f"Value bytes/node, {graph}", value["bytes"], TARGET_BYTES_PER_NODE, False, " B"
+                )
+            )
         for system, r in results.items():
             if system.startswith("tape:") and r.get("ratio"):
-                verdicts.append(c.verdict(f"tape ({system[5:]}) fwd+bwd vs micrograd, {graph}",
-                                          r["ratio"], TARGET_TAPE_SPEEDUP, True, "×"))
+                verdicts.append(
+                    c.verdict(
+                        f"tape ({system[5:]}) fwd+bwd vs micrograd, {graph}",
+                        r["ratio"],
+                        TARGET_TAPE_SPEEDUP,
+                        True,
+                        "×",
+                    )
+                )
     print("\n### Targets\n")
     print("\n".join(verdicts))
 
