@@ -39,7 +39,7 @@ setup(
     ext_modules=[
         Extension(
             "micrograd._kernel",
-            sources=["engine/_kernel.c", "engine/_kernel_decode.c"],
+            sources=["engine/_kernel.c", "engine/_kernel_decode.c", "engine/_kernel_unpack.c"],
             optional=True,
         )
     ],

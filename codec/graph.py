@@ -9,6 +9,7 @@ Python walk otherwise. Both end in ``Tape.from_arrays``, which validates.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -17,10 +18,15 @@ from micrograd.engine import Value
 from micrograd.tape import ARITY, USES_VALUE, GraphError, Tape
 from micrograd.v1 import graph_pb2
 
-try:  # the native wire decoder, when the C extension is built
+try:  # the native decoders, when the C extension is built (they read little-endian hosts' memory)
     from micrograd.native import decode_graph as _native_decode_graph
+    from micrograd.native import unpack_columns as _native_unpack_columns
+
+    if sys.byteorder != "little":  # pragma: no cover
+        raise ImportError("native decoders assume a little-endian host")
 except ImportError:  # pragma: no cover - exercised on machines without a compiler
     _native_decode_graph = None  # type: ignore[assignment]
+    _native_unpack_columns = None  # type: ignore[assignment]
 
 __all__ = [
     "GraphTooLarge",
@@ -66,12 +72,32 @@ def pack(tape: Tape) -> graph_pb2.PackedGraph:
 
 
 def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
-    """Decode and validate a ``PackedGraph`` (vectorised); raises ``GraphError``."""
-    code = np.frombuffer(msg.ops, dtype=np.uint8)
-    n = code.shape[0]
+    """Decode and validate a ``PackedGraph`` (one C pass, or numpy); raises ``GraphError``."""
+    ops, args, values = msg.ops, msg.args, msg.values
+    n = len(ops)
     if n == 0:
         raise GraphError(None, "the graph has no nodes (ops is empty)", "ops")
     _check_size(n, max_nodes, "ops")
+    if len(args) % 4:
+        raise GraphError(
+            None, f"args has {len(args)} bytes, not a multiple of 4 (uint32 each)", "args"
+        )
+    if len(values) % 8:
+        raise GraphError(
+            None, f"values has {len(values)} bytes, not a multiple of 8 (float64 each)", "values"
+        )
+    code = np.frombuffer(ops, dtype=np.uint8)
+    names = _names(((nn.node, nn.name) for nn in msg.names), "names")
+    if _native_unpack_columns is not None:
+        arg0, arg1, const = _native_unpack_columns(ops, args, values)
+        return Tape.from_checked_columns(code, arg0, arg1, const, names)
+    return Tape.from_arrays(code, *_unpack_numpy(code, args, values), names)
+
+
+def _unpack_numpy(
+    code: np.ndarray, args_bytes: bytes, values_bytes: bytes
+) -> tuple[np.ndarray, ...]:
+    """``(arg0, arg1, const)`` of packed columns with numpy (no native kernel here)."""
     bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
     if bad.size:
         i = int(bad[0])
@@ -79,11 +105,7 @@ def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
             i, f"unknown op {int(code[i])}; known ops are 1..{_ops.MAX_CODE}", f"ops[{i}]"
         )
     arity = ARITY[code].astype(np.int64)
-    if len(msg.args) % 4:
-        raise GraphError(
-            None, f"args has {len(msg.args)} bytes, not a multiple of 4 (uint32 each)", "args"
-        )
-    args = np.frombuffer(msg.args, dtype=_U32)
+    args = np.frombuffer(args_bytes, dtype=_U32)
     needed = int(arity.sum())
     if args.shape[0] != needed:
         raise GraphError(
@@ -92,18 +114,12 @@ def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
             "args",
         )
     start = np.cumsum(arity) - arity
-    arg0 = np.full(n, -1, dtype=np.int64)
-    arg1 = np.full(n, -1, dtype=np.int64)
+    arg0 = np.full(code.shape[0], -1, dtype=np.int64)
+    arg1 = np.full(code.shape[0], -1, dtype=np.int64)
     one, two = arity >= 1, arity == 2
     arg0[one] = args[start[one]]
     arg1[two] = args[start[two] + 1]
-    if len(msg.values) % 8:
-        raise GraphError(
-            None,
-            f"values has {len(msg.values)} bytes, not a multiple of 8 (float64 each)",
-            "values",
-        )
-    values = np.frombuffer(msg.values, dtype=_F64)
+    values = np.frombuffer(values_bytes, dtype=_F64)
     uses = USES_VALUE[code]
     if values.shape[0] != int(uses.sum()):
         raise GraphError(
@@ -112,10 +128,9 @@ def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
             "(input, const and pow nodes, in order)",
             "values",
         )
-    const = np.zeros(n, dtype=np.float64)
+    const = np.zeros(code.shape[0], dtype=np.float64)
     const[uses] = values
-    names = _names(((nn.node, nn.name) for nn in msg.names), "names")
-    return Tape.from_arrays(code, arg0, arg1, const, names)
+    return arg0, arg1, const
 
 
 def from_graph(msg: graph_pb2.Graph, max_nodes: int | None = None) -> Tape:

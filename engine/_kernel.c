@@ -35,6 +35,7 @@
 #endif
 
 PyObject *mg_decode_graph(PyObject *module, PyObject *arg); /* _kernel_decode.c */
+PyObject *mg_unpack_columns(PyObject *module, PyObject *args); /* _kernel_unpack.c */
 
 /* ---- the ops: forward value and local partials ------------------------ */
 /* f(x, y, c) is the output; d(x, y, c, o, &dx, &dy) its partials, where o is
@@ -817,12 +818,21 @@ PyDoc_STRVAR(decode_graph_doc,
 "uint8, int32, int32 and float64 items and names a list of (node, name)\n"
 "for the nodes with a non-empty name. Raises ValueError((node, reason)).");
 
+PyDoc_STRVAR(unpack_columns_doc,
+"unpack_columns(ops, args, values, arity, uses_value)\n--\n\n"
+"Validate a PackedGraph's byte columns and return (arg0, arg1, const) as\n"
+"bytearrays of int32, int32 and float64 items; ops is already the code\n"
+"column. arity and uses_value are per-code tables from micrograd.ops (arity\n"
+"255: not an op). Raises ValueError((node, field, reason)), node -1 for the\n"
+"graph as a whole.");
+
 static PyMethodDef kernel_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))kernel_forward, METH_VARARGS | METH_KEYWORDS,
      forward_doc},
     {"backward", (PyCFunction)(void (*)(void))kernel_backward, METH_VARARGS | METH_KEYWORDS,
      backward_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
+    {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
     {NULL, NULL, 0, NULL},
 };
 

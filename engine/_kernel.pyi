@@ -28,3 +28,8 @@ def decode_graph(
     buf: bytes | bytearray | memoryview,
 ) -> tuple[int, bytearray, bytearray, bytearray, bytearray, list[tuple[int, str]]]:
     """Columns of a wire ``micrograd.v1.Graph``: ``(n, code, arg0, arg1, const, names)``."""
+
+def unpack_columns(
+    ops: bytes, args: bytes, values: bytes, arity: bytes, uses_value: bytes
+) -> tuple[bytearray, bytearray, bytearray]:
+    """Validated ``(arg0, arg1, const)`` of a PackedGraph's columns; ``ops`` is the code column."""

@@ -30,11 +30,18 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from . import _kernel
+from . import ops as _ops
 
 if TYPE_CHECKING:
     from .tape import Tape
 
-__all__ = ["FLUSH_DENORMALS_SUPPORTED", "DecodedGraph", "NativeKernel", "decode_graph"]
+__all__ = [
+    "FLUSH_DENORMALS_SUPPORTED",
+    "DecodedGraph",
+    "NativeKernel",
+    "decode_graph",
+    "unpack_columns",
+]
 
 FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
 """Whether ``flush_denormals=True`` changes anything on this processor."""
@@ -131,4 +138,39 @@ def decode_graph(data: bytes | bytearray | memoryview) -> DecodedGraph:
         np.frombuffer(arg1, dtype=np.int32, count=n),
         np.frombuffer(const, dtype=np.float64, count=n),
         names,
+    )
+
+
+_NOT_AN_OP = 255
+_ARITY = bytes(
+    _ops.BY_CODE[k].arity if k in _ops.BY_CODE else _NOT_AN_OP for k in range(_ops.MAX_CODE + 1)
+)
+_USES_VALUE = bytes(
+    int(_ops.BY_CODE[k].uses_value) if k in _ops.BY_CODE else 0 for k in range(_ops.MAX_CODE + 1)
+)
+
+
+def unpack_columns(
+    ops: bytes, args: bytes, values: bytes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a ``PackedGraph``'s byte columns in one C pass: ``(arg0, arg1, const)``.
+
+    ``ops`` is itself the code column. The checks are those of
+    ``micrograd.codec.unpack`` plus ``Tape.from_arrays``: known ops, exact
+    argument and value counts, arguments that are earlier nodes. Raises
+    ``GraphError`` with the same node, field and reason as those would.
+    """
+    try:
+        arg0, arg1, const = _kernel.unpack_columns(ops, args, values, _ARITY, _USES_VALUE)
+    except ValueError as exc:
+        if len(exc.args) != 3:
+            raise
+        from .tape import GraphError
+
+        node, field, reason = exc.args
+        raise GraphError(None if node < 0 else node, reason, field) from None
+    return (
+        np.frombuffer(arg0, dtype=np.int32),
+        np.frombuffer(arg1, dtype=np.int32),
+        np.frombuffer(const, dtype=np.float64),
     )

@@ -117,13 +117,24 @@ class Tape:
         _validate(c, a, b, k)
         a = np.ascontiguousarray(a, dtype=np.int32)
         b = np.ascontiguousarray(b, dtype=np.int32)
-        names = dict(names or {})
-        for name, i in names.items():
-            if not 0 <= i < n:
-                raise GraphError(
-                    None, f"name {name!r} refers to node {i}, but the graph has {n} nodes", "names"
-                )
-        return cls(c, a, b, k, names)
+        return cls(c, a, b, k, _checked_names(names, n))
+
+    @classmethod
+    def from_checked_columns(
+        cls,
+        code: np.ndarray,
+        arg0: np.ndarray,
+        arg1: np.ndarray,
+        const: np.ndarray,
+        names: Mapping[str, int] | None = None,
+    ) -> Tape:
+        """Build from columns a decoder has already validated by ``from_arrays``'s rules.
+
+        For ``micrograd.native.unpack_columns``, which checks while it
+        decodes; only the names are checked here. Columns must be uint8,
+        int32, int32 and float64.
+        """
+        return cls(code, arg0, arg1, const, _checked_names(names, int(code.shape[0])))
 
     @classmethod
     def from_nodes(
@@ -249,6 +260,17 @@ class Tape:
         if not -n <= output < n:
             raise GraphError(None, f"output {output} is out of range for {n} nodes", "output")
         return output % n
+
+
+def _checked_names(names: Mapping[str, int] | None, n: int) -> dict[str, int]:
+    """The names as a dict, each pointing at one of the ``n`` nodes."""
+    checked = dict(names or {})
+    for name, i in checked.items():
+        if not 0 <= i < n:
+            raise GraphError(
+                None, f"name {name!r} refers to node {i}, but the graph has {n} nodes", "names"
+            )
+    return checked
 
 
 def _checked_codes(code: np.ndarray | Sequence[int]) -> np.ndarray:
