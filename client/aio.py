@@ -51,15 +51,16 @@ class AsyncClient:
         retries: int = 4,
         retry: Retry | None = None,
         max_message_bytes: int = 256 * MiB,
-        upload_threshold: int = 4 * MiB,
+        upload_threshold: int = 64 * MiB,
+        stream_threshold: int = 4 * MiB,
         piece_bytes: int = 2 * MiB,
         remember: int = 16,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """Open an asyncio channel to ``target``; see ``Client`` for the arguments."""
         self.settings = Settings(
-            target, timeout, retries, retry, max_message_bytes, upload_threshold, piece_bytes,
-            remember,
+            target, timeout, retries, retry, max_message_bytes, upload_threshold,
+            stream_threshold, piece_bytes, remember,
         )
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=self.settings.options)
@@ -220,7 +221,7 @@ class AsyncClient:
         full = with_source(request, source)
         gradients = not request.skip_gradients
         try:
-            return await self._evaluate_once(full, batched, gradients, streamed, timeout)
+            result = await self._evaluate_once(full, batched, gradients, streamed, timeout)
         except NotFound as error:
             if graph_id is None:
                 raise
@@ -229,6 +230,9 @@ class AsyncClient:
                 raise s.not_found(graph_id, error) from error
             await self._register(message, timeout)
             return await self._evaluate_once(full, batched, gradients, streamed, timeout)
+        if graph_id is None and prepared.message is not None and result.graph_id:
+            s.remember_graph(result.graph_id, prepared.message)
+        return result
 
     async def _evaluate_once(
         self,

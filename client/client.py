@@ -55,6 +55,7 @@ class Settings:
         retry: Retry | None,
         max_message_bytes: int,
         upload_threshold: int,
+        stream_threshold: int,
         piece_bytes: int,
         remember: int,
     ) -> None:
@@ -64,6 +65,7 @@ class Settings:
         self.retry = retry or Retry(attempts=retries + 1)
         self.max_message_bytes = max_message_bytes
         self.upload_threshold = min(upload_threshold, max_message_bytes)
+        self.stream_threshold = min(stream_threshold, max_message_bytes)
         self.piece_bytes = min(piece_bytes, max_message_bytes // 2)
         self.remember = remember
         self.options = channel_options(max_message_bytes, self.retry)
@@ -98,8 +100,8 @@ class Settings:
         """``(upload, stream)``: whether to register the graph first, and to stream the result.
 
         A graph whose message exceeds ``upload_threshold`` is uploaded and
-        evaluated by id; a result that may exceed it (nodes x rows x 16
-        bytes) is streamed.
+        evaluated by id; a result that may exceed ``stream_threshold`` (nodes
+        x rows x 16 bytes) is streamed.
         """
         upload = prepared.message is not None and prepared.byte_size() > self.upload_threshold
         if stream is not None:
@@ -114,7 +116,7 @@ class Settings:
         if request.HasField("batch"):
             width = max(len(request.batch.columns), 1)
             rows = max(len(request.batch.values_f64) // 8, len(request.batch.values)) // width
-        return upload, upload or n * max(rows, 1) * 16 > self.upload_threshold
+        return upload, upload or n * max(rows, 1) * 16 > self.stream_threshold
 
     def not_found(self, graph_id: str, error: RemoteError) -> NotFound:
         """The ``NotFound`` for a graph_id the server lacks and this client cannot resend."""
@@ -133,9 +135,12 @@ class Client:
     included; ``None`` waits forever); ``retries`` is how many more times a
     call is tried when the server is ``UNAVAILABLE`` (bounded exponential
     backoff; pass ``retry=Retry(...)`` to shape it). Graph messages over
-    ``upload_threshold`` bytes are uploaded in ``piece_bytes`` pieces and
-    their results streamed; the last ``remember`` registered graphs are kept
-    so that one the server evicted can be sent again transparently.
+    ``upload_threshold`` bytes are uploaded in ``piece_bytes`` pieces (and
+    so registered) before they are evaluated by id; results over
+    ``stream_threshold`` bytes are streamed back in chunks. The last
+    ``remember`` graphs this client sent are kept, so that evaluating one by
+    its ``graph_id`` where the server does not hold it (evicted, or only ever
+    evaluated inline) sends it again transparently.
     """
 
     def __init__(
@@ -146,15 +151,16 @@ class Client:
         retries: int = 4,
         retry: Retry | None = None,
         max_message_bytes: int = 256 * MiB,
-        upload_threshold: int = 4 * MiB,
+        upload_threshold: int = 64 * MiB,
+        stream_threshold: int = 4 * MiB,
         piece_bytes: int = 2 * MiB,
         remember: int = 16,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """Open a channel to ``target`` (``host:port``); TLS when ``credentials`` are given."""
         self.settings = Settings(
-            target, timeout, retries, retry, max_message_bytes, upload_threshold, piece_bytes,
-            remember,
+            target, timeout, retries, retry, max_message_bytes, upload_threshold,
+            stream_threshold, piece_bytes, remember,
         )
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=self.settings.options)
@@ -319,7 +325,7 @@ class Client:
         full = with_source(request, source)
         gradients = not request.skip_gradients
         try:
-            return self._evaluate_once(full, batched, gradients, streamed, timeout)
+            result = self._evaluate_once(full, batched, gradients, streamed, timeout)
         except NotFound as error:
             if graph_id is None:
                 raise
@@ -328,6 +334,9 @@ class Client:
                 raise s.not_found(graph_id, error) from error
             self._register(message, timeout)
             return self._evaluate_once(full, batched, gradients, streamed, timeout)
+        if graph_id is None and prepared.message is not None and result.graph_id:
+            s.remember_graph(result.graph_id, prepared.message)
+        return result
 
     def _evaluate_once(
         self,

@@ -11,6 +11,7 @@ that onto its own error format.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import threading
 import time
@@ -91,12 +92,25 @@ class Deadline:
 _NO_DEADLINE = Deadline()
 
 
+_HASH_AHEAD_NODES = 50_000
+"""From this many nodes on, a graph's id is hashed on a thread while the sweeps run
+(hashlib and the native kernel both release the GIL); smaller ones are hashed at once."""
+
+GraphId = str | concurrent.futures.Future[str]
+"""A graph id, or one still being hashed."""
+
+
+def _resolved(gid: GraphId) -> str:
+    """The id itself, waiting for the hash if it is still running."""
+    return gid if isinstance(gid, str) else gid.result()
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated evaluation, ready for the kernel."""
 
     tape: Tape
-    graph_id: str
+    pending_graph_id: GraphId
     bindings: np.ndarray | None
     """``None`` (defaults), ``(k,)`` or ``(B, k)``: what ``Tape.leaf_values`` takes."""
     output: int
@@ -107,6 +121,11 @@ class Plan:
     batched: bool
     gradients: bool
     binary: bool
+
+    @property
+    def graph_id(self) -> str:
+        """The graph's content hash (waits for it if it is still being computed)."""
+        return _resolved(self.pending_graph_id)
 
     @property
     def width(self) -> int:
@@ -159,6 +178,7 @@ class GradientService:
         self.kernel = kernel or resolve_kernel(settings.kernel, settings.flush_denormals)
         self.cache = GraphCache(settings.graph_cache_entries, settings.graph_cache_bytes)
         self.recent = RecentGraphs()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="graph-id")
         self._lock = threading.Lock()
         self._in_flight = 0
         self._draining = False
@@ -239,8 +259,8 @@ class GradientService:
 
     def decode_graph(
         self, msg: pb.EvaluateRequest | pb.RegisterGraphRequest, prefix: str = ""
-    ) -> tuple[Tape, str]:
-        """The tape a request's ``source`` gives, validated, and its graph id."""
+    ) -> tuple[Tape, GraphId]:
+        """The tape a request's ``source`` gives, validated, and its graph id (maybe pending)."""
         source = msg.WhichOneof("source")
         if source == "graph_id" and isinstance(msg, pb.EvaluateRequest):
             tape = self.cache.get(msg.graph_id)
@@ -278,6 +298,8 @@ class GradientService:
                 tape = codec.unpack(msg.packed_graph, max_nodes)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
+        if n >= _HASH_AHEAD_NODES:
+            return tape, self._hasher.submit(codec.graph_id, tape)
         gid = codec.graph_id(tape)
         if key is not None:
             self.recent.put(key, tape, gid)
@@ -313,7 +335,7 @@ class GradientService:
             raise _graph_violation(prefix, exc) from None
         return Plan(
             tape=tape,
-            graph_id=gid,
+            pending_graph_id=gid,
             bindings=bound,
             output=output,
             selection=selection,
@@ -407,16 +429,19 @@ class GradientService:
     def evaluate_stream(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
     ) -> Iterator[pb.EvaluateStreamResponse]:
-        """The EvaluateStream rpc: header, value chunks after the forward sweep, then gradients.
+        """The EvaluateStream rpc: the header and value chunks after the forward sweep, then
+        the gradient chunks after the reverse sweep.
 
-        Validation happens on the first ``next()``; each later ``next()`` does
-        at most one sweep, so a transport can check for cancellation between them.
+        The first ``next()`` validates and runs the forward sweep; each later
+        ``next()`` does at most one sweep, so a transport can check for
+        cancellation between them.
         """
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
-        yield pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
         deadline.check()
-        values = self.forward(plan)
+        values = self.forward(plan)  # while a big graph's id is hashed on another thread
+        deadline.check()
+        yield pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
         deadline.check()
         yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
         if not plan.gradients:
@@ -443,9 +468,9 @@ class GradientService:
 
     # -- registration ------------------------------------------------------
 
-    def register(self, tape: Tape, gid: str | None = None) -> str:
+    def register(self, tape: Tape, gid: GraphId | None = None) -> str:
         """Put ``tape`` in the cache and return its id; RESOURCE_EXHAUSTED if it cannot fit."""
-        gid = gid or codec.graph_id(tape)
+        gid = codec.graph_id(tape) if gid is None else _resolved(gid)
         if not self.cache.put(gid, tape):
             raise ServiceError(
                 Code.RESOURCE_EXHAUSTED,

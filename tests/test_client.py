@@ -216,7 +216,8 @@ def test_a_streamed_result_equals_the_unary_one(grpc_server: str) -> None:
     assert streamed.nodes.tolist() == [32, 1] and streamed.names == {"g": 0, "b": 1}
 
 
-def test_a_graph_over_4_mib_is_uploaded_and_streamed(grpc_server: str) -> None:
+def test_a_graph_over_4_mib_is_streamed_and_then_usable_by_id(grpc_server: str) -> None:
+    """Sent inline (not registered), its result streamed; by id later, the client resends it."""
     x, y = deep_chain(200_000)
     tape, _ = Tape.from_value(y, {"x": x})
     packed = codec.pack(tape)
@@ -229,6 +230,22 @@ def test_a_graph_over_4_mib_is_uploaded_and_streamed(grpc_server: str) -> None:
     assert np.array_equal(result.values, values) and np.array_equal(result.grads, grads)
     local = tape.evaluate(np.array([0.25]))
     assert by_id.values.tolist() == local[0][[0, 800_000]].tolist()
+
+
+def test_a_graph_over_the_upload_threshold_is_uploaded_in_pieces(grpc_server: str) -> None:
+    x, y = deep_chain(20_000)
+    tape, _ = Tape.from_value(y, {"x": x})
+    packed = codec.pack(tape)
+    values, grads = tape.evaluate()
+    with Client(grpc_server, upload_threshold=64 * 1024, piece_bytes=16 * 1024) as client:
+        result = client.evaluate(packed)
+        info = client.server_info()
+    assert np.array_equal(result.values, values) and np.array_equal(result.grads, grads)
+    assert result.graph_id == codec.graph_id(tape)
+    assert info.limits.graph_cache_entries >= 1
+    with Client(grpc_server) as other:  # registered by the upload: another client can use the id
+        by_id = other.evaluate(result.graph_id, selection="output")
+    assert by_id.values.tolist() == [values[-1]]
 
 
 def test_an_evicted_graph_is_registered_again(grpc_server_factory: Callable[..., Any]) -> None:
