@@ -16,12 +16,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
@@ -200,6 +200,63 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return self.service.server_info(request)
 
 
+class HandlerWrapper(Protocol):
+    """Something that wraps a method handler, once, when its service is registered."""
+
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler to serve ``path`` (``/pkg.Service/Method``) with instead of ``handler``."""
+        ...
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped on first use, then reused."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrappers: Sequence[HandlerWrapper]) -> None:
+        self.inner = inner
+        self.wrappers = wrappers
+        self.done: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        path = details.method  # type: ignore[attr-defined]
+        if path not in self.done:
+            handler = self.inner.service(details)
+            self.done[path] = None if handler is None else _wrapped(path, handler, self.wrappers)
+        return self.done[path]
+
+
+def _wrapped(
+    path: str, handler: grpc.RpcMethodHandler, wrappers: Sequence[HandlerWrapper]
+) -> grpc.RpcMethodHandler:
+    """``handler`` wrapped by every wrapper, the first outermost."""
+    for wrapper in reversed(wrappers):
+        handler = wrapper.wrap(path, handler)
+    return handler
+
+
+class _Registrar:
+    """Stands in for the server while generated ``add_*_to_server`` functions register
+    services, so that every handler is wrapped once, at registration."""
+
+    def __init__(self, server: grpc.aio.Server, wrappers: Sequence[HandlerWrapper]) -> None:
+        self.server = server
+        self.wrappers = wrappers
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Register generic handlers, wrapped."""
+        self.server.add_generic_rpc_handlers(
+            tuple(_WrappedGeneric(h, self.wrappers) for h in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """Register a service's method handlers, wrapped."""
+        self.server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service,
+            {m: _wrapped(f"/{service}/{m}", h, self.wrappers) for m, h in handlers.items()},
+        )
+
+
 class GrpcServer:
     """One process's gRPC server: gradient service, health, reflection, graceful shutdown."""
 
@@ -207,9 +264,10 @@ class GrpcServer:
         self,
         settings: Settings,
         service: GradientService | None = None,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        interceptors: Sequence[HandlerWrapper] = (),
     ) -> None:
-        """A server for ``settings``, ``interceptors`` wrapping every call; idle until ``start``."""
+        """A server for ``settings``; ``interceptors`` wrap every method (once, at
+        registration, which costs nothing per call); idle until ``start``."""
         self.settings = settings
         self.interceptors = tuple(interceptors)
         self.service = service or GradientService(settings)
@@ -234,13 +292,17 @@ class GrpcServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
-        server = grpc.aio.server(options=options, interceptors=self.interceptors)
+        server = grpc.aio.server(options=options)
+        registrar: Any = _Registrar(server, self.interceptors)
         pb_grpc.add_GradientServiceServicer_to_server(
-            GradientServicer(self.service, self.pool), server
+            GradientServicer(self.service, self.pool), registrar
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            registrar,
         )
         host = _bracketed(s.host)
         try:

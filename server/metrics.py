@@ -3,7 +3,8 @@
 Each server owns a ``Metrics`` with its own registry (several servers in one
 process, as in the tests, never mix their counts). ``Call`` times one call
 and records it in both the metrics and the request log; the gRPC side gets
-it from ``MetricsInterceptor``, the JSON-RPC side calls it per method call.
+it from ``MetricsInterceptor`` (wrapped around every method handler), the
+JSON-RPC side calls it per method call.
 With ``--workers N`` every process keeps its own registry, so a scrape of
 ``/metrics`` reports the process that answered it (see docs/API.md).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -290,23 +291,22 @@ def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts, times and logs every gRPC call of the server it is installed in."""
+class MetricsInterceptor:
+    """Counts, times and logs every gRPC call of the server it is installed in.
+
+    It wraps each method's handler once, when the services are registered
+    (``GrpcServer`` calls ``wrap``), rather than per call as a
+    ``grpc.aio.ServerInterceptor`` would: grpc.aio's per-call interceptor
+    path costs about 75 us a call, a quarter of a small Evaluate.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         """Record into ``metrics`` with transport ``grpc``."""
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """The method's handler, with its behaviour wrapped to record the call."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = str(handler_call_details.method).rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler of the method at ``path`` (``/pkg.Service/Method``), recording each call."""
+        method = path.rsplit("/", 1)[-1]
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
             wrapped_stream = self._streaming(method, inner)
