@@ -24,6 +24,7 @@ import numpy as np
 from micrograd import ops
 from micrograd.engine import Value
 from micrograd.nn import MLP
+from micrograd.tape import Tape
 
 __all__ = [
     "Graph",
@@ -250,3 +251,44 @@ def deep_chain(depth: int, start: float = 0.5) -> tuple[Value, Value]:
     for _ in range(depth):
         y = y * 1.0001 + 0.001
     return x, y
+
+
+def seed_expression(a: Value, b: Value) -> Value:
+    """The seed document's expression of ``a`` and ``b`` (its example, line for line)."""
+    c = a + b
+    d = a * b + b**3
+    c += c + 1
+    c += 1 + c + (-a)
+    d += d * 2 + (b + a).relu()
+    d += 3 * d + (b - a).relu()
+    e = c - d
+    f = e**2
+    g = f / 2.0
+    g += 10.0 / f
+    return g
+
+
+def seed_graph(a0: float = -4.0, b0: float = 2.0) -> tuple[Value, Value, Value]:
+    """The seed example's graph at ``a = a0``, ``b = b0``: returns ``(a, b, g)``."""
+    a, b = Value(a0), Value(b0)
+    return a, b, seed_expression(a, b)
+
+
+def affine_chain_tape(n: int, scale: float, shift: float) -> Tape:
+    """``y = y * scale + shift`` from input ``x = 0.5`` as an ``n``-node tape, built with numpy.
+
+    Nodes: ``x``, the two constants, then alternating mul and add; ``n`` odd.
+    """
+    code = np.empty(n, np.uint8)
+    code[:3] = (ops.INPUT.code, ops.CONST.code, ops.CONST.code)
+    code[3::2] = ops.BY_NAME["mul"].code
+    code[4::2] = ops.BY_NAME["add"].code
+    arg0 = np.full(n, -1, np.int32)
+    arg1 = np.full(n, -1, np.int32)
+    arg0[3] = 0
+    arg0[4:] = np.arange(3, n - 1)
+    arg1[3::2] = 1
+    arg1[4::2] = 2
+    const = np.zeros(n)
+    const[:3] = (0.5, scale, shift)
+    return Tape.from_arrays(code, arg0, arg1, const, {"x": 0})

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from google.protobuf import json_format
-from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
+
+from tests.graphs import seed_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_JSON = ROOT / "examples" / "graphs" / "seed.json"
@@ -32,17 +33,7 @@ def eval_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def seed_backward(a0: float, b0: float) -> tuple[float, float, float]:
     """``(g, dg/da, dg/db)`` of the seed expression, by the local engine."""
-    a, b = Value(a0), Value(b0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
+    a, b, g = seed_graph(a0, b0)
     g.backward()
     return g.data, a.grad, b.grad
 

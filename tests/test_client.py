@@ -34,26 +34,9 @@ from micrograd.engine import Value
 from micrograd.tape import Tape
 from micrograd.v1 import graph_pb2
 
-from tests.graphs import deep_chain, random_dag, to_values
+from tests.graphs import deep_chain, random_dag, seed_graph, to_values
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def seed_graph(a0: float = -4.0, b0: float = 2.0) -> tuple[Value, Value, Value]:
-    """The seed document's expression (at ``a = a0``, ``b = b0``): returns ``(a, b, g)``."""
-    a = Value(a0)
-    b = Value(b0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
-    return a, b, g
 
 
 def seed_tape() -> Tape:

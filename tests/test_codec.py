@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from micrograd import codec
 from micrograd.codec import graph as codec_graph
-from micrograd.engine import Value
 from micrograd.tape import GraphError, Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
-from tests.graphs import random_dag
+from tests.graphs import random_dag, seed_graph
 
 DECODERS = ["numpy"] + (["native"] if codec_graph._native_unpack_columns is not None else [])
 
@@ -45,15 +44,7 @@ def same_tape(a: Tape, b: Tape) -> bool:
 
 def seed_tape() -> Tape:
     """The seed example's graph with inputs named a and b."""
-    a, b = Value(-4.0), Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    g = (c - d) ** 2 / 2.0
-    g += 10.0 / (c - d) ** 2
+    a, b, g = seed_graph()
     return Tape.from_value(g, {"a": a, "b": b})[0]
 
 

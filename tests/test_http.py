@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 from google.protobuf import json_format
 from micrograd import codec, ops
@@ -33,7 +32,7 @@ from micrograd.v1 import graph_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer
-from tests.graphs import random_dag
+from tests.graphs import affine_chain_tape, random_dag
 
 SEED_GRAPH = json.loads(
     (Path(__file__).resolve().parent.parent / "examples" / "graphs" / "seed.json").read_text()
@@ -121,20 +120,7 @@ def to_json_graph(nodes: list[Any]) -> dict[str, Any]:
 
 def step_chain(pairs: int) -> Tape:
     """``y = y * 1 + 1`` repeated ``pairs`` times from input ``x = 0.5`` (exact: 0.5 + pairs)."""
-    n = 3 + 2 * pairs
-    code = np.empty(n, np.uint8)
-    code[:3] = (ops.INPUT.code, ops.CONST.code, ops.CONST.code)
-    code[3::2] = ops.BY_NAME["mul"].code
-    code[4::2] = ops.BY_NAME["add"].code
-    arg0 = np.full(n, -1, np.int32)
-    arg1 = np.full(n, -1, np.int32)
-    arg0[3] = 0
-    arg0[4:] = np.arange(3, n - 1)
-    arg1[3::2] = 1
-    arg1[4::2] = 2
-    const = np.zeros(n)
-    const[:3] = (0.5, 1.0, 1.0)
-    return Tape.from_arrays(code, arg0, arg1, const, {"x": 0})
+    return affine_chain_tape(3 + 2 * pairs, 1.0, 1.0)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

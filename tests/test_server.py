@@ -34,7 +34,7 @@ from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 from micrograd.v1 import graph_pb2
 
 from tests.conftest import RunningServer
-from tests.graphs import random_dag
+from tests.graphs import affine_chain_tape, random_dag, seed_expression, seed_graph
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -49,23 +49,6 @@ def stub(grpc_server: str) -> Iterator[pb_grpc.GradientServiceStub]:
 def _stub(target: str) -> tuple[grpc.Channel, pb_grpc.GradientServiceStub]:
     channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
     return channel, pb_grpc.GradientServiceStub(channel)
-
-
-def seed_graph() -> tuple[Value, Value, Value]:
-    """The seed document's example, verbatim: inputs ``a``, ``b`` and output ``g``."""
-    a = Value(-4.0)
-    b = Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
-    return a, b, g
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +67,8 @@ def seed() -> dict[str, Any]:
 
 
 def chain_tape(n: int) -> Tape:
-    """``y = y * 1.0000001 + 1e-7`` from ``x = 0.5``, as a tape of ``n`` nodes built with numpy."""
-    code = np.empty(n, np.uint8)
-    code[:3] = (ops.INPUT.code, ops.CONST.code, ops.CONST.code)
-    code[3::2] = ops.BY_NAME["mul"].code
-    code[4::2] = ops.BY_NAME["add"].code
-    arg0 = np.full(n, -1, np.int32)
-    arg1 = np.full(n, -1, np.int32)
-    arg0[3] = 0
-    arg0[4:] = np.arange(3, n - 1)
-    arg1[3::2] = 1
-    arg1[4::2] = 2
-    const = np.zeros(n)
-    const[:3] = (0.5, 1.0000001, 1e-7)
-    return Tape.from_arrays(code, arg0, arg1, const, {"x": 0})
+    """``y = y * 1.0000001 + 1e-7`` from ``x = 0.5``, as a tape of ``n`` nodes."""
+    return affine_chain_tape(n, 1.0000001, 1e-7)
 
 
 def mixed_tape(n: int, seed: int = 7) -> Tape:
@@ -234,22 +205,8 @@ def test_inputs_by_name_replace_defaults(stub: Any, seed: dict[str, Any]) -> Non
             selection=pb.SELECTION_OUTPUT,
         )
     )
-    local = Tape.from_value(_seed_at(a, b))[0].evaluate()[0][-1]
+    local = Tape.from_value(seed_expression(a, b))[0].evaluate()[0][-1]
     assert resp.values[0] == local
-
-
-def _seed_at(a: Value, b: Value) -> Value:
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
-    return g
 
 
 def test_batch_equals_per_row_evaluations(stub: Any) -> None:
@@ -281,7 +238,8 @@ def test_batch_columns_bind_named_inputs(stub: Any, seed: dict[str, Any]) -> Non
     )
     assert resp.rows == 2
     assert resp.values[0] == seed["values"][-1]
-    assert resp.values[1] == Tape.from_value(_seed_at(Value(-4.0), Value(3.0)))[0].evaluate()[0][-1]
+    local = Tape.from_value(seed_expression(Value(-4.0), Value(3.0)))[0].evaluate()[0]
+    assert resp.values[1] == local[-1]
 
 
 @pytest.mark.parametrize("batched", [False, True])
