@@ -1,0 +1,151 @@
+"""Scale-out as deployed: two replicas behind nginx, with the repository's own nginx.conf.
+
+``deploy/nginx.conf`` is what docker-compose.yml runs in front of the
+replicas. Here the same file is pointed at two server processes on loopback
+(only the addresses change: Docker's service name and resolver become
+127.0.0.1 ports), so its gRPC (`grpc_pass` over HTTP/2) and HTTP proxying
+are exercised by a real nginx. ``scripts/test`` installs nginx; the test is
+skipped, saying why, only where nginx cannot be had.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from micrograd import codec
+from micrograd.server.grpc_server import PID_METADATA
+from micrograd.v1 import gradient_service_pb2 as pb
+from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
+
+from tests.conftest import RunningServer
+from tests.graphs import seed_graph
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+pytestmark = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (scripts/test installs it)"
+)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, where: Path) -> str:
+    """``deploy/nginx.conf`` with its upstreams and listeners moved onto loopback."""
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    grpc_servers = " ".join(f"server {r.target};" for r in replicas)
+    http_servers = " ".join(f"server 127.0.0.1:{r.http_port};" for r in replicas)
+    edits = [
+        (r"\n\s*resolver [^;]*;", ""),
+        (r"server gradient:50051;", grpc_servers),
+        (r"server gradient:8080;", http_servers),
+        (r"listen 50051 http2;", f"listen 127.0.0.1:{grpc_port} http2;"),
+        (r"listen 8080;", f"listen 127.0.0.1:{http_port};"),
+    ]
+    for pattern, replacement in edits:
+        text, count = re.subn(pattern, replacement, text)
+        assert count == 1, f"deploy/nginx.conf no longer has {pattern!r}"
+    files = (
+        f"pid {where}/nginx.pid;\nerror_log {where}/error.log warn;\n"
+        if "error_log" not in text
+        else ""
+    )
+    temp = "".join(
+        f"    {name}_temp_path {where}/{name};\n"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    text = text.replace("http {\n", f"http {{\n    access_log off;\n{temp}", 1)
+    return "user root;\n" + files + text
+
+
+@pytest.fixture
+def balanced(
+    grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
+) -> Iterator[tuple[str, str, list[RunningServer]]]:
+    """Two replica processes and nginx in front: yields (grpc target, http url, replicas)."""
+    replicas = [grpc_server_factory(process=True, http_port=0) for _ in range(2)]
+    grpc_port, http_port = free_port(), free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(local_config(replicas, grpc_port, http_port, tmp_path))
+    assert NGINX is not None
+    test = subprocess.run([NGINX, "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert test.returncode == 0, test.stderr
+    proc = subprocess.Popen(
+        [NGINX, "-c", str(conf), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", grpc_port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.05)
+        yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", replicas
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_nginx_spreads_grpc_calls_over_both_replicas(
+    balanced: tuple[str, str, list[RunningServer]],
+) -> None:
+    target, _, replicas = balanced
+    pids = set()
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        for _ in range(20):  # round robin: 20 calls reach both
+            _, call = stub.GetServerInfo.with_call(pb.GetServerInfoRequest(), timeout=10)
+            pids.update(v for k, v in call.trailing_metadata() if k == PID_METADATA)
+        a, b, g = seed_graph()
+        packed, tape, _ = codec.encode_value(g, {"a": a, "b": b})
+        reply = stub.Evaluate(pb.EvaluateRequest(packed_graph=packed, binary_output=True))
+    values, grads = codec.response_arrays(reply)
+    assert pids == {str(r.pid) for r in replicas}
+    assert f"{values[-1]:.4f}" == "24.7041"
+    assert (f"{grads[tape.names['a']]:.4f}", f"{grads[tape.names['b']]:.4f}") == (
+        "138.8338",
+        "645.5773",
+    )
+
+
+def test_nginx_proxies_json_rpc_and_readiness(
+    balanced: tuple[str, str, list[RunningServer]],
+) -> None:
+    _, url, _ = balanced
+    a, b, g = seed_graph()
+    _, tape, _ = codec.encode_value(g, {"a": a, "b": b})
+    params = {
+        "graph": json_format.MessageToDict(codec.to_graph(tape)),
+        "selection": "SELECTION_NAMED",
+    }
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": params})
+    request = urllib.request.Request(
+        f"{url}/rpc", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        result = json.loads(response.read())["result"]
+    grads = {name: result["grads"][position] for name, position in result["names"].items()}
+    assert (f"{grads['a']:.4f}", f"{grads['b']:.4f}") == ("138.8338", "645.5773")
+    with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+        assert response.status == 200
