@@ -16,9 +16,11 @@ from .graph import (
     unpack,
 )
 from .request import bindings, output_index, selection_indices
+from .wire import Wire, varint, with_arrays
 
 __all__ = [
     "GraphTooLarge",
+    "Wire",
     "bindings",
     "encode_value",
     "f64_array",
@@ -32,4 +34,6 @@ __all__ = [
     "selection_indices",
     "to_graph",
     "unpack",
+    "varint",
+    "with_arrays",
 ]

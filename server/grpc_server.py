@@ -23,10 +23,12 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
+from micrograd.codec.wire import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .config import Settings
+from .handlers import rebuilt
 from .service import Deadline, GradientService, ServiceError
 
 __all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer", "status_of"]
@@ -122,9 +124,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         try:
             if service.cells(request) <= self.inline_cells:
                 with service.admit():
-                    return service.evaluate(request)
+                    return service.evaluate_wire(request)  # type: ignore[return-value]
             call = _Call(service, self.pool, context)
-            return await call.offload(service.evaluate, request, call.deadline)
+            return await call.offload(service.evaluate_wire, request, call.deadline)  # type: ignore[return-value]
         except Exception as exc:
             await self._fail(context, exc)
             raise AssertionError("unreachable") from exc
@@ -139,7 +141,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         call = None
         try:
             call = _Call(self.service, self.pool, context)
-            messages = self.service.evaluate_stream(request, call.deadline)
+            messages = self.service.evaluate_stream_wire(request, call.deadline)
             inline = self.service.cells(request.request) <= self.inline_cells
             done = object()
             while True:
@@ -227,10 +229,23 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
 def _wrapped(
     path: str, handler: grpc.RpcMethodHandler, wrappers: Sequence[HandlerWrapper]
 ) -> grpc.RpcMethodHandler:
-    """``handler`` wrapped by every wrapper, the first outermost."""
+    """``handler`` wrapped by every wrapper (the first outermost), sending bytes as they are."""
     for wrapper in reversed(wrappers):
         handler = wrapper.wrap(path, handler)
-    return handler
+    return rebuilt(
+        handler, response_serializer=_serializer_passing_wire(handler.response_serializer)
+    )
+
+
+def _serializer_passing_wire(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A response serializer that sends serialized responses (``codec.Wire``) as they are."""
+
+    def serializer(response: Any) -> bytes:
+        if isinstance(response, Wire):
+            return response.data
+        return serialize(response) if serialize is not None else response
+
+    return serializer
 
 
 class _Registrar:

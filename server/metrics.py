@@ -19,12 +19,14 @@ from typing import Any, Protocol
 
 import grpc
 import grpc.aio
+from micrograd.codec.wire import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import logs
+from .handlers import rebuilt
 from .logs import log_request, request_id
 
 __all__ = [
@@ -164,7 +166,13 @@ class _Series:
     """The metric children of one (transport, method), resolved once: labels() costs a lock."""
 
     __slots__ = (
-        "_requests_family", "in_flight", "latency", "method", "nodes", "requests", "transport"
+        "_requests_family",
+        "in_flight",
+        "latency",
+        "method",
+        "nodes",
+        "requests",
+        "transport",
     )
 
     def __init__(self, metrics: Metrics, transport: str, method: str) -> None:
@@ -183,7 +191,8 @@ class _Series:
         child = self.requests.get(status)
         if child is None:
             child = self.requests[status] = self._requests_family.labels(
-                self.transport, self.method, status)
+                self.transport, self.method, status
+            )
         child.inc()
 
 
@@ -232,8 +241,9 @@ class Call:
     ) -> None:
         self.series.in_flight.dec()
         if not self._done:
-            self.finish("CANCELLED" if kind is not None and kind.__name__ == "CancelledError"
-                        else "UNKNOWN")
+            self.finish(
+                "CANCELLED" if kind is not None and kind.__name__ == "CancelledError" else "UNKNOWN"
+            )
 
     def finish(self, status: str, nodes: int = 0, **log_fields: Any) -> None:
         """Record the call's outcome (a gRPC status code name) in the metrics and the log."""
@@ -247,12 +257,22 @@ class Call:
         if nodes:
             series.nodes.inc(nodes)
         if logs.requests_logged():
-            log_request(series.transport, series.method, self.request_id, status, nodes,
-                        seconds, **log_fields)
+            log_request(
+                series.transport,
+                series.method,
+                self.request_id,
+                status,
+                nodes,
+                seconds,
+                **log_fields,
+            )
 
 
 def nodes_evaluated(response: Any) -> int:
-    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header."""
+    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
+    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
+    if isinstance(response, Wire):
+        return response.nodes
     if isinstance(response, pb.EvaluateStreamResponse):
         if response.part != pb.PART_HEADER:
             return 0
@@ -309,23 +329,9 @@ class MetricsInterceptor:
         method = path.rsplit("/", 1)[-1]
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
-            wrapped_stream = self._streaming(method, inner)
-            if handler.request_streaming:
-                return grpc.stream_stream_rpc_method_handler(
-                    wrapped_stream, handler.request_deserializer, handler.response_serializer
-                )
-            return grpc.unary_stream_rpc_method_handler(
-                wrapped_stream, handler.request_deserializer, handler.response_serializer
-            )
+            return rebuilt(handler, self._streaming(method, inner))
         inner = handler.unary_unary or handler.stream_unary
-        wrapped = self._unary(method, inner)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                wrapped, handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped, handler.request_deserializer, handler.response_serializer
-        )
+        return rebuilt(handler, self._unary(method, inner))
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         """``behavior`` (one response) recorded as a call of ``method``."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
+from micrograd.codec.wire import Wire, with_arrays
 from micrograd.tape import GraphError, Kernel, Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
@@ -30,7 +31,7 @@ from .cache import GraphCache, RecentGraphs
 from .config import Settings
 from .kernels import resolve_kernel
 
-__all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload", "set_doubles"]
+__all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload"]
 
 
 class Code(enum.Enum):
@@ -92,9 +93,10 @@ class Deadline:
 _NO_DEADLINE = Deadline()
 
 
-_HASH_AHEAD_NODES = 50_000
-"""From this many nodes on, a graph's id is hashed on a thread while the sweeps run
-(hashlib and the native kernel both release the GIL); smaller ones are hashed at once."""
+_OVERLAP_CELLS = 50_000
+"""From this many node-bindings on, work overlaps on background threads (hashlib and the
+native kernel release the GIL): a graph's id is hashed while the sweeps run, and a stream's
+reverse sweep runs while its value chunks are sent. Smaller calls do everything in line."""
 
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
@@ -133,30 +135,6 @@ class Plan:
         return len(self.tape) if self.selection is None else int(self.selection.shape[0])
 
 
-_SMALL_DOUBLES = 512
-"""Below this many numbers, ``extend(list)`` beats parsing a packed field."""
-
-
-def set_doubles(msg: object, field_number: int, field: str, data: np.ndarray) -> None:
-    """Fill the empty ``repeated double`` field ``field`` of ``msg`` from an array, fast.
-
-    Large arrays are appended as one packed wire field parsed in C (no Python
-    float per number); ``field_number`` must be that field's number (< 16).
-    """
-    flat = np.ascontiguousarray(data, dtype="<f8").reshape(-1)
-    if flat.shape[0] <= _SMALL_DOUBLES:
-        getattr(msg, field).extend(flat.tolist())
-        return
-    payload = flat.tobytes()
-    length = len(payload)
-    header = bytearray([(field_number << 3) | 2])
-    while length >= 0x80:
-        header.append((length & 0x7F) | 0x80)
-        length >>= 7
-    header.append(length)
-    msg.MergeFromString(bytes(header) + payload)  # type: ignore[attr-defined]
-
-
 def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
     """Turn a codec/tape ``GraphError`` into INVALID_ARGUMENT (or RESOURCE_EXHAUSTED if too big).
 
@@ -178,7 +156,9 @@ class GradientService:
         self.kernel = kernel or resolve_kernel(settings.kernel, settings.flush_denormals)
         self.cache = GraphCache(settings.graph_cache_entries, settings.graph_cache_bytes)
         self.recent = RecentGraphs()
-        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="graph-id")
+        self._background = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="micrograd-overlap"
+        )
         self._lock = threading.Lock()
         self._in_flight = 0
         self._draining = False
@@ -298,8 +278,8 @@ class GradientService:
                 tape = codec.unpack(msg.packed_graph, max_nodes)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
-        if n >= _HASH_AHEAD_NODES:
-            return tape, self._hasher.submit(codec.graph_id, tape)
+        if n >= _OVERLAP_CELLS:
+            return tape, self._background.submit(codec.graph_id, tape)
         gid = codec.graph_id(tape)
         if key is not None:
             self.recent.put(key, tape, gid)
@@ -392,7 +372,13 @@ class GradientService:
     def evaluate(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
     ) -> pb.EvaluateResponse:
-        """The Evaluate rpc: values and gradients of the selected nodes."""
+        """The Evaluate rpc as a message (parsed from ``evaluate_wire``, which is cheap)."""
+        return pb.EvaluateResponse.FromString(self.evaluate_wire(request, deadline).data)
+
+    def evaluate_wire(
+        self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> Wire:
+        """The Evaluate rpc, serialized: values and gradients of the selected nodes."""
         plan = self.plan(request)
         numbers = plan.rows * plan.width * (2 if plan.gradients else 1)
         if 8 * numbers + 4 * plan.width > self.settings.max_message_bytes:
@@ -405,19 +391,12 @@ class GradientService:
         deadline.check()
         values = self.forward(plan)
         deadline.check()
-        grads = self.backward(plan, values) if plan.gradients else None
+        arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
+        if plan.gradients:
+            grads = self.backward(plan, values)
+            arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
-        resp = self.header(plan)
-        vals = self.reported(plan, values)
-        if plan.binary:
-            resp.values_f64 = codec.f64_bytes(vals)
-            if grads is not None:
-                resp.grads_f64 = codec.f64_bytes(self.reported(plan, grads))
-        else:
-            set_doubles(resp, 2, "values", vals)
-            if grads is not None:
-                set_doubles(resp, 3, "grads", self.reported(plan, grads))
-        return resp
+        return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
 
     def chunk_size(self, requested: int) -> int:
         """Numbers per stream chunk: the request's or the server default, capped so that a
@@ -429,41 +408,48 @@ class GradientService:
     def evaluate_stream(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
     ) -> Iterator[pb.EvaluateStreamResponse]:
-        """The EvaluateStream rpc: the header and value chunks after the forward sweep, then
-        the gradient chunks after the reverse sweep.
+        """The EvaluateStream rpc as messages (parsed from ``evaluate_stream_wire``)."""
+        for wire in self.evaluate_stream_wire(request, deadline):
+            yield pb.EvaluateStreamResponse.FromString(wire.data)
+
+    def evaluate_stream_wire(
+        self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> Iterator[Wire]:
+        """The EvaluateStream rpc, serialized: the header and value chunks after the forward
+        sweep, then the gradient chunks after the reverse sweep.
 
         The first ``next()`` validates and runs the forward sweep; each later
-        ``next()`` does at most one sweep, so a transport can check for
-        cancellation between them.
+        ``next()`` yields one chunk, so a transport can check for cancellation
+        between them. For big graphs the reverse sweep runs on a background
+        thread while the value chunks go out.
         """
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
         deadline.check()
         values = self.forward(plan)  # while a big graph's id is hashed on another thread
         deadline.check()
-        yield pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
+        header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
+        yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
         deadline.check()
+        overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
+        reverse = self._background.submit(self.backward, plan, values) if overlap else None
         yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
         if not plan.gradients:
             return
-        grads = self.backward(plan, values)
+        grads = reverse.result() if reverse is not None else self.backward(plan, values)
         deadline.check()
         yield from self._chunks(plan, pb.PART_GRADIENTS, self.reported(plan, grads), size, deadline)
 
     @staticmethod
     def _chunks(
         plan: Plan, part: int, table: np.ndarray, size: int, deadline: Deadline
-    ) -> Iterator[pb.EvaluateStreamResponse]:
+    ) -> Iterator[Wire]:
         """Cut a row-major array into stream messages of at most ``size`` numbers."""
         flat = table.reshape(-1)
+        field = "data_f64" if plan.binary else "data"
         for offset in range(0, flat.shape[0], size):
-            piece = flat[offset : offset + size]
-            msg = pb.EvaluateStreamResponse(part=part, offset=offset)
-            if plan.binary:
-                msg.data_f64 = codec.f64_bytes(piece)
-            else:
-                set_doubles(msg, 4, "data", piece)
-            yield msg
+            head = pb.EvaluateStreamResponse(part=part, offset=offset)
+            yield with_arrays(head, [(field, flat[offset : offset + size])])
             deadline.check()
 
     # -- registration ------------------------------------------------------

@@ -1,0 +1,64 @@
+"""Serialized messages with big number arrays, written straight from numpy.
+
+A ``repeated double`` field (packed, as proto3 packs it) and a ``bytes``
+field holding little-endian float64s have the same wire form: a tag, a
+length, the raw numbers. Protobuf also parses concatenated encodings as one
+message (fields may come in any order). So a response is its small header
+message serialized as usual, followed by each array as one such field, joined
+with a single copy; the protobuf runtime would instead copy each array into
+the message and again while serializing it (about 30 ms for 16 MB here,
+against under 1 ms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+__all__ = ["Wire", "varint", "with_arrays"]
+
+_F64 = np.dtype("<f8")
+_LENGTH_DELIMITED = 2
+_ARRAY_FIELD_TYPES = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """A serialized message, and the node evaluations it reports (for metrics)."""
+
+    data: bytes
+    nodes: int = 0
+
+
+def varint(n: int) -> bytes:
+    """``n`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def with_arrays(head: Message, arrays: Iterable[tuple[str, np.ndarray]], nodes: int = 0) -> Wire:
+    """``head`` serialized, then each ``(field name, array)`` as that field's float64 content.
+
+    Each named field must be a ``repeated double`` or a ``bytes`` field left
+    empty in ``head``; arrays are written row-major as little-endian float64.
+    """
+    fields = head.DESCRIPTOR.fields_by_name
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    for name, array in arrays:
+        field = fields[name]
+        if field.type not in _ARRAY_FIELD_TYPES:
+            raise TypeError(f"{head.DESCRIPTOR.name}.{name} is not a double or bytes field")
+        flat = np.ascontiguousarray(array, dtype=_F64).reshape(-1)
+        if not flat.size:
+            continue
+        parts.append(varint((field.number << 3) | _LENGTH_DELIMITED) + varint(flat.nbytes))
+        parts.append(memoryview(flat).cast("B"))  # type: ignore[arg-type]
+    return Wire(b"".join(parts), nodes)
