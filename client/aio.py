@@ -14,12 +14,12 @@ import grpc
 import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from micrograd import codec
 from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
-from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 from micrograd.v1 import graph_pb2
 
-from .channel import MiB, Retry
+from .channel import MiB, Retry, Stub
 from .client import GraphMessage, Settings
 from .errors import NotFound, remote_error
 from .request import (
@@ -30,6 +30,7 @@ from .request import (
     packed,
     prepare,
     split_request,
+    stream_request,
     upload_pieces,
     with_source,
 )
@@ -59,8 +60,15 @@ class AsyncClient:
     ) -> None:
         """Open an asyncio channel to ``target``; see ``Client`` for the arguments."""
         self.settings = Settings(
-            target, timeout, retries, retry, max_message_bytes, upload_threshold,
-            stream_threshold, piece_bytes, remember,
+            target,
+            timeout,
+            retries,
+            retry,
+            max_message_bytes,
+            upload_threshold,
+            stream_threshold,
+            piece_bytes,
+            remember,
         )
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=self.settings.options)
@@ -68,7 +76,7 @@ class AsyncClient:
             self.channel = grpc.aio.secure_channel(
                 target, credentials, options=self.settings.options
             )
-        self._stub = pb_grpc.GradientServiceStub(self.channel)
+        self._stub = Stub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     @property
@@ -236,7 +244,7 @@ class AsyncClient:
 
     async def _evaluate_once(
         self,
-        request: pb.EvaluateRequest,
+        request: pb.EvaluateRequest | codec.Wire,
         batched: bool,
         gradients: bool,
         streamed: bool,
@@ -249,7 +257,7 @@ class AsyncClient:
                 response = await self._stub.Evaluate(request, timeout=t)
                 return result_from_response(response, batched, gradients)
             assembly = StreamAssembly(batched, gradients)
-            call = self._stub.EvaluateStream(pb.EvaluateStreamRequest(request=request), timeout=t)
+            call = self._stub.EvaluateStream(stream_request(request), timeout=t)
             async for message in call:
                 assembly.add(message)
             return assembly.result()

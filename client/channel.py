@@ -12,10 +12,15 @@ evaluation, content-addressed registration), so retrying is always safe.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["MiB", "Retry", "channel_options"]
+from micrograd.codec import Wire
+from micrograd.v1 import gradient_service_pb2 as pb
+from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
+
+__all__ = ["MiB", "Retry", "Stub", "channel_options"]
 
 MiB = 1 << 20
 
@@ -59,3 +64,36 @@ def channel_options(max_message_bytes: int, retry: Retry) -> list[tuple[str, int
         ("grpc.min_reconnect_backoff_ms", backoff_ms),
         ("grpc.max_reconnect_backoff_ms", max(int(retry.maximum * 1000), backoff_ms)),
     ]
+
+
+def _passing_wire(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A request serializer that sends pre-serialized requests (``codec.Wire``) as they are."""
+
+    def serializer(request: Any) -> bytes:
+        return request.data if isinstance(request, Wire) else serialize(request)
+
+    return serializer
+
+
+def _path(method: str) -> str:
+    """The gRPC path of a ``GradientService`` method, from the descriptor."""
+    return f"/{pb.DESCRIPTOR.services_by_name['GradientService'].full_name}/{method}"
+
+
+class Stub(pb_grpc.GradientServiceStub):
+    """The generated stub, whose ``Evaluate`` and ``EvaluateStream`` also take ``codec.Wire``
+    requests (a big graph appended already serialized); works on sync and asyncio channels."""
+
+    def __init__(self, channel: Any) -> None:
+        """Stubs for every rpc on ``channel``."""
+        super().__init__(channel)
+        self.Evaluate = channel.unary_unary(
+            _path("Evaluate"),
+            request_serializer=_passing_wire(pb.EvaluateRequest.SerializeToString),
+            response_deserializer=pb.EvaluateResponse.FromString,
+        )
+        self.EvaluateStream = channel.unary_stream(
+            _path("EvaluateStream"),
+            request_serializer=_passing_wire(pb.EvaluateStreamRequest.SerializeToString),
+            response_deserializer=pb.EvaluateStreamResponse.FromString,
+        )

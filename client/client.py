@@ -17,12 +17,12 @@ from typing import TypeAlias, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from micrograd import codec
 from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
-from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 from micrograd.v1 import graph_pb2
 
-from .channel import MiB, Retry, channel_options
+from .channel import MiB, Retry, Stub, channel_options
 from .errors import NotFound, RemoteError, remote_error
 from .request import (
     GraphLike,
@@ -32,6 +32,7 @@ from .request import (
     packed,
     prepare,
     split_request,
+    stream_request,
     upload_pieces,
     with_source,
 )
@@ -159,14 +160,21 @@ class Client:
     ) -> None:
         """Open a channel to ``target`` (``host:port``); TLS when ``credentials`` are given."""
         self.settings = Settings(
-            target, timeout, retries, retry, max_message_bytes, upload_threshold,
-            stream_threshold, piece_bytes, remember,
+            target,
+            timeout,
+            retries,
+            retry,
+            max_message_bytes,
+            upload_threshold,
+            stream_threshold,
+            piece_bytes,
+            remember,
         )
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=self.settings.options)
         else:
             self.channel = grpc.secure_channel(target, credentials, options=self.settings.options)
-        self._stub = pb_grpc.GradientServiceStub(self.channel)
+        self._stub = Stub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     @property
@@ -340,7 +348,7 @@ class Client:
 
     def _evaluate_once(
         self,
-        request: pb.EvaluateRequest,
+        request: pb.EvaluateRequest | codec.Wire,
         batched: bool,
         gradients: bool,
         streamed: bool,
@@ -353,8 +361,8 @@ class Client:
 
         def attempt(t: float | None) -> Result:
             assembly = StreamAssembly(batched, gradients)
-            stream_request = pb.EvaluateStreamRequest(request=request)
-            for message in self._stub.EvaluateStream(stream_request, timeout=t):
+            streamed_request = stream_request(request)
+            for message in self._stub.EvaluateStream(streamed_request, timeout=t):
                 assembly.add(message)
             return assembly.result()
 

@@ -28,6 +28,7 @@ __all__ = [
     "packed",
     "prepare",
     "split_request",
+    "stream_request",
     "upload_pieces",
     "with_source",
 ]
@@ -109,9 +110,7 @@ def _selection(request: pb.EvaluateRequest, selection: SelectionLike) -> None:
     request.nodes.extend(np.asarray(selection, dtype=np.int64).tolist())
 
 
-def _batch(
-    request: pb.EvaluateRequest, batch: Mapping[str, Sequence[float]] | np.ndarray
-) -> None:
+def _batch(request: pb.EvaluateRequest, batch: Mapping[str, Sequence[float]] | np.ndarray) -> None:
     """Fill ``request.batch``: named columns from a mapping, or a ``(rows, inputs)`` array."""
     if isinstance(batch, Mapping):
         columns = list(batch)
@@ -153,17 +152,25 @@ def evaluate_request(
 def with_source(
     request: pb.EvaluateRequest,
     source: graph_pb2.Graph | graph_pb2.PackedGraph | str,
-) -> pb.EvaluateRequest:
-    """A copy of ``request`` evaluating ``source`` (a graph message or a graph_id)."""
-    out = pb.EvaluateRequest()
-    out.CopyFrom(request)
+) -> pb.EvaluateRequest | codec.Wire:
+    """``request`` evaluating ``source``: a graph_id is set on a copy; a graph message is
+    appended already serialized (``codec.with_message``), the fast way to send a big one."""
     if isinstance(source, str):
+        out = pb.EvaluateRequest()
+        out.CopyFrom(request)
         out.graph_id = source
-    elif isinstance(source, graph_pb2.PackedGraph):
-        out.packed_graph.CopyFrom(source)
-    else:
-        out.graph.CopyFrom(source)
-    return out
+        return out
+    field = "packed_graph" if isinstance(source, graph_pb2.PackedGraph) else "graph"
+    return codec.with_message(request, field, source.SerializeToString())
+
+
+def stream_request(
+    request: pb.EvaluateRequest | codec.Wire,
+) -> pb.EvaluateStreamRequest | codec.Wire:
+    """The ``EvaluateStreamRequest`` around ``request`` (kept serialized if it is)."""
+    if isinstance(request, codec.Wire):
+        return codec.with_message(pb.EvaluateStreamRequest(), "request", request.data)
+    return pb.EvaluateStreamRequest(request=request)
 
 
 def split_request(request: pb.EvaluateRequest) -> tuple[Prepared, pb.EvaluateRequest]:
@@ -197,13 +204,10 @@ def upload_pieces(
     ]
     for k in range(m):
         ops, args, values = (data[cut[k] : cut[k + 1]] for (data, _), cut in zip(columns, cuts))
-        yield pb.UploadGraphRequest(
-            piece=graph_pb2.PackedGraph(ops=ops, args=args, values=values)
-        )
+        yield pb.UploadGraphRequest(piece=graph_pb2.PackedGraph(ops=ops, args=args, values=values))
     names = graph.names
     per_piece = max(piece_bytes // 64, 1)
     for start in range(0, len(names), per_piece):
         yield pb.UploadGraphRequest(
             piece=graph_pb2.PackedGraph(names=names[start : start + per_piece])
         )
-

@@ -16,7 +16,7 @@ from .graph import (
     unpack,
 )
 from .request import bindings, output_index, selection_indices
-from .wire import Wire, varint, with_arrays
+from .wire import Wire, varint, with_arrays, with_message
 
 __all__ = [
     "GraphTooLarge",
@@ -36,4 +36,5 @@ __all__ = [
     "unpack",
     "varint",
     "with_arrays",
+    "with_message",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Wire", "varint", "with_arrays"]
+__all__ = ["Wire", "varint", "with_arrays", "with_message"]
 
 _F64 = np.dtype("<f8")
 _LENGTH_DELIMITED = 2
@@ -62,3 +62,16 @@ def with_arrays(head: Message, arrays: Iterable[tuple[str, np.ndarray]], nodes: 
         parts.append(varint((field.number << 3) | _LENGTH_DELIMITED) + varint(flat.nbytes))
         parts.append(memoryview(flat).cast("B"))  # type: ignore[arg-type]
     return Wire(b"".join(parts), nodes)
+
+
+def with_message(head: Message, field: str, message: bytes, nodes: int = 0) -> Wire:
+    """``head`` serialized, then ``message`` (already serialized) as its message field ``field``.
+
+    Sends a big embedded message (a graph) without copying it into ``head``
+    first, which costs the protobuf runtime more than serializing it.
+    """
+    descriptor = head.DESCRIPTOR.fields_by_name[field]
+    if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
+        raise TypeError(f"{head.DESCRIPTOR.name}.{field} is not a message field")
+    tag = varint((descriptor.number << 3) | _LENGTH_DELIMITED)
+    return Wire(b"".join([head.SerializeToString(), tag, varint(len(message)), message]), nodes)
