@@ -65,8 +65,12 @@ class Prepared:
         return None
 
     def byte_size(self) -> int:
-        """Encoded size of the graph message (0 for an id)."""
-        return 0 if self.message is None else self.message.ByteSize()
+        """Encoded size of the graph message (0 for an id), within a few bytes per name."""
+        message = self.message
+        if isinstance(message, graph_pb2.PackedGraph):  # ByteSize() would walk 8 MB for 1M nodes
+            columns = len(message.ops) + len(message.args) + len(message.values)
+            return columns + 16 + sum(len(n.name) + 12 for n in message.names)
+        return 0 if message is None else message.ByteSize()
 
 
 def prepare(graph: GraphLike, names: Mapping[str, Value] | None = None) -> Prepared:
