@@ -72,7 +72,9 @@ class CacheCounts(Protocol):
     def __len__(self) -> int: ...
 
     @property
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Bytes the cached graphs take."""
+        ...
 
 
 class _CacheCollector(Collector):
