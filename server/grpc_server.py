@@ -115,24 +115,37 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         log.exception("internal error while serving a call")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
 
-    async def Evaluate(
-        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EvaluateResponse:
-        """Evaluate rpc."""
-        service = self.service
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[..., T],
+        request: Any,
+        inline: bool,
+    ) -> T:
+        """``work(request[, deadline])`` for a unary call: in line when ``inline`` (small),
+        else on the pool where cancellation and the deadline can stop it; errors end the call
+        with their status."""
         call = None
         try:
-            if service.cells(request) <= self.inline_cells:
-                with service.admit():
-                    return service.evaluate_wire(request)  # type: ignore[return-value]
-            call = _Call(service, self.pool, context)
-            return await call.offload(service.evaluate_wire, request, call.deadline)  # type: ignore[return-value]
+            if inline:
+                with self.service.admit():
+                    return work(request)
+            call = _Call(self.service, self.pool, context)
+            return await call.offload(work, request, call.deadline)
         except Exception as exc:
             await self._fail(context, exc)
             raise AssertionError("unreachable") from exc
         finally:
             if call is not None:
                 call.close()
+
+    async def Evaluate(
+        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EvaluateResponse:
+        """Evaluate rpc (answered with the serialized response, ``codec.Wire``)."""
+        inline = self.service.cells(request) <= self.inline_cells
+        wire = await self._answer(context, self.service.evaluate_wire, request, inline)
+        return wire  # type: ignore[return-value]
 
     async def EvaluateStream(
         self, request: pb.EvaluateStreamRequest, context: grpc.aio.ServicerContext
@@ -159,19 +172,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.RegisterGraphRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterGraphResponse:
         """RegisterGraph rpc."""
-        call = None
-        try:
-            call = _Call(self.service, self.pool, context)
-            size = len(request.graph.nodes) + len(request.packed_graph.ops)
-            if size <= self.inline_cells:
-                return self.service.register_graph(request)
-            return await call.offload(self.service.register_graph, request)
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise AssertionError("unreachable") from exc
-        finally:
-            if call is not None:
-                call.close()
+        inline = len(request.graph.nodes) + len(request.packed_graph.ops) <= self.inline_cells
+        return await self._answer(context, self.service.register_graph, request, inline)
 
     async def UploadGraph(
         self,

@@ -466,9 +466,12 @@ class GradientService:
             )
         return gid
 
-    def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
+    def register_graph(
+        self, request: pb.RegisterGraphRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> pb.RegisterGraphResponse:
         """The RegisterGraph rpc: decode, validate, cache; the same graph gives the same id."""
         tape, gid = self.decode_graph(request)
+        deadline.check()
         return pb.RegisterGraphResponse(graph_id=self.register(tape, gid), node_count=len(tape))
 
     def upload(self) -> Upload:
