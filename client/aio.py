@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from micrograd import codec
 from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
-from micrograd.v1 import graph_pb2
 
 from .channel import MiB, Retry, Stub
 from .client import GraphMessage, Settings
@@ -29,6 +28,7 @@ from .request import (
     evaluate_request,
     packed,
     prepare,
+    register_request,
     split_request,
     stream_request,
     upload_pieces,
@@ -192,17 +192,11 @@ class AsyncClient:
         s = self.settings
 
         async def attempt(t: float | None) -> str:
-            if message.ByteSize() > s.upload_threshold:
+            if s.uploads(message):
                 pieces = upload_pieces(packed(message), s.piece_bytes)
                 reply = await self._stub.UploadGraph(pieces, timeout=t)
-            elif isinstance(message, graph_pb2.PackedGraph):
-                reply = await self._stub.RegisterGraph(
-                    pb.RegisterGraphRequest(packed_graph=message), timeout=t
-                )
             else:
-                reply = await self._stub.RegisterGraph(
-                    pb.RegisterGraphRequest(graph=message), timeout=t
-                )
+                reply = await self._stub.RegisterGraph(register_request(message), timeout=t)
             return str(reply.graph_id)
 
         graph_id = await self._call(attempt, timeout)
@@ -233,10 +227,7 @@ class AsyncClient:
         except NotFound as error:
             if graph_id is None:
                 raise
-            message = prepared.message or s.known.get(graph_id)
-            if message is None:
-                raise s.not_found(graph_id, error) from error
-            await self._register(message, timeout)
+            await self._register(s.resend(prepared, graph_id, error), timeout)
             return await self._evaluate_once(full, batched, gradients, streamed, timeout)
         if graph_id is None and prepared.message is not None and result.graph_id:
             s.remember_graph(result.graph_id, prepared.message)

@@ -31,6 +31,7 @@ from .request import (
     evaluate_request,
     packed,
     prepare,
+    register_request,
     split_request,
     stream_request,
     upload_pieces,
@@ -118,6 +119,17 @@ class Settings:
             width = max(len(request.batch.columns), 1)
             rows = max(len(request.batch.values_f64) // 8, len(request.batch.values)) // width
         return upload, upload or n * max(rows, 1) * 16 > self.stream_threshold
+
+    def uploads(self, message: GraphMessage) -> bool:
+        """Whether ``message`` is big enough to go through UploadGraph rather than RegisterGraph."""
+        return Prepared(message).byte_size() > self.upload_threshold
+
+    def resend(self, prepared: Prepared, graph_id: str, error: NotFound) -> GraphMessage:
+        """The graph to register again when the server lacks ``graph_id``, or raise ``NotFound``."""
+        message = prepared.message or self.known.get(graph_id)
+        if message is None:
+            raise self.not_found(graph_id, error) from error
+        return message
 
     def not_found(self, graph_id: str, error: RemoteError) -> NotFound:
         """The ``NotFound`` for a graph_id the server lacks and this client cannot resend."""
@@ -297,18 +309,14 @@ class Client:
     def _register(self, message: GraphMessage, timeout: float | None) -> str:
         """RegisterGraph, or UploadGraph in pieces for a large message; remembers the graph."""
         s = self.settings
-        if message.ByteSize() > s.upload_threshold:
+        if s.uploads(message):
             whole = packed(message)
             reply = self._call(
                 lambda t: self._stub.UploadGraph(upload_pieces(whole, s.piece_bytes), timeout=t),
                 timeout,
             )
         else:
-            request = (
-                pb.RegisterGraphRequest(packed_graph=message)
-                if isinstance(message, graph_pb2.PackedGraph)
-                else pb.RegisterGraphRequest(graph=message)
-            )
+            request = register_request(message)
             reply = self._call(lambda t: self._stub.RegisterGraph(request, timeout=t), timeout)
         s.remember_graph(reply.graph_id, message)
         return str(reply.graph_id)
@@ -337,10 +345,7 @@ class Client:
         except NotFound as error:
             if graph_id is None:
                 raise
-            message = prepared.message or s.known.get(graph_id)
-            if message is None:
-                raise s.not_found(graph_id, error) from error
-            self._register(message, timeout)
+            self._register(s.resend(prepared, graph_id, error), timeout)
             return self._evaluate_once(full, batched, gradients, streamed, timeout)
         if graph_id is None and prepared.message is not None and result.graph_id:
             s.remember_graph(result.graph_id, prepared.message)

@@ -27,6 +27,7 @@ __all__ = [
     "evaluate_request",
     "packed",
     "prepare",
+    "register_request",
     "split_request",
     "stream_request",
     "upload_pieces",
@@ -90,6 +91,13 @@ def prepare(graph: GraphLike, names: Mapping[str, Value] | None = None) -> Prepa
         "graph must be a micrograd.v1 Graph or PackedGraph, a Tape, a Value or a graph_id "
         f"string, not {type(graph).__name__}"
     )
+
+
+def register_request(message: graph_pb2.Graph | graph_pb2.PackedGraph) -> pb.RegisterGraphRequest:
+    """The ``RegisterGraphRequest`` carrying ``message``."""
+    if isinstance(message, graph_pb2.PackedGraph):
+        return pb.RegisterGraphRequest(packed_graph=message)
+    return pb.RegisterGraphRequest(graph=message)
 
 
 def packed(message: graph_pb2.Graph | graph_pb2.PackedGraph) -> graph_pb2.PackedGraph:
