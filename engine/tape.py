@@ -232,9 +232,9 @@ class Tape:
     ) -> np.ndarray:
         """Gradient of node ``output`` (default: last) w.r.t. every node, shaped like ``values``."""
         out = self.check_output(output)
-        cols = values if values.ndim == 1 else values.T
-        grads = np.zeros_like(cols)
-        (kernel or get_kernel()).backward(self, np.ascontiguousarray(cols), grads, out)
+        cols = np.ascontiguousarray(values if values.ndim == 1 else values.T, dtype=np.float64)
+        grads = np.zeros(cols.shape)  # C order, as the kernels want (zeros_like would keep F)
+        (kernel or get_kernel()).backward(self, cols, grads, out)
         return grads if grads.ndim == 1 else grads.T
 
     def evaluate(
