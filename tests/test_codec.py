@@ -197,3 +197,36 @@ def test_response_arrays_read_either_wire_form() -> None:
         assert np.array_equal(v, values) and np.array_equal(g, grads, equal_nan=True)
     with pytest.raises(ValueError, match="whole number"):
         codec.f64_array(b"\0" * 7)
+
+
+def test_wire_arrays_parse_as_the_message_protobuf_would_build() -> None:
+    values = np.array([[1.5, -0.0], [float("inf"), 2.0**-1074]])
+    grads = np.arange(4.0).reshape(2, 2)
+    head = pb.EvaluateResponse(output=3, rows=2, node_count=2, graph_id="sha256:x", names={"a": 0})
+    built = pb.EvaluateResponse()
+    built.CopyFrom(head)
+    built.values.extend(values.ravel())
+    built.grads_f64 = grads.tobytes()
+    wire = codec.with_arrays(head, [("values", values), ("grads_f64", grads)], nodes=7)
+    assert wire.nodes == 7
+    parsed = pb.EvaluateResponse.FromString(wire.data)
+    assert parsed == built
+    assert np.array_equal(codec.response_arrays(parsed, batched=True)[0], values)
+
+
+def test_wire_message_field_parses_as_the_embedded_message() -> None:
+    tape = seed_tape()
+    packed = codec.pack(tape)
+    head = pb.EvaluateRequest(inputs={"a": 1.0}, binary_output=True)
+    wire = codec.with_message(head, "packed_graph", packed.SerializeToString())
+    expected = pb.EvaluateRequest(inputs={"a": 1.0}, binary_output=True, packed_graph=packed)
+    assert pb.EvaluateRequest.FromString(wire.data) == expected
+    outer = codec.with_message(pb.EvaluateStreamRequest(chunk_size=5), "request", wire.data)
+    assert pb.EvaluateStreamRequest.FromString(outer.data).request == expected
+
+
+def test_wire_refuses_fields_of_the_wrong_kind() -> None:
+    with pytest.raises(TypeError, match="not a double or bytes field"):
+        codec.with_arrays(pb.EvaluateResponse(), [("rows", np.zeros(2))])
+    with pytest.raises(TypeError, match="not a message field"):
+        codec.with_message(pb.EvaluateRequest(), "graph_id", b"")
