@@ -1,11 +1,17 @@
-"""Scale-out as deployed: two replicas behind nginx, with the repository's own nginx.conf.
+"""Deployment as shipped: the compose file, the image recipe, and nginx in front of replicas.
+
+No container can run here, so the compose file is validated by
+docker-compose itself and the Dockerfile is checked against the tree and
+the server's defaults. Scale-out is tested for real: two replicas behind
+nginx, with the repository's own nginx.conf.
 
 ``deploy/nginx.conf`` is what docker-compose.yml runs in front of the
 replicas. Here the same file is pointed at two server processes on loopback
 (only the addresses change: Docker's service name and resolver become
 127.0.0.1 ports), so its gRPC (`grpc_pass` over HTTP/2) and HTTP proxying
-are exercised by a real nginx. ``scripts/test`` installs nginx; the test is
-skipped, saying why, only where nginx cannot be had.
+are exercised by a real nginx. ``scripts/test`` installs nginx and
+docker-compose; a test that needs one is skipped, saying why, only where it
+cannot be had.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from micrograd import codec
+from micrograd.server.config import Settings
 from micrograd.server.grpc_server import PID_METADATA
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
@@ -34,9 +41,10 @@ from tests.graphs import seed_graph
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
-pytestmark = pytest.mark.skipif(
+needs_nginx = pytest.mark.skipif(
     NGINX is None, reason="nginx is not installed (scripts/test installs it)"
 )
+COMPOSE = shutil.which("docker-compose")
 
 
 def free_port() -> int:
@@ -107,6 +115,7 @@ def balanced(
         proc.wait(10)
 
 
+@needs_nginx
 def test_nginx_spreads_grpc_calls_over_both_replicas(
     balanced: tuple[str, str, list[RunningServer]],
 ) -> None:
@@ -129,6 +138,7 @@ def test_nginx_spreads_grpc_calls_over_both_replicas(
     )
 
 
+@needs_nginx
 def test_nginx_proxies_json_rpc_and_readiness(
     balanced: tuple[str, str, list[RunningServer]],
 ) -> None:
@@ -149,3 +159,34 @@ def test_nginx_proxies_json_rpc_and_readiness(
     assert (f"{grads['a']:.4f}", f"{grads['b']:.4f}") == ("138.8338", "645.5773")
     with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
         assert response.status == 200
+
+
+@pytest.mark.skipif(
+    COMPOSE is None, reason="docker-compose is not installed (scripts/test installs it)"
+)
+def test_compose_file_is_valid() -> None:
+    assert COMPOSE is not None
+    done = subprocess.run(
+        [COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_image_recipe_matches_the_tree_and_the_server_defaults() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
+            for source in parts[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is missing"
+    defaults = Settings(workers=1)
+    exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M)
+    assert exposed is not None
+    assert exposed.group(1).split() == [str(defaults.port), str(defaults.http_port)]
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert f"{defaults.port}:{defaults.port}" in compose
+    assert f"{defaults.http_port}:{defaults.http_port}" in compose
+    assert "./deploy/nginx.conf:" in compose and (ROOT / "deploy" / "nginx.conf").exists()
