@@ -94,9 +94,10 @@ _NO_DEADLINE = Deadline()
 
 
 _OVERLAP_CELLS = 50_000
-"""From this many node-bindings on, work overlaps on background threads (hashlib and the
-native kernel release the GIL): a graph's id is hashed while the sweeps run, and a stream's
-reverse sweep runs while its value chunks are sent. Smaller calls do everything in line."""
+"""From this size on (nodes for a graph's id, node-bindings for a stream), work overlaps on
+background threads (hashlib and the native kernel release the GIL): a graph's id is hashed
+while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
+Smaller calls do everything in line."""
 
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
