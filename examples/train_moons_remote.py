@@ -13,7 +13,6 @@ gradients (and the scores, for the accuracy), and takes an SGD step locally.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from collections.abc import Callable
@@ -28,28 +27,12 @@ from micrograd.tape import Tape
 Point = tuple[float, float, float]
 
 
-def _moons(n: int, seed: int) -> list[Point]:
-    """``n`` points ``(x1, x2, label)`` on two interleaved noisy half-moons, labels ±1."""
-    rng = random.Random(seed)
-    points = []
-    for i in range(n):
-        t = math.pi * (i // 2) / max(n // 2 - 1, 1)
-        if i % 2 == 0:
-            x1, x2, label = math.cos(t), math.sin(t), 1.0
-        else:
-            x1, x2, label = 1.0 - math.cos(t), 0.5 - math.sin(t), -1.0
-        points.append((x1 + rng.gauss(0.0, 0.1), x2 + rng.gauss(0.0, 0.1), label))
-    return points
-
-
 def local_recipe() -> tuple[Callable[[int], list[Point]], int]:
     """The data generator and weight seed of ``examples/train_moons.py``, the local twin of
-    this script, so both train on the same points; our own generator if it is missing."""
+    this script beside it, so both train on the same points from the same weights."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         import train_moons  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return (lambda n: _moons(n, 0)), 1
     finally:
         sys.path.pop(0)
     return train_moons.moons, int(train_moons.WEIGHT_SEED)
