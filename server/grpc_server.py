@@ -28,6 +28,7 @@ from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .config import Settings
+from .decoding import tolerant
 from .handlers import rebuilt
 from .service import Deadline, GradientService, ServiceError
 
@@ -231,7 +232,9 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
 def _wrapped(
     path: str, handler: grpc.RpcMethodHandler, wrappers: Sequence[HandlerWrapper]
 ) -> grpc.RpcMethodHandler:
-    """``handler`` wrapped by every wrapper (the first outermost), sending bytes as they are."""
+    """``handler`` wrapped by every wrapper (the first outermost), sending bytes as they are;
+    requests that do not parse are answered INVALID_ARGUMENT (``decoding.tolerant``)."""
+    handler = tolerant(handler, status_of)
     for wrapper in reversed(wrappers):
         handler = wrapper.wrap(path, handler)
     return rebuilt(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
+from micrograd.codec.malformed import clip, shown
 from micrograd.codec.wire import Wire, with_arrays
 from micrograd.tape import GraphError, Kernel, Tape
 from micrograd.v1 import gradient_service_pb2 as pb
@@ -45,6 +46,11 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+_MESSAGE_LIMIT = 1000
+"""Characters an error message may have (beyond: cut with an ellipsis); echoed client input
+within it is already cut to ``codec.malformed.ECHO_LIMIT``."""
+
+
 class ServiceError(Exception):
     """A call that cannot be answered: a ``Code``, a message, and ``(field, description)`` pairs."""
 
@@ -52,10 +58,11 @@ class ServiceError(Exception):
         self, code: Code, message: str, violations: Sequence[tuple[str, str]] = ()
     ) -> None:
         """``violations`` name request fields (``graph.nodes[3].op``) and what is wrong there."""
+        message = clip(message, _MESSAGE_LIMIT)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.violations = list(violations)
+        self.violations = [(clip(f), clip(text, _MESSAGE_LIMIT)) for f, text in violations]
 
 
 class Deadline:
@@ -248,8 +255,8 @@ class GradientService:
             if tape is None:
                 raise ServiceError(
                     Code.NOT_FOUND,
-                    f"no graph {msg.graph_id!r} is registered here (the cache may have dropped "
-                    "it); send the graph again or register it",
+                    f"no graph {shown(msg.graph_id)} is registered here (the cache may have "
+                    "dropped it); send the graph again or register it",
                 )
             return tape, msg.graph_id
         if source == "graph":
@@ -271,12 +278,12 @@ class GradientService:
             known = self.recent.get(key)
             if known is not None:
                 return known
-        max_nodes = self.settings.max_nodes
+        max_nodes, max_name = self.settings.max_nodes, self.settings.max_name_bytes
         try:
             if source == "graph":
-                tape = codec.from_graph(msg.graph, max_nodes)
+                tape = codec.from_graph(msg.graph, max_nodes, max_name)
             else:
-                tape = codec.unpack(msg.packed_graph, max_nodes)
+                tape = codec.unpack(msg.packed_graph, max_nodes, max_name)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
         if n >= _OVERLAP_CELLS:
@@ -546,7 +553,8 @@ class Upload:
         )
         self.ops = self.args = self.values = bytearray()
         try:
-            tape = codec.unpack(packed, self.service.settings.max_nodes)
+            settings = self.service.settings
+            tape = codec.unpack(packed, settings.max_nodes, settings.max_name_bytes)
         except GraphError as exc:
             raise _graph_violation("piece.", exc) from None
         return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
