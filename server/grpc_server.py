@@ -31,6 +31,7 @@ from .config import Settings
 from .decoding import tolerant
 from .handlers import rebuilt
 from .service import Deadline, GradientService, ServiceError
+from .streams import OpenStreams
 
 __all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer", "status_of"]
 
@@ -289,7 +290,8 @@ class GrpcServer:
         """A server for ``settings``; ``interceptors`` wrap every method (once, at
         registration, which costs nothing per call); idle until ``start``."""
         self.settings = settings
-        self.interceptors = tuple(interceptors)
+        self.streams = OpenStreams()
+        self.interceptors = (*interceptors, self.streams)
         self.service = service or GradientService(settings)
         self.health = health.aio.HealthServicer()
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -356,6 +358,9 @@ class GrpcServer:
             await asyncio.sleep(0.02)
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d call(s)", self.service.in_flight)
+        if self.streams.count:
+            log.info("ending %d open health/reflection stream(s)", self.streams.count)
+        self.streams.end()
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -24,12 +24,20 @@ __all__ = ["nesting_depth", "type_problem"]
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _CHUNK = 1 << 20
+_SMALL = 4096
+"""Up to this many brackets are counted in Python (numpy costs more for few)."""
+_OPENING = frozenset(b"[{")
 
 
 def nesting_depth(body: bytes) -> int:
     """How deep the arrays and objects of the JSON text ``body`` nest (0 for a scalar)."""
     brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
     deepest = level = 0
+    if len(brackets) <= _SMALL:
+        for byte in brackets:
+            level += 1 if byte in _OPENING else -1
+            deepest = max(deepest, level)
+        return deepest
     for start in range(0, len(brackets), _CHUNK):
         codes = np.frombuffer(brackets, dtype=np.uint8)[start : start + _CHUNK]
         steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int32)
@@ -56,8 +64,24 @@ _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _STRINGS = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
 
 
+def _unpaired(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (``"\\ud800"``): no UTF-8 spelling exists."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+_UNPAIRED = "the string holds an unpaired surrogate (\\ud800-\\udfff), which is not Unicode text"
+
+
 def _scalar_problem(fd: FieldDescriptor, value: Any) -> str | None:
     """Why ``value`` cannot be the JSON of one scalar of field ``fd``, or ``None``."""
+    if isinstance(value, str) and _unpaired(value):
+        return _UNPAIRED
     kind = fd.type
     if kind == fd.TYPE_BOOL:
         ok = isinstance(value, bool)
@@ -99,6 +123,8 @@ def type_problem(params: Any, descriptor: Descriptor) -> tuple[str, str] | None:
         if table is None:
             table = _TABLES[desc.full_name] = _fields(desc)
         for key, item in value.items():
+            if _unpaired(key):
+                return path or "params", f"a member name: {_UNPAIRED}"
             fd = table.get(key)
             if fd is None or item is None:
                 continue
@@ -109,6 +135,8 @@ def type_problem(params: Any, descriptor: Descriptor) -> tuple[str, str] | None:
                     return where, f"expected an object (a map), got {_json_type(item)}"
                 value_fd = entry.fields_by_name["value"]
                 for k, v in item.items():
+                    if _unpaired(k):
+                        return where, f"a map key: {_UNPAIRED}"
                     if value_fd.message_type is not None:
                         stack.append((v, value_fd.message_type, f"{where}[{k}]"))
                         continue
