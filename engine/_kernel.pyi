@@ -8,9 +8,17 @@ FLUSH_DENORMALS_SUPPORTED: bool
 """Whether ``flush_denormals=True`` sets the processor's FTZ/DAZ modes here."""
 
 def forward(
-    code: Any, arg0: Any, arg1: Any, const: Any, values: Any, flush_denormals: bool = False
-) -> None:
-    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place."""
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    values: Any,
+    flush_denormals: bool = False,
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place; False if it
+    stopped early (``stop[0]`` set, or ``time.monotonic()`` past ``expires``)."""
 
 def backward(
     code: Any,
@@ -21,8 +29,11 @@ def backward(
     grads: Any,
     output: int,
     flush_denormals: bool = False,
-) -> None:
-    """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place; False if
+    it stopped early (as ``forward``)."""
 
 def decode_graph(
     buf: bytes | bytearray | memoryview,

@@ -15,7 +15,7 @@ import concurrent.futures
 import enum
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,13 @@ from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
 from .cache import GraphCache, RecentGraphs
+
+try:
+    from micrograd.native import SweepStopped
+except ImportError:  # pragma: no cover - without the native kernel, sweeps run to the end
+
+    class SweepStopped(Exception):  # type: ignore[no-redef]
+        """Never raised: no kernel here can stop part-way."""
 from .config import Settings
 from .kernels import resolve_kernel
 
@@ -66,21 +73,25 @@ class ServiceError(Exception):
 
 
 class Deadline:
-    """When a call must stop: an optional time limit and a cancel flag, checked between phases.
+    """When a call must stop: an optional time limit and a cancel flag, checked between phases
+    and, by a kernel that can (the native one), every few thousand cells within a sweep.
 
     Thread-safe: a transport cancels from its own thread while the work runs
     on another, and the work calls ``check()`` between decode, the sweeps and
-    encoding.
+    encoding; ``flag`` is the byte the native sweeps watch.
     """
 
     def __init__(self, seconds: float | None = None) -> None:
         """A deadline ``seconds`` from now (``None``: no time limit)."""
         self.expires = None if seconds is None else time.monotonic() + seconds
         self._cancelled = threading.Event()
+        self.flag = np.zeros(1, dtype=np.uint8)
+        """Set to 1 by ``cancel()``; a sweep given it stops at its next look."""
 
     def cancel(self) -> None:
-        """Mark the call cancelled; the next ``check()`` raises."""
+        """Mark the call cancelled; the next ``check()`` raises and running sweeps stop."""
         self._cancelled.set()
+        self.flag[0] = 1
 
     @property
     def cancelled(self) -> bool:
@@ -335,17 +346,31 @@ class GradientService:
 
     # -- evaluation --------------------------------------------------------
 
-    def forward(self, plan: Plan) -> np.ndarray:
+    def forward(self, plan: Plan, deadline: Deadline = _NO_DEADLINE) -> np.ndarray:
         """Every node's value: ``(n,)``, or ``(n, B)`` for a batch (the kernel's layout)."""
         values = plan.tape.leaf_values(plan.bindings)
-        self.kernel.forward(plan.tape, values)
+        self._sweep(deadline, self.kernel.forward, plan.tape, values)
         return values
 
-    def backward(self, plan: Plan, values: np.ndarray) -> np.ndarray:
+    def backward(
+        self, plan: Plan, values: np.ndarray, deadline: Deadline = _NO_DEADLINE
+    ) -> np.ndarray:
         """d(output)/d(node) for every node, laid out like ``values``."""
         grads = np.zeros_like(values)
-        self.kernel.backward(plan.tape, values, grads, plan.output)
+        self._sweep(deadline, self.kernel.backward, plan.tape, values, grads, plan.output)
         return grads
+
+    def _sweep(self, deadline: Deadline, sweep: Callable[..., None], *args: object) -> None:
+        """Run a kernel sweep that, if the kernel can, stops within a few thousand cells of the
+        deadline passing or the call being cancelled (``ServiceError`` then)."""
+        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
+            sweep(*args)
+            return
+        try:
+            sweep(*args, stop=deadline.flag, expires=deadline.expires)
+        except SweepStopped:
+            deadline.check()
+            raise ServiceError(Code.CANCELLED, "the call was cancelled") from None
 
     @staticmethod
     def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
@@ -397,11 +422,11 @@ class GradientService:
                 "use EvaluateStream, or report fewer nodes with a selection",
             )
         deadline.check()
-        values = self.forward(plan)
+        values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
         if plan.gradients:
-            grads = self.backward(plan, values)
+            grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
         return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
@@ -434,17 +459,19 @@ class GradientService:
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
         deadline.check()
-        values = self.forward(plan)  # while a big graph's id is hashed on another thread
+        values = self.forward(plan, deadline)  # while a big graph's id is hashed elsewhere
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
         yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
         deadline.check()
         overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
-        reverse = self._background.submit(self.backward, plan, values) if overlap else None
+        reverse = None
+        if overlap:
+            reverse = self._background.submit(self.backward, plan, values, deadline)
         yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
         if not plan.gradients:
             return
-        grads = reverse.result() if reverse is not None else self.backward(plan, values)
+        grads = reverse.result() if reverse is not None else self.backward(plan, values, deadline)
         deadline.check()
         yield from self._chunks(plan, pb.PART_GRADIENTS, self.reported(plan, grads), size, deadline)
 
