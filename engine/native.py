@@ -95,10 +95,10 @@ class NativeKernel:
         if target is not grads:
             grads[...] = target
 
-
     def evaluate_selected(
         self,
-        tape: Tape,
+        tape: Columns,
+        inputs: np.ndarray,
         bindings: np.ndarray,
         output: int,
         selection: np.ndarray,
@@ -107,7 +107,7 @@ class NativeKernel:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Values and gradients of the ``selection`` nodes for every row of ``bindings``.
 
-        ``bindings`` is ``(B, k)`` over the tape's inputs, ``selection`` int64
+        ``bindings`` is ``(B, k)`` over the ``inputs`` nodes, ``selection``
         node indices; returns ``(B, s)`` arrays (gradients ``None`` unless
         asked). The batch is swept ``TILE`` bindings at a time in cache-sized
         buffers spread over up to ``threads`` threads; a batch smaller than a
@@ -117,7 +117,8 @@ class NativeKernel:
         sel = np.ascontiguousarray(selection, dtype=np.int64)
         rows = int(bind.shape[0])
         if rows < TILE:
-            values = tape.leaf_values(bind)
+            values = np.repeat(tape.const[:, None], rows, axis=1)
+            values[inputs, :] = bind.T
             self.forward(tape, values)
             picked = np.ascontiguousarray(values[sel].T)
             if not gradients:
@@ -132,7 +133,7 @@ class NativeKernel:
             tape.arg0,
             tape.arg1,
             tape.const,
-            tape.inputs,
+            np.ascontiguousarray(inputs, dtype=np.int64),
             bind,
             output,
             sel,

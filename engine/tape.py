@@ -246,7 +246,7 @@ class Tape:
         tiled = getattr(kern, "evaluate_selected", None)
         if tiled is not None:
             picked: tuple[np.ndarray, np.ndarray | None] = tiled(
-                self, bind, out, sel, gradients, threads
+                self, self.inputs, bind, out, sel, gradients, threads
             )
             return picked
         values = self.leaf_values(bind)

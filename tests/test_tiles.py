@@ -9,11 +9,15 @@ same order as the full sweeps, so its numbers must be bit-identical to them
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from micrograd import ops
-from micrograd.tape import GraphError, PythonKernel, Tape
+from micrograd.errors import GraphError
+from micrograd.kernels import PythonKernel
+from micrograd.tape import Tape
 
 native = pytest.importorskip("micrograd.native", reason="the C extension is not built")
 
@@ -63,9 +67,9 @@ def test_tiles_are_bit_identical_to_the_full_sweeps(seed: int, rows: int) -> Non
     bindings[0, 0] = math.nan if seed % 2 else 0.0
     n = len(tape)
     output = int(rng.integers(n // 2, n))
-    selection = np.concatenate(
-        [tape.inputs, rng.integers(0, n, 40), [output, n - 1, 0]]
-    ).astype(np.int64)
+    selection = np.concatenate([tape.inputs, rng.integers(0, n, 40), [output, n - 1, 0]]).astype(
+        np.int64
+    )
     expected_values, expected_grads = full(tape, bindings, selection, output, NATIVE)
     for threads in (1, 3):
         values, grads = tape.evaluate_selected(
@@ -110,8 +114,13 @@ def test_without_gradients_only_values_come_back() -> None:
 def test_nodes_the_output_does_not_reach_report_zero_gradients() -> None:
     # node 3 = x * y is not an argument of the output node 4 = -x
     tape = Tape.from_nodes(
-        [("input", (), 1.0), ("input", (), 2.0), ("const", (), 3.0), ("mul", (0, 1), 0.0),
-         ("neg", (0,), 0.0)]
+        [
+            ("input", (), 1.0),
+            ("input", (), 2.0),
+            ("const", (), 3.0),
+            ("mul", (0, 1), 0.0),
+            ("neg", (0,), 0.0),
+        ]
     )
     bindings = np.tile([[1.5, -2.0]], (12, 1))
     values, grads = tape.evaluate_selected(bindings, [0, 1, 2, 3, 4], output=4, kernel=NATIVE)
@@ -146,6 +155,25 @@ def test_the_c_entry_point_checks_what_it_is_given() -> None:
     with pytest.raises(ValueError, match="shape"):
         _kernel.evaluate_tiles(*args, tape.inputs, bindings, 5, np.array([0]), np.empty((7, 1)))
     with pytest.raises(TypeError, match="int64"):
-        _kernel.evaluate_tiles(
-            *args, tape.inputs.astype(np.int32), bindings, 5, np.array([0]), out
-        )
+        _kernel.evaluate_tiles(*args, tape.inputs.astype(np.int32), bindings, 5, np.array([0]), out)
+
+
+def test_a_batch_with_a_selection_through_the_server_is_tiled_and_exact(
+    grpc_server_factory: Callable[..., Any],
+) -> None:
+    """1,200,000 node-bindings: the server sweeps them by tiles on 2 threads, unary and streamed."""
+    from micrograd.client import Client
+
+    tape = random_tape(11, n=300)
+    rows = np.random.default_rng(11).normal(size=(4_000, len(tape.inputs)))
+    expected_values, expected_grads = full(tape, rows, tape.inputs, -1, NATIVE)
+    server = grpc_server_factory(kernel_threads=2)
+    with Client(server.target) as client:
+        for stream in (False, True):
+            result = client.evaluate(tape, batch=rows, selection="inputs", stream=stream)
+            np.testing.assert_array_equal(result.values, expected_values)
+            np.testing.assert_array_equal(result.grads, expected_grads)
+        listed = [int(tape.inputs[0]), 299, 150]
+        result = client.evaluate(tape, batch=rows[:9], selection=listed, gradients=False)
+        np.testing.assert_array_equal(result.values, full(tape, rows[:9], listed, -1, NATIVE)[0])
+        assert result.grads is None
