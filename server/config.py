@@ -186,6 +186,37 @@ class Settings:
             "slightly different numbers); needs a kernel that supports it."
         ),
     )
+    tls_cert: str = field(
+        default="",
+        metadata=_help(
+            "PEM certificate chain of the server; with --tls-key, the gRPC port serves only TLS "
+            "and the HTTP port only HTTPS."
+        ),
+    )
+    tls_key: str = field(
+        default="", metadata=_help("PEM private key of --tls-cert (unencrypted).")
+    )
+    tls_client_ca: str = field(
+        default="",
+        metadata=_help(
+            "PEM CA certificate(s): require client certificates signed by them on both ports "
+            "(mutual TLS); needs --tls-cert."
+        ),
+    )
+    auth_token_file: str = field(
+        default="",
+        metadata=_help(
+            "File of accepted bearer tokens, one a line (# comments), re-read on SIGHUP; calls "
+            "must then send 'authorization: Bearer <token>' (health and readiness stay open)."
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=_help(
+            "Allow listening on a non-loopback address with neither TLS nor tokens "
+            "(otherwise the server refuses to start)."
+        ),
+    )
     port_file: str = field(
         default="",
         metadata=_help(
