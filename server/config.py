@@ -96,6 +96,13 @@ class Settings:
             "1 serves in this process."
         ),
     )
+    kernel_threads: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata=_help(
+            "Threads one big batch call may spread its tiles over (the native kernel; calls of "
+            "at least 1,000,000 node-bindings); default: the number of CPUs."
+        ),
+    )
     kernel: str = field(
         default="auto",
         metadata=_help(
@@ -234,6 +241,7 @@ class Settings:
                 )
         for name in (
             "workers",
+            "kernel_threads",
             "max_nodes",
             "max_message_bytes",
             "max_batch_rows",

@@ -100,6 +100,10 @@ background threads (hashlib and the native kernel release the GIL): a graph's id
 while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
 Smaller calls do everything in line."""
 
+_THREAD_CELLS = 1_000_000
+"""From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
+(below it, starting threads costs more than it saves)."""
+
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
 
@@ -341,6 +345,23 @@ class GradientService:
         self.kernel.backward(plan.tape, values, grads, plan.output)
         return grads
 
+    def selected(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """For a batch with a selection: the reported ``(rows, width)`` values and gradients,
+        swept tile by tile without the full ``(n, B)`` arrays; ``None`` for any other call.
+
+        Calls of at least ``_THREAD_CELLS`` node-bindings spread their tiles over
+        ``kernel_threads`` threads.
+        """
+        if not plan.batched or plan.selection is None or plan.bindings is None:
+            return None
+        if plan.bindings.ndim != 2 or not hasattr(self.kernel, "evaluate_selected"):
+            return None
+        cells = len(plan.tape) * plan.rows
+        threads = self.settings.kernel_threads if cells >= _THREAD_CELLS else 1
+        return plan.tape.evaluate_selected(
+            plan.bindings, plan.selection, plan.output, plan.gradients, self.kernel, threads
+        )
+
     @staticmethod
     def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
         """The selected nodes of kernel-layout ``columns``, row-major ``(rows, width)``."""
@@ -391,6 +412,13 @@ class GradientService:
                 "use EvaluateStream, or report fewer nodes with a selection",
             )
         deadline.check()
+        picked = self.selected(plan)
+        if picked is not None:
+            arrays = [("values_f64" if plan.binary else "values", picked[0])]
+            if picked[1] is not None:
+                arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
+            deadline.check()
+            return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
         values = self.forward(plan)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
@@ -428,6 +456,15 @@ class GradientService:
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
         deadline.check()
+        picked = self.selected(plan)
+        if picked is not None:
+            header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
+            yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+            deadline.check()
+            yield from self._chunks(plan, pb.PART_VALUES, picked[0], size, deadline)
+            if picked[1] is not None:
+                yield from self._chunks(plan, pb.PART_GRADIENTS, picked[1], size, deadline)
+            return
         values = self.forward(plan)  # while a big graph's id is hashed on another thread
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
