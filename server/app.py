@@ -28,6 +28,7 @@ from .http import HttpServer
 from .kernels import resolve_kernel
 from .metrics import Metrics, MetricsInterceptor
 from .service import GradientService
+from .store import open_store
 
 __all__ = ["configure_logging", "run", "serve"]
 
@@ -63,6 +64,7 @@ async def serve(
     service = GradientService(settings, kernel)
     metrics = Metrics()
     metrics.watch_cache(service.cache)
+    metrics.watch_store(service.store)
     server = GrpcServer(settings, service, interceptors=[MetricsInterceptor(metrics)])
     port = await server.start()
     http = HttpServer(settings, service, metrics, server.pool) if settings.http_port >= 0 else None
@@ -101,6 +103,10 @@ def run(settings: Settings) -> int:
     """Run the server with ``settings`` until it is told to stop; returns the exit code."""
     configure_logging(settings)
     kernel = resolve_kernel(settings.kernel, settings.flush_denormals)
+    store = open_store(settings)  # before any fork: a host store that cannot be used stops here
+    if store is not None:
+        log.info("graph store: %s (shared beyond this process)", store.location)
+        store.close()
     if settings.workers == 1:
         if asyncio.run(serve(settings, kernel)):
             _exit_now(0)  # do not wait for abandoned sweeps past the grace period
