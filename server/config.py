@@ -71,6 +71,12 @@ class Settings:
             "Largest HTTP request body, in bytes (suffixes allowed); bigger bodies get 413."
         ),
     )
+    playground: bool = field(
+        default=True,
+        metadata=_help(
+            "Serve the playground page at GET / on the HTTP port (--no-playground: leave it out)."
+        ),
+    )
     jsonrpc_max_batch: int = field(
         default=100,
         metadata=_help("Most calls in one JSON-RPC batch; longer batches get error -32600."),
