@@ -30,7 +30,8 @@ import numpy as np
 
 from . import ops as _ops
 from .engine import Value, topological_order
-from .tape import ARITY, Tape
+from .ops import ARITY
+from .tape import Tape
 
 __all__ = ["DEFAULT_MAX_NODES", "Picture", "draw_dot", "draw_tape", "picture", "trace"]
 

@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "KERNELS", "Settings", "SettingsError", "add_arguments", "from_sources"]
+from micrograd.kernels import Kernel, NativeKernel, get_kernel
+
+__all__ = [
+    "ENV_PREFIX",
+    "KERNELS",
+    "Settings",
+    "SettingsError",
+    "add_arguments",
+    "from_sources",
+    "resolve_kernel",
+]
 
 ENV_PREFIX = "MICROGRAD_RPC_"
 """Environment variables ``MICROGRAD_RPC_<FIELD NAME IN UPPER CASE>`` set any setting."""
@@ -217,6 +227,37 @@ class Settings:
         metadata=_help(
             "Treat subnormal floats as zero in the native kernel (faster on some CPUs, "
             "slightly different numbers); needs a kernel that supports it."
+        ),
+    )
+    tls_cert: str = field(
+        default="",
+        metadata=_help(
+            "PEM certificate chain of the server; with --tls-key, the gRPC port serves only TLS "
+            "and the HTTP port only HTTPS."
+        ),
+    )
+    tls_key: str = field(
+        default="", metadata=_help("PEM private key of --tls-cert (unencrypted).")
+    )
+    tls_client_ca: str = field(
+        default="",
+        metadata=_help(
+            "PEM CA certificate(s): require client certificates signed by them on both ports "
+            "(mutual TLS); needs --tls-cert."
+        ),
+    )
+    auth_token_file: str = field(
+        default="",
+        metadata=_help(
+            "File of accepted bearer tokens, one a line (# comments), re-read on SIGHUP; calls "
+            "must then send 'authorization: Bearer <token>' (health and readiness stay open)."
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=_help(
+            "Allow listening on a non-loopback address with neither TLS nor tokens "
+            "(otherwise the server refuses to start)."
         ),
     )
     port_file: str = field(
@@ -429,3 +470,19 @@ def from_sources(
     if problems:
         raise SettingsError("; ".join(problems))
     return Settings(**values)
+
+
+def resolve_kernel(name: str, flush_denormals: bool = False) -> Kernel:
+    """The kernel a ``--kernel`` setting names; ``SettingsError`` if it cannot run here."""
+    try:
+        kernel = get_kernel(None if name == "auto" else name)
+    except ValueError as exc:
+        raise SettingsError(f"--kernel {name}: {exc}") from None
+    if flush_denormals:
+        if kernel.name != "native":
+            raise SettingsError(
+                f"--flush-denormals needs the native kernel; the {kernel.name} kernel is exact IEEE"
+            )
+        assert NativeKernel is not None  # the native kernel is registered only when built
+        kernel = NativeKernel(flush_denormals=True)
+    return kernel

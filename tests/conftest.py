@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from micrograd.server import security
 from micrograd.server.config import ENV_PREFIX, Settings
 from micrograd.server.grpc_server import GrpcServer
 from micrograd.server.http import HttpServer
@@ -96,9 +97,10 @@ class RunningServer:
 
     @property
     def http_url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the HTTP endpoint."""
+        """``http://127.0.0.1:PORT`` of the HTTP endpoint (``https://`` with TLS)."""
         assert self.http_port is not None, "this server runs without HTTP (http_port=-1)"
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         """What a server process wrote to stderr so far."""
@@ -140,16 +142,26 @@ def start_in_process(**overrides: Any) -> RunningServer:
     settings = _settings(overrides)
 
     async def start() -> tuple[GrpcServer, HttpServer | None]:
-        # The same composition as micrograd.server.app.serve: one core, metrics on both transports.
+        # The same composition as micrograd.server.app.serve: one core, metrics on both
+        # transports, TLS and tokens at the edge of each.
+        guard = security.load(settings)
         service = GradientService(settings)
         metrics = Metrics()
         metrics.watch_cache(service.cache)
         metrics.watch_store(service.store)
-        server = GrpcServer(settings, service, interceptors=[MetricsInterceptor(metrics)])
+        server = GrpcServer(
+            settings,
+            service,
+            interceptors=[MetricsInterceptor(metrics), *guard.handler_wrappers()],
+            credentials=guard.grpc_credentials(),
+        )
         await server.start()
         http = None
         if settings.http_port >= 0:
-            http = HttpServer(settings, service, metrics, server.pool)
+            http = HttpServer(
+                settings, service, metrics, server.pool, guard.ssl_context(),
+                guard.http_middlewares(),
+            )
             await http.start()
         return server, http
 
