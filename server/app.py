@@ -26,21 +26,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from micrograd.tape import Kernel
+from micrograd.kernels import Kernel
 
-from . import logs
-from .config import Settings
+from . import logs, security
+from .config import Settings, resolve_kernel
 from .grpc_server import GrpcServer
 from .http import HttpServer
-from .kernels import resolve_kernel
 from .metrics import Metrics, MetricsInterceptor
 from .service import GradientService
+from .store import open_store
 
 __all__ = ["Supervisor", "configure_logging", "run", "serve"]
 
 log = logging.getLogger("micrograd.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RELOAD = signal.SIGHUP
+"""Re-read the token file (forwarded to every worker)."""
 
 
 def configure_logging(settings: Settings) -> None:
@@ -67,21 +69,34 @@ async def serve(
 
     Returns how many calls were still working on a thread when the grace period ran out.
     """
+    guard = security.load(settings)  # each process (worker) loads its own credentials
     service = GradientService(settings, kernel)
     metrics = Metrics()
     metrics.watch_cache(service.cache)
-    server = GrpcServer(settings, service, interceptors=[MetricsInterceptor(metrics)])
+    metrics.watch_store(service.store)
+    server = GrpcServer(
+        settings,
+        service,
+        interceptors=[MetricsInterceptor(metrics), *guard.handler_wrappers()],
+        credentials=guard.grpc_credentials(),
+    )
     port = await server.start()
-    http = HttpServer(settings, service, metrics, server.pool) if settings.http_port >= 0 else None
+    http = None
+    if settings.http_port >= 0:
+        http = HttpServer(
+            settings, service, metrics, server.pool, guard.ssl_context(), guard.http_middlewares()
+        )
     http_port = await http.start() if http is not None else None
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, server.stop)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        loop.add_signal_handler(_RELOAD, guard.reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*_SIGNALS, _RELOAD))
     log.info(
-        "listening on %s (pid %d, worker %d of %d, kernel %s, max %d concurrent calls)",
+        "listening on %s%s (pid %d, worker %d of %d, kernel %s, max %d concurrent calls)",
         server.address,
+        guard.summary(),
         os.getpid(),
         worker + 1,
         settings.workers,
@@ -89,7 +104,7 @@ async def serve(
         settings.max_concurrent_calls,
     )
     if http is not None:
-        log.info("JSON-RPC over HTTP on http://%s/rpc", http.address)
+        log.info("JSON-RPC over HTTP on %s://%s/rpc", guard.scheme, http.address)
     if settings.port_file and worker == 0:
         _write_port_file(settings.port_file, port)
     if settings.http_port_file and worker == 0 and http_port is not None:
@@ -107,7 +122,12 @@ async def serve(
 def run(settings: Settings) -> int:
     """Run the server with ``settings`` until it is told to stop; returns the exit code."""
     configure_logging(settings)
+    security.load(settings)  # bad TLS or token files stop the start here, before any fork
     kernel = resolve_kernel(settings.kernel, settings.flush_denormals)
+    store = open_store(settings)  # before any fork: a host store that cannot be used stops here
+    if store is not None:
+        log.info("graph store: %s (shared beyond this process)", store.location)
+        store.close()
     if settings.workers == 1:
         _claim_ports(settings)
         if asyncio.run(serve(settings, kernel)):
@@ -165,7 +185,7 @@ def _claim_ports(settings: Settings) -> list[socket.socket]:
     return guards
 
 
-_CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+_CHILD_SIGNALS = (*_SIGNALS, _RELOAD, signal.SIGCHLD)
 _BACKOFF_FIRST, _BACKOFF_MOST = 0.1, 5.0
 """Seconds before a dead worker is restarted: 0.1 after the first recent death, doubling with
 each further death in the window, at most 5."""
@@ -173,7 +193,8 @@ each further death in the window, at most 5."""
 
 class Supervisor:
     """The parent of ``--workers N``: forks the workers, restarts any that dies (with backoff),
-    forwards SIGTERM/SIGINT, and gives up (exit 1) when workers keep dying."""
+    forwards SIGTERM/SIGINT (stop) and SIGHUP (reload), and gives up (exit 1) when workers keep
+    dying."""
 
     def __init__(self, settings: Settings, kernel: Kernel, guards: list[socket.socket]) -> None:
         """Workers for ``settings`` with ``kernel``; ``guards`` are closed in each child."""
@@ -206,9 +227,10 @@ class Supervisor:
         self.children[pid] = worker
 
     def _forward(self, signum: int) -> None:
-        """Send ``signum`` to every worker (the start of shutdown)."""
-        self.stopping = True
-        self.restarts.clear()
+        """Send ``signum`` to every worker (SIGTERM/SIGINT: the start of shutdown)."""
+        if signum != _RELOAD:
+            self.stopping = True
+            self.restarts.clear()
         for pid in self.children:
             try:
                 os.kill(pid, signum)
@@ -260,7 +282,7 @@ class Supervisor:
                 if timeout is None
                 else signal.sigtimedwait(_CHILD_SIGNALS, timeout)
             )
-            if got is not None and got.si_signo in _SIGNALS:
+            if got is not None and got.si_signo in (*_SIGNALS, _RELOAD):
                 self._forward(got.si_signo)
             while self.children:
                 try:
