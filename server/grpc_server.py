@@ -31,7 +31,7 @@ from .config import Settings
 from .decoding import tolerant
 from .handlers import rebuilt
 from .service import Deadline, GradientService, ServiceError
-from .streams import OpenStreams
+from .streams import OpenStreams, idle_bounded
 
 __all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer", "status_of"]
 
@@ -42,6 +42,9 @@ PID_METADATA = "micrograd-pid"
 """Trailing metadata key of GetServerInfo: the id of the process that answered."""
 
 log = logging.getLogger("micrograd.server")
+
+_SETTLE = 0.1
+"""Seconds between the last call in flight finishing and the server stopping."""
 
 T = TypeVar("T")
 
@@ -187,7 +190,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         try:
             call = _Call(self.service, self.pool, context)
             upload = self.service.upload()
-            async for piece in request_iterator:
+            idle = self.service.settings.upload_idle_timeout
+            async for piece in idle_bounded(request_iterator, idle):
                 upload.add(piece)
                 call.deadline.check()
             return await call.offload(upload.finish)
@@ -362,6 +366,9 @@ class GrpcServer:
         self.service.drain()
         while self.service.in_flight and time.monotonic() < end:
             await asyncio.sleep(0.02)
+        # Calls already on their way in are still answered (UNAVAILABLE, before any work)
+        # instead of being cut off by the server's own stop.
+        await asyncio.sleep(min(_SETTLE, max(0.0, end - time.monotonic())))
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d call(s)", self.service.in_flight)
         if self.streams.count:
