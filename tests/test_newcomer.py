@@ -52,13 +52,13 @@ def test_eval_json_uses_jsonrpc_camel_case(grpc_server: str) -> None:
 
 
 def test_binding_a_value_graph_by_name_hints_at_names(grpc_server: str) -> None:
-    a, b, g = seed_graph()
+    a, _b, g = seed_graph()
     with Client(grpc_server) as client:
         with pytest.raises(ValueError, match=r"no input is named 'a'.*names=") as info:
             client.evaluate(g, inputs={"a": 2.0})
         assert "names={'a': a}" in str(info.value)
         result = client.evaluate(g, inputs={"a": 2.0}, names={"a": a})
-    again_a, _, again = seed_graph(2.0, 2.0)
+    _again_a, _, again = seed_graph(2.0, 2.0)
     again.backward()
     assert result.values[-1] == pytest.approx(again.data, rel=1e-15)
     assert isinstance(a, Value)
