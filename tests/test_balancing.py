@@ -81,7 +81,13 @@ def test_several_addresses_become_one_balanced_target() -> None:
     assert channel_target("127.0.0.1:1, localhost:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2", True)
     assert channel_target(["[::1]:7", "[::1]:8"]) == ("ipv6:[::1]:7,[::1]:8", True)
     assert channel_target("dns:///gradient:50051") == ("dns:///gradient:50051", True)
-    for bad in ([], ["127.0.0.1", "127.0.0.2:1"], ["127.0.0.1:1", "[::1]:2"], ["127.0.0.1:1", "x:99999"]):
+    bad_targets = (
+        [],
+        ["127.0.0.1", "127.0.0.2:1"],  # no port
+        ["127.0.0.1:1", "[::1]:2"],  # IPv4 and IPv6 mixed
+        ["127.0.0.1:1", "x:99999"],  # no such port
+    )
+    for bad in bad_targets:
         with pytest.raises(ValueError):
             channel_target(bad)
 
