@@ -67,8 +67,7 @@ def add_eval_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--target", default="127.0.0.1:50051", metavar="HOST:PORT",
-        help="the server's gRPC address; several, comma-separated, or dns:///name:port are "
-        "balanced (default %(default)s)",
+        help="the server's gRPC address (default %(default)s)",
     )
     parser.add_argument(
         "--inputs",
