@@ -21,7 +21,6 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 from micrograd.codec.wire import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
@@ -30,6 +29,7 @@ from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 from .config import Settings
 from .decoding import tolerant
 from .handlers import rebuilt
+from .reflection import add_reflection
 from .service import Deadline, GradientService, ServiceError
 from .streams import OpenStreams
 
@@ -323,11 +323,8 @@ class GrpcServer:
             GradientServicer(self.service, self.pool), registrar
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-            ),
-            registrar,
+        add_reflection(
+            registrar, (SERVICE_NAME, health.SERVICE_NAME), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
         )
         host = _bracketed(s.host)
         try:
