@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from micrograd import codec, viz
 from micrograd.v1 import gradient_service_pb2 as pb
 
-from .cli import parse_inputs, read_request
+from .cli import add_connection_arguments, parse_inputs, read_request, security_options
 from .client import Client
 from .errors import RemoteError
 
@@ -71,6 +71,7 @@ def add_draw_parser(subparsers: Any) -> None:
         "--timeout", type=float, default=30.0,
         help="deadline of the call in seconds, with --target (default %(default)s)",
     )
+    add_connection_arguments(parser)
     parser.set_defaults(func=run_draw)
 
 
@@ -91,8 +92,10 @@ def draw_request(
     fmt: str = "svg",
     rankdir: str = "LR",
     timeout: float = 30.0,
+    security: dict[str, Any] | None = None,
 ) -> Any:
-    """The ``graphviz.Digraph`` of the request's graph, evaluated locally or on ``target``."""
+    """The ``graphviz.Digraph`` of the request's graph, evaluated locally or on ``target``
+    (``security``: the ``Client``'s TLS and token arguments)."""
     graph = _graph_of(request)
     if target is None:
         tape = (
@@ -108,7 +111,7 @@ def draw_request(
     else:
         request.selection = pb.SELECTION_ALL
         request.binary_output = True
-        with Client(target, timeout=timeout) as client:
+        with Client(target, timeout=timeout, **(security or {})) as client:
             result = client.send(request)
         pic = viz.picture(graph, result, max_nodes=max_nodes)
     return viz.draw_tape(pic, format=fmt, rankdir=rankdir)
@@ -135,7 +138,7 @@ def run_draw(args: argparse.Namespace) -> int:
             request.inputs[name] = value
         dot = draw_request(
             request, args.target, args.max_nodes, "svg" if fmt == "dot" else fmt,
-            args.rankdir, args.timeout,
+            args.rankdir, args.timeout, security_options(args) if args.target else None,
         )
     except (OSError, ValueError, json_format.ParseError) as exc:
         print(f"micrograd-rpc draw: {where}: {exc}", file=sys.stderr)

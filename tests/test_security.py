@@ -646,3 +646,16 @@ def test_gen_certs_makes_files_a_server_and_clients_accept(
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "already holds" in again.stdout
     assert (where / "token").read_text().strip() == token
+
+
+def test_draw_evaluates_on_a_server_over_tls_with_a_token(
+    secured: RunningServer, pki: Pki, tmp_path: Path
+) -> None:
+    out = tmp_path / "seed.dot"
+    args = ["draw", "examples/graphs/seed.json", "-o", str(out), "--target", secured.target,
+            "--tls-ca", str(pki.ca)]
+    refused = client_cli(*args)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    done = client_cli(*args, env={"MICROGRAD_RPC_TOKEN": pki.token})
+    assert done.returncode == 0, done.stderr
+    assert "24.7041" in out.read_text()
