@@ -79,7 +79,7 @@ def prepare(graph: GraphLike, names: Mapping[str, Value] | None = None) -> Prepa
     if isinstance(graph, str):
         return Prepared(None, graph_id=graph)
     if isinstance(graph, Value):
-        message, _, order = codec.encode_value(graph, names)
+        message, order = codec.pack_value(graph, names)
         return Prepared(message, order=order)
     if names:
         raise TypeError("names= applies to a Value graph; name nodes inside the graph instead")
