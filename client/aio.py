@@ -129,7 +129,7 @@ class AsyncClient:
             inputs=inputs, output=output, selection=selection, batch=batch, gradients=gradients
         )
         return await self._evaluate(
-            prepare(graph, names), request, batch is not None, stream, timeout
+            prepare(graph, names, request), request, batch is not None, stream, timeout
         )
 
     async def send(

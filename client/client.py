@@ -273,7 +273,8 @@ class Client:
         request = evaluate_request(
             inputs=inputs, output=output, selection=selection, batch=batch, gradients=gradients
         )
-        return self._evaluate(prepare(graph, names), request, batch is not None, stream, timeout)
+        prepared = prepare(graph, names, request)
+        return self._evaluate(prepared, request, batch is not None, stream, timeout)
 
     def send(
         self,

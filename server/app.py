@@ -27,6 +27,7 @@ from .grpc_server import GrpcServer
 from .http import HttpServer
 from .metrics import Metrics, MetricsInterceptor
 from .service import GradientService
+from .store import open_store
 
 __all__ = ["configure_logging", "run", "serve"]
 
@@ -65,6 +66,7 @@ async def serve(
     service = GradientService(settings, kernel)
     metrics = Metrics()
     metrics.watch_cache(service.cache)
+    metrics.watch_store(service.store)
     server = GrpcServer(
         settings,
         service,
@@ -115,6 +117,10 @@ def run(settings: Settings) -> int:
     configure_logging(settings)
     security.load(settings)  # bad TLS or token files stop the start here, before any fork
     kernel = resolve_kernel(settings.kernel, settings.flush_denormals)
+    store = open_store(settings)  # before any fork: a host store that cannot be used stops here
+    if store is not None:
+        log.info("graph store: %s (shared beyond this process)", store.location)
+        store.close()
     if settings.workers == 1:
         if asyncio.run(serve(settings, kernel)):
             _exit_now(0)  # do not wait for abandoned sweeps past the grace period

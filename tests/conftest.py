@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +37,12 @@ from micrograd.server.service import GradientService
 _START_TIMEOUT = 30.0
 """Seconds a server gets to start listening (a subprocess imports numpy and gRPC first)."""
 
+_GRAPH_STORE_DIR = tempfile.mkdtemp(prefix="micrograd-rpc-test-graphs-")
+"""This test session's host graph store (owner-only), so that runs never share one."""
+atexit.register(shutil.rmtree, _GRAPH_STORE_DIR, True)
+
 _TEST_DEFAULTS: dict[str, Any] = {
+    "graph_store_dir": _GRAPH_STORE_DIR,
     "host": "127.0.0.1",
     "port": 0,
     "http_port": 0,
@@ -140,6 +148,7 @@ def start_in_process(**overrides: Any) -> RunningServer:
         service = GradientService(settings)
         metrics = Metrics()
         metrics.watch_cache(service.cache)
+        metrics.watch_store(service.store)
         server = GrpcServer(
             settings,
             service,
