@@ -18,7 +18,17 @@ from micrograd import codec
 from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
 
-from .channel import MiB, Pem, Retry, Stub, channel_credentials, open_channel, token_metadata
+from .channel import (
+    MiB,
+    Pem,
+    Retry,
+    Stub,
+    Target,
+    channel_credentials,
+    describe_target,
+    open_channel,
+    token_metadata,
+)
 from .client import GraphMessage, Settings
 from .errors import NotFound, remote_error
 from .request import (
@@ -46,7 +56,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: Target = "127.0.0.1:50051",
         *,
         timeout: float | None = 60.0,
         retries: int = 4,
@@ -66,7 +76,7 @@ class AsyncClient:
     ) -> None:
         """Open an asyncio channel to ``target``; see ``Client`` for the arguments."""
         self.settings = Settings(
-            target,
+            describe_target(target),
             timeout,
             retries,
             retry,

@@ -322,7 +322,11 @@ def add_health_parser(subparsers: Any) -> None:
             "certificates are needed when the server requires them."
         ),
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="server host:port; several, comma-separated, or dns:///name:port are balanced",
+    )
     parser.add_argument(
         "--service", default="",
         help="service to check (default: the whole server; e.g. micrograd.v1.GradientService)",

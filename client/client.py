@@ -27,8 +27,10 @@ from .channel import (
     Pem,
     Retry,
     Stub,
+    Target,
     channel_credentials,
     channel_options,
+    describe_target,
     open_channel,
     token_metadata,
 )
@@ -164,6 +166,12 @@ class Client:
     its ``graph_id`` where the server does not hold it (evicted, or only ever
     evaluated inline) sends it again transparently.
 
+    Balancing: ``target`` may name several servers, as a list of
+    ``host:port`` (or one comma-separated string) or a ``dns:///name:port``
+    that resolves to several addresses (a Kubernetes headless Service); calls
+    then go to them in turn (gRPC's ``round_robin``), and a call that fails
+    with ``UNAVAILABLE`` because its server went away is retried on another.
+
     Security: ``tls=True`` (or PEM ``root_certificates``, which ``tls`` may
     also be: bytes, or a file path) connects over TLS, verifying the server
     against those roots (default: the system's); ``client_certificate`` and
@@ -176,7 +184,7 @@ class Client:
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: Target = "127.0.0.1:50051",
         *,
         timeout: float | None = 60.0,
         retries: int = 4,
@@ -194,9 +202,10 @@ class Client:
         server_name: str | None = None,
         token: str | None = None,
     ) -> None:
-        """Open a channel to ``target`` (``host:port``), over TLS when asked to."""
+        """Open a channel to ``target`` (``host:port``; several, as a list or comma-separated, or
+        ``dns:///name:port``, to balance calls over them), over TLS when asked to."""
         self.settings = Settings(
-            target,
+            describe_target(target),
             timeout,
             retries,
             retry,
