@@ -21,15 +21,17 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 from micrograd.codec.wire import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .config import Settings
+from .decoding import tolerant
 from .handlers import rebuilt
+from .reflection import add_reflection
 from .service import Deadline, GradientService, ServiceError
+from .streams import OpenStreams
 
 __all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer", "status_of"]
 
@@ -231,7 +233,9 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
 def _wrapped(
     path: str, handler: grpc.RpcMethodHandler, wrappers: Sequence[HandlerWrapper]
 ) -> grpc.RpcMethodHandler:
-    """``handler`` wrapped by every wrapper (the first outermost), sending bytes as they are."""
+    """``handler`` wrapped by every wrapper (the first outermost), sending bytes as they are;
+    requests that do not parse are answered INVALID_ARGUMENT (``decoding.tolerant``)."""
+    handler = tolerant(handler, status_of)
     for wrapper in reversed(wrappers):
         handler = wrapper.wrap(path, handler)
     return rebuilt(
@@ -288,7 +292,8 @@ class GrpcServer:
         registration, which costs nothing per call); TLS with ``credentials``; idle until
         ``start``."""
         self.settings = settings
-        self.interceptors = tuple(interceptors)
+        self.streams = OpenStreams()
+        self.interceptors = (*interceptors, self.streams)
         self.credentials = credentials
         self.service = service or GradientService(settings)
         self.health = health.aio.HealthServicer()
@@ -318,11 +323,8 @@ class GrpcServer:
             GradientServicer(self.service, self.pool), registrar
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-            ),
-            registrar,
+        add_reflection(
+            registrar, (SERVICE_NAME, health.SERVICE_NAME), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
         )
         host = _bracketed(s.host)
         try:
@@ -359,6 +361,9 @@ class GrpcServer:
             await asyncio.sleep(0.02)
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d call(s)", self.service.in_flight)
+        if self.streams.count:
+            log.info("ending %d open health/reflection stream(s)", self.streams.count)
+        self.streams.end()
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
