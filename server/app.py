@@ -24,8 +24,9 @@ from micrograd.kernels import Kernel
 from . import logs
 from .config import Settings, resolve_kernel
 from .grpc_server import GrpcServer
+from .handlers import MetricsInterceptor
 from .http import HttpServer
-from .metrics import Metrics, MetricsInterceptor
+from .metrics import Metrics
 from .service import GradientService
 
 __all__ = ["configure_logging", "run", "serve"]
