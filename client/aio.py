@@ -14,13 +14,12 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import numpy as np
-from grpc_health.v1 import health_pb2_grpc
 from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
 
 from . import request as steps
-from .channel import MiB, Retry, Stub
-from .request import CallPolicy, GraphLike, Pause, SelectionLike, Steps
+from .client import Connection
+from .request import GraphLike, Pause, SelectionLike, Steps
 from .result import Result
 
 __all__ = ["AsyncClient"]
@@ -28,43 +27,10 @@ __all__ = ["AsyncClient"]
 T = TypeVar("T")
 
 
-class AsyncClient:
+class AsyncClient(Connection):
     """The asyncio twin of ``Client`` (same arguments); use ``async with`` to close the channel."""
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = 60.0,
-        retries: int = 4,
-        retry: Retry | None = None,
-        max_message_bytes: int = 256 * MiB,
-        upload_threshold: int = 64 * MiB,
-        stream_threshold: int = 4 * MiB,
-        piece_bytes: int = 2 * MiB,
-        remember: int = 16,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        """Open an asyncio channel to ``target``; see ``Client`` for the arguments."""
-        self.policy = CallPolicy(
-            target,
-            timeout,
-            retries,
-            retry,
-            max_message_bytes,
-            upload_threshold,
-            stream_threshold,
-            piece_bytes,
-            remember,
-        )
-        self.channel = self.policy.channel(grpc.aio, credentials)
-        self._stub = Stub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
-
-    @property
-    def target(self) -> str:
-        """The server address this client calls."""
-        return self.policy.target
+    _aio = True
 
     async def __aenter__(self) -> AsyncClient:
         return self

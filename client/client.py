@@ -23,29 +23,28 @@ from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
 
 from . import request as steps
-from .channel import MiB, Retry, Stub
+from .channel import (
+    MiB,
+    Pem,
+    Retry,
+    Stub,
+    channel_credentials,
+    open_channel,
+    token_metadata,
+)
 from .request import CallPolicy, GraphLike, Pause, SelectionLike, Steps
 from .result import Result
 
-__all__ = ["Client"]
+__all__ = ["Client", "Connection"]
 
 T = TypeVar("T")
 
 
-class Client:
-    """A connection to one gradient service; use it as a context manager to close the channel.
+class Connection:
+    """What ``Client`` and ``AsyncClient`` share: the call policy, the channel and its stubs."""
 
-    ``timeout`` is the default deadline of a call in seconds (retries
-    included; ``None`` waits forever); ``retries`` is how many more times a
-    call is tried when the server is ``UNAVAILABLE`` (bounded exponential
-    backoff; pass ``retry=Retry(...)`` to shape it). Graph messages over
-    ``upload_threshold`` bytes are uploaded in ``piece_bytes`` pieces (and
-    so registered) before they are evaluated by id; results over
-    ``stream_threshold`` bytes are streamed back in chunks. The last
-    ``remember`` graphs this client sent are kept, so that evaluating one by
-    its ``graph_id`` where the server does not hold it (evicted, or only ever
-    evaluated inline) sends it again transparently.
-    """
+    _aio = False
+    """Whether the channel is a ``grpc.aio`` one."""
 
     def __init__(
         self,
@@ -60,8 +59,14 @@ class Client:
         piece_bytes: int = 2 * MiB,
         remember: int = 16,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: bool | Pem = False,
+        root_certificates: Pem | None = None,
+        client_certificate: Pem | tuple[Pem, Pem] | None = None,
+        client_key: Pem | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
-        """Open a channel to ``target`` (``host:port``); TLS when ``credentials`` are given."""
+        """Open a channel to ``target`` (``host:port``), over TLS when asked to."""
         self.policy = CallPolicy(
             target,
             timeout,
@@ -73,14 +78,45 @@ class Client:
             piece_bytes,
             remember,
         )
-        self.channel = self.policy.channel(grpc, credentials)
-        self._stub = Stub(self.channel)
+        if credentials is None:
+            credentials = channel_credentials(
+                tls, root_certificates, client_certificate, client_key
+            )
+        self.channel = open_channel(
+            target, self.policy.options, credentials, server_name, aio=self._aio
+        )
+        self._stub = Stub(self.channel, token_metadata(token))
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     @property
     def target(self) -> str:
         """The server address this client calls."""
         return self.policy.target
+
+
+class Client(Connection):
+    """A connection to one gradient service; use it as a context manager to close the channel.
+
+    ``timeout`` is the default deadline of a call in seconds (retries
+    included; ``None`` waits forever); ``retries`` is how many more times a
+    call is tried when the server is ``UNAVAILABLE`` (bounded exponential
+    backoff; pass ``retry=Retry(...)`` to shape it). Graph messages over
+    ``upload_threshold`` bytes are uploaded in ``piece_bytes`` pieces (and
+    so registered) before they are evaluated by id; results over
+    ``stream_threshold`` bytes are streamed back in chunks. The last
+    ``remember`` graphs this client sent are kept, so that evaluating one by
+    its ``graph_id`` where the server does not hold it (evicted, or only ever
+    evaluated inline) sends it again transparently.
+
+    Security: ``tls=True`` (or PEM ``root_certificates``, which ``tls`` may
+    also be: bytes, or a file path) connects over TLS, verifying the server
+    against those roots (default: the system's); ``client_certificate`` and
+    ``client_key`` (PEM) answer a server that requires mutual TLS;
+    ``server_name`` checks the server's certificate for that name instead of
+    the target's host. ``token`` (default ``$MICROGRAD_RPC_TOKEN``) is sent as
+    ``authorization: Bearer <token>`` with every call. ``credentials`` (ready
+    ``grpc.ChannelCredentials``) replaces the TLS arguments.
+    """
 
     def __enter__(self) -> Client:
         return self

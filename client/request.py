@@ -287,12 +287,6 @@ class CallPolicy:
         self.options = channel_options(max_message_bytes, self.retry)
         self.known: OrderedDict[str, GraphMessage] = OrderedDict()
 
-    def channel(self, grpc_module: Any, credentials: grpc.ChannelCredentials | None) -> Any:
-        """A channel to the target from ``grpc`` or ``grpc.aio``; TLS when ``credentials``."""
-        if credentials is None:
-            return grpc_module.insecure_channel(self.target, options=self.options)
-        return grpc_module.secure_channel(self.target, credentials, options=self.options)
-
     def deadline(self, timeout: float | None) -> float | None:
         """Monotonic time by which a call (all its attempts) must end, or ``None``."""
         t = self.timeout if timeout is None else timeout

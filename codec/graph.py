@@ -224,10 +224,11 @@ def graph_id(tape: Tape) -> str:
     """Content hash of a graph, the same whichever wire form it arrived in."""
     h = hashlib.sha256(b"micrograd.v1 graph\0")
     h.update(len(tape).to_bytes(8, "little"))
-    h.update(tape.code.tobytes())
-    h.update(tape.arg0.astype("<i4").tobytes())
-    h.update(tape.arg1.astype("<i4").tobytes())
-    h.update(tape.const.astype(_F64).tobytes())
+    # Each column hashed in place (no copy when it already has the hashed dtype).
+    h.update(np.ascontiguousarray(tape.code).data)
+    h.update(np.ascontiguousarray(tape.arg0, dtype="<i4").data)
+    h.update(np.ascontiguousarray(tape.arg1, dtype="<i4").data)
+    h.update(np.ascontiguousarray(tape.const, dtype=_F64).data)
     for name, i in sorted(tape.names.items()):
         h.update(f"{i}\0{name}\0".encode())
     return "sha256:" + h.hexdigest()

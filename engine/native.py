@@ -36,6 +36,7 @@ from .errors import GraphError
 
 __all__ = [
     "FLUSH_DENORMALS_SUPPORTED",
+    "TILE",
     "DecodedGraph",
     "NativeKernel",
     "decode_graph",
@@ -44,6 +45,9 @@ __all__ = [
 
 FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
 """Whether ``flush_denormals=True`` changes anything on this processor."""
+
+TILE: int = int(_kernel.TILE)
+"""Bindings per tile of ``NativeKernel.evaluate_selected``."""
 
 
 class NativeKernel:
@@ -90,6 +94,55 @@ class NativeKernel:
         )
         if target is not grads:
             grads[...] = target
+
+    def evaluate_selected(
+        self,
+        tape: Columns,
+        inputs: np.ndarray,
+        bindings: np.ndarray,
+        output: int,
+        selection: np.ndarray,
+        gradients: bool = True,
+        threads: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Values and gradients of the ``selection`` nodes for every row of ``bindings``.
+
+        ``bindings`` is ``(B, k)`` over the ``inputs`` nodes, ``selection``
+        node indices; returns ``(B, s)`` arrays (gradients ``None`` unless
+        asked). The batch is swept ``TILE`` bindings at a time in cache-sized
+        buffers spread over up to ``threads`` threads; a batch smaller than a
+        tile goes through the full sweeps instead. Bit-identical to them.
+        """
+        bind = np.ascontiguousarray(bindings, dtype=np.float64)
+        sel = np.ascontiguousarray(selection, dtype=np.int64)
+        rows = int(bind.shape[0])
+        if rows < TILE:
+            values = np.repeat(tape.const[:, None], rows, axis=1)
+            values[inputs, :] = bind.T
+            self.forward(tape, values)
+            picked = np.ascontiguousarray(values[sel].T)
+            if not gradients:
+                return picked, None
+            grads = np.zeros_like(values)
+            self.backward(tape, values, grads, output)
+            return picked, np.ascontiguousarray(grads[sel].T)
+        values_out = np.empty((rows, sel.shape[0]))
+        grads_out = np.empty((rows, sel.shape[0])) if gradients else None
+        _kernel.evaluate_tiles(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            np.ascontiguousarray(inputs, dtype=np.int64),
+            bind,
+            output,
+            sel,
+            values_out,
+            grads_out,
+            threads=max(1, min(int(threads), rows // TILE)),
+            flush_denormals=self.flush_denormals,
+        )
+        return values_out, grads_out
 
 
 def _check_float64(what: str, array: np.ndarray) -> None:

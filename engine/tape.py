@@ -217,6 +217,47 @@ class Tape:
             return values, grads
         return values.T, grads.T
 
+    def evaluate_selected(
+        self,
+        bindings: np.ndarray | Sequence[Sequence[float]],
+        selection: np.ndarray | Sequence[int],
+        output: int = -1,
+        gradients: bool = True,
+        kernel: Kernel | None = None,
+        threads: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch's values and gradients at the ``selection`` nodes only: ``(B, s)`` each.
+
+        ``bindings`` is ``(B, k)`` over the inputs. A kernel with a tiled
+        sweep (the native one) never holds the full ``(n, B)`` arrays and may
+        use up to ``threads`` threads; any other kernel runs the full sweeps
+        and picks the columns. Gradients are ``None`` unless asked for.
+        """
+        kern = kernel or get_kernel()
+        out = self.check_output(output)
+        n = len(self)
+        sel = np.asarray(selection, dtype=np.int64).reshape(-1)
+        if sel.size and (int(sel.min()) < 0 or int(sel.max()) >= n):
+            raise GraphError(None, f"a selected node is out of range for {n} nodes", "selection")
+        bind = np.asarray(bindings, dtype=np.float64)
+        k = self.inputs.shape[0]
+        if bind.ndim != 2 or bind.shape[1] != k:
+            raise GraphError(None, f"a batch must have shape (B, {k}), got {bind.shape}", "inputs")
+        tiled = getattr(kern, "evaluate_selected", None)
+        if tiled is not None:
+            picked: tuple[np.ndarray, np.ndarray | None] = tiled(
+                self, self.inputs, bind, out, sel, gradients, threads
+            )
+            return picked
+        values = self.leaf_values(bind)
+        kern.forward(self, values)
+        chosen = np.ascontiguousarray(values[sel].T)
+        if not gradients:
+            return chosen, None
+        grads = np.zeros(values.shape)
+        kern.backward(self, values, grads, out)
+        return chosen, np.ascontiguousarray(grads[sel].T)
+
     def check_output(self, output: int) -> int:
         """Resolve a possibly negative output index, or raise ``GraphError``."""
         n = len(self)

@@ -851,7 +851,7 @@ def test_graph_cache_drops_least_recently_used() -> None:
 def test_evicted_graph_is_not_found_again(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
-    server = grpc_server_factory(graph_cache_entries=1)
+    server = grpc_server_factory(graph_cache_entries=1, graph_store="none")
     channel, stub = _stub(server.target)
     with channel:
         first = stub.RegisterGraph(pb.RegisterGraphRequest(packed_graph=codec.pack(chain_tape(5))))
