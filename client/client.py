@@ -28,7 +28,9 @@ from .channel import (
     Pem,
     Retry,
     Stub,
+    Target,
     channel_credentials,
+    describe_target,
     open_channel,
     token_metadata,
 )
@@ -48,7 +50,7 @@ class Connection:
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: Target = "127.0.0.1:50051",
         *,
         timeout: float | None = 60.0,
         retries: int = 4,
@@ -66,9 +68,10 @@ class Connection:
         server_name: str | None = None,
         token: str | None = None,
     ) -> None:
-        """Open a channel to ``target`` (``host:port``), over TLS when asked to."""
+        """Open a channel to ``target`` (``host:port``; several, as a list or comma-separated, or
+        ``dns:///name:port``, to balance calls over them), over TLS when asked to."""
         self.policy = CallPolicy(
-            target,
+            describe_target(target),
             timeout,
             retries,
             retry,
@@ -107,6 +110,12 @@ class Client(Connection):
     ``remember`` graphs this client sent are kept, so that evaluating one by
     its ``graph_id`` where the server does not hold it (evicted, or only ever
     evaluated inline) sends it again transparently.
+
+    Balancing: ``target`` may name several servers, as a list of
+    ``host:port`` (or one comma-separated string) or a ``dns:///name:port``
+    that resolves to several addresses (a Kubernetes headless Service); calls
+    then go to them in turn (gRPC's ``round_robin``), and a call that fails
+    with ``UNAVAILABLE`` because its server went away is retried on another.
 
     Security: ``tls=True`` (or PEM ``root_certificates``, which ``tls`` may
     also be: bytes, or a file path) connects over TLS, verifying the server

@@ -103,11 +103,29 @@ class Prepared:
         return 0 if message is None else message.ByteSize()
 
 
-def prepare(graph: GraphLike, names: Mapping[str, Value] | None = None) -> Prepared:
-    """Bring any accepted graph form to a ``Prepared``; ``names`` label a ``Value`` graph."""
+def prepare(
+    graph: GraphLike,
+    names: Mapping[str, Value] | None = None,
+    request: pb.EvaluateRequest | None = None,
+) -> Prepared:
+    """Bring any accepted graph form to a ``Prepared``; ``names`` label a ``Value`` graph.
+
+    A ``Value`` graph has no names of its own: inputs that ``request`` binds
+    by a name ``names`` does not give raise ``ValueError`` saying so.
+    """
     if isinstance(graph, str):
         return Prepared(None, graph_id=graph)
     if isinstance(graph, Value):
+        if request is not None:
+            bound = [*request.inputs, *request.batch.columns]
+            unnamed = sorted({name for name in bound if name not in (names or {})})
+            if unnamed:
+                first = unnamed[0]
+                raise ValueError(
+                    f"no input is named {', '.join(map(repr, unnamed))}: the nodes of a Value "
+                    "graph have no names until you give them with names=, e.g. "
+                    f"evaluate(g, inputs={{{first!r}: 2.0}}, names={{{first!r}: {first}}})"
+                )
         message, _, order = codec.encode_value(graph, names)
         return Prepared(message, order=order)
     if names:
@@ -437,7 +455,7 @@ def evaluate(
     request = evaluate_request(
         inputs=inputs, output=output, selection=selection, batch=batch, gradients=gradients
     )
-    prepared = prepare(graph, names)
+    prepared = prepare(graph, names, request)
     return (yield from _evaluate(policy, prepared, request, batch is not None, stream, timeout))
 
 

@@ -19,14 +19,16 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .calls import CallRunner
 from .config import Settings
-from .handlers import HandlerWrapper, Registrar, ServiceErrors
+from .decoding import tolerant
+from .handlers import HandlerWrapper, Registrar, ServiceErrors, status_of
+from .reflection import add_reflection
 from .service import GradientService
+from .streams import OpenStreams
 
 __all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer"]
 
@@ -123,6 +125,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return self.service.server_info(request)
 
 
+class _Tolerant:
+    """Answers requests that do not parse with INVALID_ARGUMENT (``decoding.tolerant``)."""
+
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler``, its request deserializer made tolerant."""
+        return tolerant(handler, status_of)
+
+
 class GrpcServer:
     """One process's gRPC server: gradient service, health, reflection, graceful shutdown."""
 
@@ -137,7 +147,8 @@ class GrpcServer:
         registration, which costs nothing per call); TLS with ``credentials``; idle until
         ``start``."""
         self.settings = settings
-        self.interceptors = tuple(interceptors)
+        self.streams = OpenStreams()
+        self.interceptors = (*interceptors, self.streams)
         self.credentials = credentials
         self.service = service or GradientService(settings)
         self.health = health.aio.HealthServicer()
@@ -162,17 +173,14 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        wrappers = (*self.interceptors, ServiceErrors(f"/{SERVICE_NAME}/"))
+        wrappers = (*self.interceptors, ServiceErrors(f"/{SERVICE_NAME}/"), _Tolerant())
         registrar: Any = Registrar(server, wrappers)
         pb_grpc.add_GradientServiceServicer_to_server(
             GradientServicer(self.service, self.pool), registrar
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-            ),
-            registrar,
+        add_reflection(
+            registrar, (SERVICE_NAME, health.SERVICE_NAME), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
         )
         host = _bracketed(s.host)
         try:
@@ -209,6 +217,9 @@ class GrpcServer:
             await asyncio.sleep(0.02)
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d call(s)", self.service.in_flight)
+        if self.streams.count:
+            log.info("ending %d open health/reflection stream(s)", self.streams.count)
+        self.streams.end()
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

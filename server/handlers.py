@@ -49,9 +49,10 @@ def rebuilt(
     handler: grpc.RpcMethodHandler,
     behavior: Callable[..., Any] | None = None,
     response_serializer: Callable[[Any], bytes] | None = None,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s kind, with ``behavior`` and/or the serializer replaced."""
-    deserialize = handler.request_deserializer
+    """A handler of ``handler``'s kind, with ``behavior`` and/or the (de)serializers replaced."""
+    deserialize = request_deserializer or handler.request_deserializer
     serialize = response_serializer or handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(

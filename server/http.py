@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
+from micrograd.codec.malformed import shown
 
 from . import playground
 from .config import Settings
@@ -97,7 +98,7 @@ def build_app(
                 timeout = math.nan
             if not timeout > 0 or math.isinf(timeout):
                 return _plain(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, "
-                                   f"got {given!r}")
+                                   f"got {shown(given)}")
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         answer = await rpc.handle(body, rid, timeout)
         headers = {REQUEST_ID_HEADER: rid}
@@ -153,7 +154,11 @@ class HttpServer:
         self.service = service
         self.metrics = metrics
         self.rpc = JsonRpc(
-            service, pool=pool, metrics=metrics, max_batch=settings.jsonrpc_max_batch
+            service,
+            pool=pool,
+            metrics=metrics,
+            max_batch=settings.jsonrpc_max_batch,
+            max_depth=settings.jsonrpc_max_depth,
         )
         self.port = 0
         self._runner: web.AppRunner | None = None

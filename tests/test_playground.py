@@ -237,3 +237,19 @@ def test_the_playground_shows_the_seed_then_follows_an_edited_input(
                 await page.ws.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_with_tokens_on_the_page_is_behind_the_token(
+    grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("playground-secret-token-0123456789\n")
+    running = grpc_server_factory(auth_token_file=str(tokens))
+    assert get(running.http_url + "/")[0] == 401
+    assert get(running.http_url + "/playground/playground.js")[0] == 401
+    request = urllib.request.Request(
+        running.http_url + "/",
+        headers={"Authorization": "Bearer playground-secret-token-0123456789"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and b"playground.js" in response.read()
