@@ -16,6 +16,8 @@ the floor: what gRPC in Python costs for the same bytes. Rows:
    <= 100 ns/node.
 4. ``Evaluate`` calls per second with 8 calls in flight against one server
    process vs the echo; target >= 3,000/s.
+5. seed ``Evaluate`` p50 with TLS and a bearer token (a third server, its
+   certificate made by ``trustme``) vs the plaintext server; target <= 1.3x.
 
 Every figure is a median over the stated repeats. Each measure is a
 function returning ``Row``s listed in ``MEASURES``, so adding a row (say,
@@ -491,6 +493,98 @@ def measure_jsonrpc(servers: Servers) -> list[Row]:
     ]
 
 
+@contextmanager
+def secured_server(directory: Path) -> Iterator[tuple[str, str, bytes, str]]:
+    """A server like ours, with TLS and a bearer token on both ports (certificates made now,
+    by ``trustme``); yields its gRPC and HTTP ``host:port``, the CA (PEM) and the token."""
+    import secrets
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    (directory / "server.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(directory / "server.key"))
+    token = secrets.token_hex(32)
+    (directory / "tokens").write_text(token + "\n")
+    argv = [sys.executable, "-m", "micrograd.server", "serve", "--host", "127.0.0.1",
+            "--port", "0", "--http-port", "0", "--workers", "1",
+            "--port-file", "{port_file}", "--http-port-file", "{port_file}.http",
+            "--log-level", "WARNING", "--tls-cert", str(directory / "server.pem"),
+            "--tls-key", str(directory / "server.key"),
+            "--auth-token-file", str(directory / "tokens")]
+    with server_process(argv, directory, "secured") as target:
+        http_port = int((directory / "secured.port.http").read_text())
+        yield target, f"127.0.0.1:{http_port}", ca.cert_pem.bytes(), token
+
+
+def measure_tls(servers: Servers) -> list[Row]:
+    """Seed ``Evaluate`` p50 with TLS + a bearer token vs the same server in plaintext, both
+    ports, interleaved in one run: what the edge security costs a small call."""
+    import http.client
+    import json
+    import ssl
+
+    from google.protobuf import json_format
+
+    request = seed_request()
+    params = {"graph": json_format.MessageToDict(codec.to_graph(seed_tape()))}
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": params})
+    count = 250 if servers.quick else 500
+    blocks = max(servers.repeats, 2)
+    secure: list[float] = []
+    plain: list[float] = []
+    secure_http: list[float] = []
+    plain_http: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, secured_server(Path(tmp)) as (
+        target, http_target, ca, token
+    ):
+        credentials = grpc.ssl_channel_credentials(ca)
+        metadata = (("authorization", f"Bearer {token}"),)
+        context = ssl.create_default_context(cadata=ca.decode())
+        host, port = http_target.rsplit(":", 1)
+        https = http.client.HTTPSConnection(host, int(port), timeout=30, context=context)
+        plain_host, plain_port = servers.http.rsplit(":", 1)
+        http_plain = http.client.HTTPConnection(plain_host, int(plain_port), timeout=30)
+
+        def post(connection: http.client.HTTPConnection, headers: dict[str, str]) -> bytes:
+            connection.request("POST", "/rpc", body, headers)
+            reply = connection.getresponse()
+            data = reply.read()
+            assert reply.status == 200, data
+            return data
+
+        json_headers = {"Content-Type": "application/json"}
+        token_headers = {**json_headers, "Authorization": f"Bearer {token}"}
+        with grpc.secure_channel(target, credentials) as tls_channel, \
+                _channel(servers.ours) as channel:
+            evaluate_tls = tls_channel.unary_unary(EVALUATE)
+            evaluate = channel.unary_unary(EVALUATE)
+            reply = pb.EvaluateResponse.FromString(evaluate_tls(request, metadata=metadata))
+            assert f"{codec.f64_array(reply.values_f64)[-1]:.4f}" == "24.7041"
+            latencies(lambda: evaluate_tls(request, metadata=metadata), 200, 5)
+            latencies(lambda: evaluate(request), 200, 5)
+            latencies(lambda: post(https, token_headers), 100, 5)
+            latencies(lambda: post(http_plain, json_headers), 100, 5)
+            for _ in range(blocks):
+                secure += latencies(lambda: evaluate_tls(request, metadata=metadata), count, 10)
+                plain += latencies(lambda: evaluate(request), count, 10)
+                secure_http += latencies(lambda: post(https, token_headers), count // 2, 10)
+                plain_http += latencies(lambda: post(http_plain, json_headers), count // 2, 10)
+        https.close()
+        http_plain.close()
+    return [
+        Row("seed Evaluate p50, TLS + token", percentile(secure, 50) * 1e6,
+            percentile(plain, 50) * 1e6, "us", "<= 1.3x",
+            f"baseline: the same server in plaintext without a token (not echo); {len(secure)} "
+            f"calls each, {blocks} interleaved blocks; one channel kept open"),
+        Row("seed Evaluate over HTTPS + token p50", percentile(secure_http, 50) * 1e6,
+            percentile(plain_http, 50) * 1e6, "us", "",
+            "baseline: JSON-RPC over plain HTTP to the plaintext server; one keep-alive "
+            "connection each"),
+    ]
+
+
 def measure_batch(servers: Servers) -> list[Row]:
     """Per-sample gradients: 1,000 bindings of the MLP loss graph, ``selection="inputs"``,
     through ``Client.evaluate`` (default threads, then a one-thread server) vs CasADi's
@@ -616,6 +710,7 @@ MEASURES: dict[str, Callable[[Servers], list[Row]]] = {
     "jsonrpc": measure_jsonrpc,
     "batch": measure_batch,
     "backward": measure_value_backward,
+    "tls": measure_tls,
 }
 """Every measure, in table order; each returns its rows."""
 

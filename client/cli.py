@@ -47,6 +47,7 @@ __all__ = [
     "read_request",
     "run_eval",
     "run_health",
+    "security_options",
 ]
 
 
@@ -144,21 +145,27 @@ def _token(args: argparse.Namespace) -> str | None:
     return None
 
 
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Client`` keyword arguments the flags of ``add_connection_arguments`` stand for.
+
+    Raises ``ValueError`` (or ``OSError``) for a token file that cannot be read.
+    """
+    return {
+        "tls": bool(args.tls),
+        "root_certificates": args.tls_ca or None,
+        "client_certificate": args.tls_cert or None,
+        "client_key": args.tls_key or None,
+        "server_name": args.tls_server_name,
+        "token": _token(args),
+    }
+
+
 def connect(args: argparse.Namespace, **options: Any) -> Client:
     """A ``Client`` for ``args.target`` with the security flags of ``add_connection_arguments``.
 
     Raises ``ValueError`` (or ``OSError``) for a file that cannot be read.
     """
-    return Client(
-        args.target,
-        tls=bool(args.tls),
-        root_certificates=args.tls_ca or None,
-        client_certificate=args.tls_cert or None,
-        client_key=args.tls_key or None,
-        server_name=args.tls_server_name,
-        token=_token(args),
-        **options,
-    )
+    return Client(args.target, **security_options(args), **options)
 
 
 def parse_inputs(text: str) -> dict[str, float]:
