@@ -97,7 +97,7 @@ def prepare(
                     "graph have no names until you give them with names=, e.g. "
                     f"evaluate(g, inputs={{{first!r}: 2.0}}, names={{{first!r}: {first}}})"
                 )
-        message, _, order = codec.encode_value(graph, names)
+        message, order = codec.pack_value(graph, names)
         return Prepared(message, order=order)
     if names:
         raise TypeError("names= applies to a Value graph; name nodes inside the graph instead")
