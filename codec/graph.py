@@ -23,6 +23,7 @@ from .malformed import shown
 
 try:  # the native decoders, when the C extension is built (they read little-endian hosts' memory)
     from micrograd.native import decode_graph as _native_decode_graph
+    from micrograd.native import pack_value as _native_pack_value
     from micrograd.native import unpack_columns as _native_unpack_columns
 
     if sys.byteorder != "little":  # pragma: no cover
@@ -30,6 +31,7 @@ try:  # the native decoders, when the C extension is built (they read little-end
 except ImportError:  # pragma: no cover - exercised on machines without a compiler
     _native_decode_graph = None  # type: ignore[assignment]
     _native_unpack_columns = None  # type: ignore[assignment]
+    _native_pack_value = None  # type: ignore[assignment]
 
 __all__ = [
     "GraphTooLarge",
@@ -38,6 +40,7 @@ __all__ = [
     "from_graph_bytes",
     "graph_id",
     "pack",
+    "pack_value",
     "to_graph",
     "unpack",
 ]
@@ -267,3 +270,35 @@ def encode_value(
     """Compile ``root``'s graph; return the packed message, the tape and the nodes in tape order."""
     tape, order = Tape.from_value(root, names)
     return pack(tape), tape, order
+
+
+def pack_value(
+    root: Value, names: Mapping[str, Value] | None = None
+) -> tuple[graph_pb2.PackedGraph, list[Value]]:
+    """``root``'s graph as a ``PackedGraph`` and its nodes in tape order, without a tape.
+
+    The native walk writes the wire columns directly (no Python per node);
+    without the extension this is ``encode_value`` minus the tape. The message
+    is the one ``pack(Tape.from_value(root, names)[0])`` gives.
+    """
+    targets = list((names or {}).values())
+    walked = _native_pack_value(root, targets) if _native_pack_value is not None else None
+    if walked is None:
+        message, _, order = encode_value(root, names)
+        return message, order
+    order, ops, args, values, found = walked
+    labels: list[tuple[int, str]] = []
+    for name, i in zip((names or {}), found, strict=True):
+        if i < 0:
+            raise GraphError(None, f"input {name!r} is not part of the graph")
+        labels.append((i, name))
+    labels.sort(key=lambda item: item[0])
+    return (
+        graph_pb2.PackedGraph(
+            ops=ops,
+            args=args,
+            values=values,
+            names=[graph_pb2.NodeName(node=i, name=name) for i, name in labels],
+        ),
+        order,
+    )

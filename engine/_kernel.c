@@ -37,6 +37,10 @@
 
 PyObject *mg_decode_graph(PyObject *module, PyObject *arg); /* _kernel_decode.c */
 PyObject *mg_unpack_columns(PyObject *module, PyObject *args); /* _kernel_unpack.c */
+PyObject *mg_value_columns(PyObject *module, PyObject *args); /* _kernel_pack.c */
+PyObject *mg_pack_value(PyObject *module, PyObject *args);
+PyObject *mg_assign_values(PyObject *module, PyObject *args);
+PyObject *mg_value_backward(PyObject *module, PyObject *args);
 
 /* ---- the ops: forward value and local partials ------------------------ */
 /* f(x, y, c) is the output; d(x, y, c, o, &dx, &dy) its partials, where o is
@@ -771,6 +775,23 @@ static void raise_bad_node(const Columns *t, Py_ssize_t i)
     PyErr_Format(PyExc_ValueError, "node %zd: the tape changed during the sweep", i);
 }
 
+/* ---- for _kernel_pack.c -------------------------------------------------- */
+
+/* The one-binding reverse sweep over plain columns (Value.backward's). */
+Py_ssize_t mg_backward_columns(const uint8_t *code, const int32_t *a, const int32_t *b,
+                               const double *c, Py_ssize_t n, const double *v, double *g,
+                               uint8_t *reached, Py_ssize_t out)
+{
+    Columns t = {code, a, b, c, n};
+    return backward_one(&t, v, g, reached, out, NULL);
+}
+
+/* The arity of an op these sweeps implement, -1 for any other code. */
+int mg_native_arity(unsigned code)
+{
+    return code < 256 ? (int)ARITY_PLUS_1[code] - 1 : -1;
+}
+
 /* Cells (node x binding) a sweep evaluates between two looks at its Stop. */
 #define MG_STOP_CELLS 16384
 
@@ -1441,6 +1462,18 @@ static PyMethodDef kernel_methods[] = {
     {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
      METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
+    {"value_columns", mg_value_columns, METH_VARARGS,
+     "value_columns(root, targets, arity)\n--\n\nTape columns of the Value graph behind root:\n"
+     "(order, code, arg0, arg1, const, target indices), or None for the Python path."},
+    {"pack_value", mg_pack_value, METH_VARARGS,
+     "pack_value(root, targets, arity, uses_value)\n--\n\nPackedGraph columns of the Value\n"
+     "graph behind root: (order, ops, args, values, target indices), or None."},
+    {"assign_values", mg_assign_values, METH_VARARGS,
+     "assign_values(order, values, grads, arity)\n--\n\nWrite values and gradients onto the\n"
+     "nodes as Value.backward would; False (nothing written) if a node is not plain."},
+    {"value_backward", mg_value_backward, METH_VARARGS,
+     "value_backward(root, arity)\n--\n\nValue.backward() on the C reverse sweep; False\n"
+     "(nothing changed) where the Python path must run."},
     {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -65,3 +65,19 @@ def evaluate_tiles(
 ) -> bool:
     """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles;
     False if it stopped early (as ``forward``)."""
+
+def value_columns(
+    root: Any, targets: Any, arity: bytes
+) -> tuple[list[Any], bytearray, bytearray, bytearray, bytearray, list[int]] | None:
+    """Tape columns of the ``Value`` graph behind ``root`` (None: take the Python path)."""
+
+def pack_value(
+    root: Any, targets: Any, arity: bytes, uses_value: bytes
+) -> tuple[list[Any], bytes, bytes, bytes, list[int]] | None:
+    """``PackedGraph`` columns of the ``Value`` graph behind ``root`` (None: Python path)."""
+
+def assign_values(order: list[Any], values: Any, grads: Any, arity: bytes) -> bool:
+    """Write values and gradients onto the nodes as ``Value.backward`` would."""
+
+def value_backward(root: Any, arity: bytes) -> bool:
+    """``Value.backward()`` on the C reverse sweep; False where Python must run it."""

@@ -25,7 +25,8 @@ straight into tape columns, without building a message object per node.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,8 +41,11 @@ __all__ = [
     "DecodedGraph",
     "NativeKernel",
     "SweepStopped",
+    "assign_values",
     "decode_graph",
+    "pack_value",
     "unpack_columns",
+    "value_columns",
 ]
 
 FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
@@ -263,3 +267,56 @@ def unpack_columns(
         np.frombuffer(arg1, dtype=np.int32),
         np.frombuffer(const, dtype=np.float64),
     )
+
+
+def value_columns(
+    root: object, targets: Sequence[object]
+) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]] | None:
+    """The tape columns of the ``Value`` graph behind ``root``, walked in C.
+
+    Returns ``(order, code, arg0, arg1, const, indices)`` in the order of
+    ``micrograd.engine.topological_order``, ``indices`` giving each of
+    ``targets``' node index (-1: not in the graph); ``None`` when the graph
+    holds anything but plain ``Value`` nodes of known ops (use the Python path).
+    """
+    walked = _kernel.value_columns(root, targets, _ARITY)
+    if walked is None:
+        return None
+    order, code, arg0, arg1, const, indices = walked
+    return (
+        order,
+        np.frombuffer(code, dtype=np.uint8),
+        np.frombuffer(arg0, dtype=np.int32),
+        np.frombuffer(arg1, dtype=np.int32),
+        np.frombuffer(const, dtype=np.float64),
+        indices,
+    )
+
+
+def pack_value(
+    root: object, targets: Sequence[object]
+) -> tuple[list[Any], bytes, bytes, bytes, list[int]] | None:
+    """The ``PackedGraph`` columns ``(order, ops, args, values, indices)`` of ``root``'s graph.
+
+    As ``value_columns``, but straight into the wire's little-endian byte columns.
+    """
+    packed: tuple[list[Any], bytes, bytes, bytes, list[int]] | None = _kernel.pack_value(
+        root, targets, _ARITY, _USES_VALUE
+    )
+    return packed
+
+
+def assign_values(order: list[Any], values: np.ndarray, grads: np.ndarray) -> bool:
+    """Write values and gradients onto ``Value`` nodes in tape order, as ``backward()`` would.
+
+    Interior nodes take their gradient, leaves add it to theirs. ``False``
+    (nothing written) when a node is not a plain ``Value``.
+    """
+    done: bool = _kernel.assign_values(
+        order,
+        np.ascontiguousarray(values, dtype=np.float64),
+        np.ascontiguousarray(grads, dtype=np.float64),
+        _ARITY,
+    )
+    return done
+

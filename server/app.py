@@ -32,8 +32,9 @@ from micrograd.kernels import Kernel
 from . import logs, security
 from .config import Settings, resolve_kernel
 from .grpc_server import GrpcServer
+from .handlers import MetricsInterceptor
 from .http import HttpServer
-from .metrics import Metrics, MetricsInterceptor
+from .metrics import Metrics
 from .service import GradientService
 from .store import open_store
 

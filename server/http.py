@@ -12,6 +12,10 @@ same limits). Its routes:
 * ``GET /healthz``: 200 while the process runs.
 * ``GET /readyz``: 200 while the server takes calls, 503 once it drains.
 * ``GET /metrics``: this process's metrics in the Prometheus text format.
+
+With TLS settings the port serves HTTPS only (``ssl_context``); with tokens
+every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer``
+(the ``guards`` middlewares of ``server/security.py``).
 * ``GET /``: the playground page (``micrograd.server.playground``), unless
   ``--no-playground``.
 """

@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -31,9 +32,10 @@ from google.protobuf.message import Message
 from micrograd.codec.malformed import clip, shown
 from micrograd.v1 import gradient_service_pb2 as pb
 
-from .metrics import Metrics, nodes_evaluated
+from .calls import CallRunner
+from .metrics import Metrics
 from .proto_json import nesting_depth, type_problem
-from .service import Deadline, GradientService, ServiceError
+from .service import Deadline, GradientService, ServiceError, nodes_evaluated
 
 __all__ = [
     "ERROR_CODES",
@@ -124,6 +126,11 @@ class RpcError(Exception):
         if self.data is not None:
             error["data"] = self.data
         return error
+
+    @classmethod
+    def from_service_error(cls, error: ServiceError) -> RpcError:
+        """The error for a ``ServiceError``: its status through ``ERROR_CODES``, its violations."""
+        return cls.from_status(error.code.value, error.message, error.violations)
 
     @property
     def status(self) -> str:
@@ -263,24 +270,22 @@ class JsonRpc:
         self.service = service
         self.max_depth = max_depth
         self.pool = pool
+        self.calls = CallRunner(service, pool)
         self.metrics = metrics or Metrics()
         self.max_batch = max_batch
-        self.inline_cells = service.settings.inline_cells
-        s = service
+        s, size = service, self.calls.sizes
         self.methods: dict[str, Method] = {
-            "Evaluate": Method(pb.EvaluateRequest, s.evaluate, s.cells),
+            "Evaluate": Method(pb.EvaluateRequest, s.evaluate, size["Evaluate"]),
             "EvaluateStream": Method(
                 pb.EvaluateStreamRequest,
                 lambda r, d: list(s.evaluate_stream(r, d)),
-                lambda r: s.cells(r.request),
+                size["EvaluateStream"],
             ),
             "RegisterGraph": Method(
-                pb.RegisterGraphRequest,
-                lambda r, d: s.register_graph(r),
-                lambda r: len(r.graph.nodes) + len(r.packed_graph.ops),
+                pb.RegisterGraphRequest, lambda r, d: s.register_graph(r), size["RegisterGraph"]
             ),
             "GetServerInfo": Method(
-                pb.GetServerInfoRequest, lambda r, d: s.server_info(r), lambda r: 0
+                pb.GetServerInfoRequest, lambda r, d: s.server_info(r), size["GetServerInfo"]
             ),
         }
 
@@ -417,32 +422,19 @@ class JsonRpc:
     async def _run(
         self, method: Method, message: Message, timeout: float | None
     ) -> tuple[bytes, int]:
-        """Run ``method`` under a call slot, inline or on the pool: the serialized result and
+        """Run ``method`` as one admitted call (``server/calls.py``): the serialized result and
         the node evaluations; errors become ``RpcError``."""
-        deadline = Deadline(timeout)
-        pending: concurrent.futures.Future[Any] | None = None
+        calls = self.calls
         try:
-            self.service.acquire()
+            return await calls.unary(
+                calls.inline(method.size(message)), partial(_answer, method), message, timeout
+            )
         except ServiceError as exc:
-            raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
-        try:
-            if self.pool is None or method.size(message) <= self.inline_cells:
-                return _answer(method, message, deadline)
-            pending = self.pool.submit(_answer, method, message, deadline)
-            try:
-                return await asyncio.wrap_future(pending)
-            except asyncio.CancelledError:
-                deadline.cancel()
-                raise
-        except ServiceError as exc:
-            raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
+            raise RpcError.from_service_error(exc) from None
         except RpcError:
             raise
         except Exception as exc:
             log.exception("internal error in a JSON-RPC call")
-            raise RpcError.from_status("INTERNAL", clip(f"internal error: {exc!r}")) from None
-        finally:
-            if pending is not None and not pending.done():
-                pending.add_done_callback(lambda _: self.service.release())
-            else:
-                self.service.release()
+            # The type only: a repr can carry server paths; the log above has the traceback.
+            message = f"internal error ({type(exc).__name__}); the server's log has the details"
+            raise RpcError.from_status("INTERNAL", message) from None

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from micrograd import __version__, codec
@@ -42,7 +43,16 @@ except ImportError:  # pragma: no cover - without the native kernel, sweeps run 
     class SweepStopped(Exception):  # type: ignore[no-redef]
         """Never raised: no kernel here can stop part-way."""
 
-__all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload"]
+
+__all__ = [
+    "Code",
+    "Deadline",
+    "GradientService",
+    "Plan",
+    "ServiceError",
+    "Upload",
+    "nodes_evaluated",
+]
 
 log = logging.getLogger("micrograd.server")
 
@@ -89,26 +99,28 @@ class Deadline:
     encoding; ``flag`` is the byte the native sweeps watch.
     """
 
+    __slots__ = ("_cancelled", "expires", "flag")
+
     def __init__(self, seconds: float | None = None) -> None:
         """A deadline ``seconds`` from now (``None``: no time limit)."""
         self.expires = None if seconds is None else time.monotonic() + seconds
-        self._cancelled = threading.Event()
+        self._cancelled = False  # one store of a bool: safe to set from any thread
         self.flag = np.zeros(1, dtype=np.uint8)
         """Set to 1 by ``cancel()``; a sweep given it stops at its next look."""
 
     def cancel(self) -> None:
         """Mark the call cancelled; the next ``check()`` raises and running sweeps stop."""
-        self._cancelled.set()
+        self._cancelled = True
         self.flag[0] = 1
 
     @property
     def cancelled(self) -> bool:
         """Whether ``cancel()`` was called."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def check(self) -> None:
         """Raise ``ServiceError`` (CANCELLED or DEADLINE_EXCEEDED) if the call must stop."""
-        if self._cancelled.is_set():
+        if self._cancelled:
             raise ServiceError(Code.CANCELLED, "the call was cancelled")
         if self.expires is not None and time.monotonic() >= self.expires:
             raise ServiceError(
@@ -695,3 +707,17 @@ class Upload:
         except GraphError as exc:
             raise _graph_violation("piece.", exc) from None
         return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
+
+
+def nodes_evaluated(response: Any) -> int:
+    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
+    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
+    if isinstance(response, Wire):
+        return response.nodes
+    if isinstance(response, pb.EvaluateStreamResponse):
+        if response.part != pb.PART_HEADER:
+            return 0
+        response = response.header
+    if isinstance(response, pb.EvaluateResponse):
+        return int(response.node_count) * max(int(response.rows), 1)
+    return 0
