@@ -108,6 +108,8 @@ class Servers:
     load_processes: int = 2
     http: str = ""
     """``host:port`` of our server's HTTP (JSON-RPC) endpoint."""
+    argv: Sequence[str] = ()
+    """How our server was started, for measures that start a differently configured one."""
 
 
 # -- the echo server -----------------------------------------------------------------
@@ -583,12 +585,131 @@ def measure_tls(servers: Servers) -> list[Row]:
     ]
 
 
+def measure_batch(servers: Servers) -> list[Row]:
+    """Per-sample gradients: 1,000 bindings of the MLP loss graph, ``selection="inputs"``,
+    through ``Client.evaluate`` (default threads, then a one-thread server) vs CasADi's
+    ``map(1000, "serial")`` of output + input gradients in this process."""
+    import kernels as bench_kernels  # the same tape, bindings and CasADi graph as bench/kernels.py
+
+    tape = bench_kernels.mlp_tape()
+    width = 100 if servers.quick else 1000
+    rows = bench_kernels.batch_bindings(tape, width)
+    expected = tape.evaluate_selected(rows, tape.inputs)
+
+    def through(target: str) -> list[float]:
+        times = []
+        with Client(target) as client:
+            graph_id = client.register(tape)
+            for _ in range(servers.repeats + 1):
+                t0 = time.perf_counter()
+                result = client.evaluate(graph_id, batch=rows, selection="inputs")
+                times.append(time.perf_counter() - t0)
+        assert np.array_equal(result.values, expected[0])
+        assert np.array_equal(result.grads, expected[1])
+        return times[1:]  # the first call warms the connection
+
+    default = statistics.median(through(servers.ours)) * 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [*servers.argv, "--kernel-threads", "1"]
+        with server_process(argv, Path(tmp), "one-thread") as one:
+            single = statistics.median(through(one)) * 1e3
+    casadi: float | None = None
+    casadi_note = ""
+    try:
+        import casadi as ca
+
+        x, everything = bench_kernels.casadi_graph(ca, tape)
+        out = everything[len(tape) - 1]
+        mapped = ca.Function("f", [x], [out, ca.gradient(out, x)]).map(width, "serial")
+        columns = ca.DM(rows.T)
+        casadi = statistics.median(
+            _timed_calls(lambda: mapped(columns), servers.repeats)
+        ) * 1e3
+        casadi_note = f"; CasADi {ca.__version__} map({width}, serial), in this process"
+    except (ImportError, NotImplementedError) as exc:
+        casadi_note = f"; CasADi not measured: {exc}"
+    note = (
+        f"{len(tape):,} nodes x {width:,} bindings, {servers.repeats} repeats, "
+        f"graph registered{casadi_note}"
+    )
+    return [
+        Row(
+            f"per-sample grads, {width:,} bindings, service",
+            default,
+            casadi,
+            "ms",
+            "<= 0.25x",
+            note,
+        ),
+        Row(
+            "same, default threads vs one thread",
+            default,
+            single,
+            "ms",
+            "<= 0.59x",
+            f"server defaults ({os.cpu_count()} CPUs) vs --kernel-threads 1",
+        ),
+    ]
+
+
+def _timed_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_value_backward(servers: Servers) -> list[Row]:
+    """``client.backward(g)`` of a 1,000,001-node ``Value`` graph vs ``g.backward()`` here."""
+    import micrograd.engine as engine
+
+    x = Value(0.5)
+    y = x
+    for _ in range(250_000 if not servers.quick else 25_000):
+        y = y * 1.0001 + 0.001
+    n = 4 * (250_000 if not servers.quick else 25_000) + 1
+    with Client(servers.ours) as client:
+        client.backward(y)  # warm the connection
+        remote = _timed_calls(lambda: client.backward(y), servers.repeats)
+    local = _timed_calls(y.backward, servers.repeats)
+    native = engine._native_backward
+    engine._native_backward = None
+    try:
+        python = _timed_calls(y.backward, servers.repeats)
+    finally:
+        engine._native_backward = native
+    note = f"{n:,} nodes (y = y * 1.0001 + 0.001), {servers.repeats} repeats"
+    return [
+        Row(
+            "client.backward vs local backward()",
+            statistics.median(remote) * 1e3,
+            statistics.median(local) * 1e3,
+            "ms",
+            "<= 1.5x",
+            note + "; local: native reverse sweep",
+        ),
+        Row(
+            "client.backward vs Python backward()",
+            statistics.median(remote) * 1e3,
+            statistics.median(python) * 1e3,
+            "ms",
+            "",
+            "local backward() on the pure-Python path (as before the native walk)",
+        ),
+    ]
+
+
 MEASURES: dict[str, Callable[[Servers], list[Row]]] = {
     "latency": measure_latency,
     "big": measure_big_graph,
     "decode": measure_decode,
     "throughput": measure_throughput,
     "jsonrpc": measure_jsonrpc,
+    "batch": measure_batch,
+    "backward": measure_value_backward,
     "tls": measure_tls,
 }
 """Every measure, in table order; each returns its rows."""
@@ -659,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server_process(echo_argv, directory, "echo") as echo:
             http_port = int((directory / "ours.port.http").read_text())
             servers = Servers(ours, echo, repeats, args.quick, args.load_processes,
-                              f"127.0.0.1:{http_port}")
+                              f"127.0.0.1:{http_port}", ours_argv)
             with Client(ours) as client:
                 info = client.server_info()
             rows: list[Row] = []
