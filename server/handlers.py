@@ -111,7 +111,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
             await context.abort_with_status(status_of(error))
         await context.abort(grpc.StatusCode[error.code.value], error.message)
     log.exception("internal error while serving a call", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+    # The type only: a repr can carry server paths; the log above has the traceback.
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error ({type(error).__name__}); the server's log has the details",
+    )
 
 
 class ServiceErrors:

@@ -435,4 +435,6 @@ class JsonRpc:
             raise
         except Exception as exc:
             log.exception("internal error in a JSON-RPC call")
-            raise RpcError.from_status("INTERNAL", clip(f"internal error: {exc!r}")) from None
+            # The type only: a repr can carry server paths; the log above has the traceback.
+            message = f"internal error ({type(exc).__name__}); the server's log has the details"
+            raise RpcError.from_status("INTERNAL", message) from None

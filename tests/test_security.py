@@ -676,3 +676,37 @@ def test_draw_evaluates_on_a_server_over_tls_with_a_token(
     done = client_cli(*args, env={"MICROGRAD_RPC_TOKEN": pki.token})
     assert done.returncode == 0, done.stderr
     assert "24.7041" in out.read_text()
+
+
+def test_grpcurl_lists_services_with_the_token_and_not_without(
+    secured: RunningServer, pki: Pki
+) -> None:
+    grpcurl = shutil.which("grpcurl", path=f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (the test extra has it)")
+    base = [grpcurl, "-cacert", str(pki.ca)]
+    refused = subprocess.run([*base, secured.target, "list"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+    listed = subprocess.run(
+        [*base, "-H", f"authorization: Bearer {pki.token}", secured.target, "list"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "micrograd.v1.GradientService" in listed.stdout.split()
+    # The token only for reflection (grpcurl's schema lookup): the health call goes without.
+    health = subprocess.run(
+        [*base, "-reflect-header", f"authorization: Bearer {pki.token}", secured.target,
+         "grpc.health.v1.Health/Check"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert health.returncode == 0 and '"SERVING"' in health.stdout, health.stderr
+
+
+def test_health_command_in_plaintext_and_against_nothing(grpc_server: str) -> None:
+    done = client_cli("health", "--target", grpc_server)
+    assert done.returncode == 0 and done.stdout.strip() == "SERVING", done.stderr
+    gone = client_cli("health", "--target", "127.0.0.1:1", "--timeout", "2")
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
+    bad = client_cli("health", "--target", grpc_server, "--tls-ca", "/nonexistent/ca.pem")
+    assert bad.returncode == 2 and "/nonexistent/ca.pem" in bad.stderr
