@@ -248,13 +248,18 @@ class HostStore:
 
     def path(self, graph_id: str) -> Path | None:
         """The file of ``graph_id``, or ``None`` if it is not a content hash (never a path)."""
+        name = self._file(graph_id)
+        return None if name is None else Path(name)
+
+    def _file(self, graph_id: str) -> str | None:
+        """``path`` as a string (no ``Path`` object on the lookup path)."""
         if not is_graph_id(graph_id):
             return None
-        return self.directory / (graph_id.replace(":", "-") + _SUFFIX)
+        return f"{self.location}/{graph_id.replace(':', '-')}{_SUFFIX}"
 
     def get(self, graph_id: str) -> Tape | None:
         """The verified tape in ``graph_id``'s file (read in one copy); ``None`` if absent."""
-        path = self.path(graph_id)
+        path = self._file(graph_id)
         if path is None:
             self.counts.misses += 1
             return None
@@ -284,14 +289,11 @@ class HostStore:
             _touch(path)
         return tape
 
-    def _drop_corrupt(self, path: Path, graph_id: str) -> None:
+    def _drop_corrupt(self, path: str, graph_id: str) -> None:
         self.counts.corrupt += 1
         self.counts.misses += 1
         log.warning("graph store: entry %s in %s is corrupt; removed", graph_id, self.location)
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        _unlink(path)
 
     def put(self, graph_id: str, tape: Tape) -> bool:
         """Write ``tape`` to its file (temporary name, then rename), then enforce the bounds;
@@ -345,20 +347,20 @@ class HostStore:
 
     def nodes_hint(self, graph_id: str) -> int | None:
         """The node count the file's size allows (0 when there is no file)."""
-        path = self.path(graph_id)
+        path = self._file(graph_id)
         if path is None:
             return 0
         try:
-            size = path.stat().st_size
+            size = os.stat(path).st_size
         except OSError:
             return 0
         return max(0, (size - _HEADER.size) // 17)
 
     def close(self) -> None:
-        """Nothing to release: every read maps and closes its own file."""
+        """Nothing to release: every read opens and closes its own file."""
 
 
-def _touch(path: Path) -> bool:
+def _touch(path: str | Path) -> bool:
     """Mark a file as just used; ``False`` if it does not exist."""
     try:
         os.utime(path)
@@ -367,9 +369,9 @@ def _touch(path: Path) -> bool:
         return False
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str | Path) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except OSError:
         pass
 

@@ -66,6 +66,15 @@ def test_no_playground_turns_the_page_off(
     assert get(running.http_url + "/healthz")[0] == 200
 
 
+def test_the_playground_setting_from_flag_and_environment() -> None:
+    from micrograd.server import cli, config
+
+    assert config.Settings().playground is True
+    args = cli.build_parser().parse_args(["serve", "--no-playground"])
+    assert config.from_sources(args, environ={}).playground is False
+    assert config.from_sources(None, {"MICROGRAD_RPC_PLAYGROUND": "false"}).playground is False
+
+
 def test_the_page_forbids_eval_and_foreign_scripts(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
