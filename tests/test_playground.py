@@ -73,6 +73,12 @@ def test_the_playground_setting_from_flag_and_environment() -> None:
     args = cli.build_parser().parse_args(["serve", "--no-playground"])
     assert config.from_sources(args, environ={}).playground is False
     assert config.from_sources(None, {"MICROGRAD_RPC_PLAYGROUND": "false"}).playground is False
+    assert config.from_sources(None, {"MICROGRAD_RPC_NO_PLAYGROUND": "1"}).playground is False
+    assert config.from_sources(None, {"MICROGRAD_RPC_NO_PLAYGROUND": "0"}).playground is True
+    with pytest.raises(config.SettingsError, match="MICROGRAD_RPC_NO_PLAYGROUND"):
+        config.from_sources(None, {"MICROGRAD_RPC_NO_PLAYGROUND": "maybe"})
+    on = cli.build_parser().parse_args(["serve", "--playground"])
+    assert config.from_sources(on, {"MICROGRAD_RPC_NO_PLAYGROUND": "1"}).playground is True
 
 
 def test_the_page_forbids_eval_and_foreign_scripts(
