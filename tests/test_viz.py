@@ -119,6 +119,7 @@ def test_a_graph_message_with_a_jsonrpc_result_dict_is_drawn() -> None:
     assert recs["n5"][1:] == ("?", "?")  # not reported by the result
 
 
+@pytest.mark.slow
 def test_a_million_node_graph_draws_only_the_budget_and_says_what_was_left_out() -> None:
     n = 1_000_000
     code = np.full(n, 3, dtype=np.uint8)  # add(previous, input 0)
