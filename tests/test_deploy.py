@@ -25,9 +25,11 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import yaml
 from google.protobuf import json_format
 from micrograd import codec
 from micrograd.server.config import Settings
@@ -55,31 +57,27 @@ def free_port() -> int:
 
 
 def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, where: Path) -> str:
-    """``deploy/nginx.conf`` with its upstreams and listeners moved onto loopback."""
+    """``deploy/nginx.conf`` with its upstreams, listeners and files moved onto loopback."""
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     grpc_servers = " ".join(f"server {r.target};" for r in replicas)
     http_servers = " ".join(f"server 127.0.0.1:{r.http_port};" for r in replicas)
     edits = [
-        (r"\n\s*resolver [^;]*;", ""),
-        (r"server gradient:50051;", grpc_servers),
-        (r"server gradient:8080;", http_servers),
+        (r"(\s*server gradient-\d+:50051[^;]*;)+", "\n" + grpc_servers),
+        (r"(\s*server gradient-\d+:8080[^;]*;)+", "\n" + http_servers),
         (r"listen 50051 http2;", f"listen 127.0.0.1:{grpc_port} http2;"),
         (r"listen 8080;", f"listen 127.0.0.1:{http_port};"),
+        (r"error_log [^;]*;", f"error_log {where}/error.log warn;\npid {where}/nginx.pid;"),
+        (r"access_log [^;]*;", "access_log off;"),
     ]
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text)
         assert count == 1, f"deploy/nginx.conf no longer has {pattern!r}"
-    files = (
-        f"pid {where}/nginx.pid;\nerror_log {where}/error.log warn;\n"
-        if "error_log" not in text
-        else ""
-    )
     temp = "".join(
         f"    {name}_temp_path {where}/{name};\n"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
-    text = text.replace("http {\n", f"http {{\n    access_log off;\n{temp}", 1)
-    return "user root;\n" + files + text
+    text = text.replace("http {\n", f"http {{\n{temp}", 1)
+    return "user root;\n" + text
 
 
 @pytest.fixture
@@ -120,7 +118,7 @@ def test_nginx_spreads_grpc_calls_over_both_replicas(
     balanced: tuple[str, str, list[RunningServer]],
 ) -> None:
     target, _, replicas = balanced
-    pids = set()
+    pids: set[str] = set()
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
         for _ in range(20):  # round robin: 20 calls reach both
@@ -175,6 +173,17 @@ def test_compose_file_is_valid() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def compose_file() -> dict[str, Any]:
+    """docker-compose.yml, parsed, with ``${VAR:-default}`` replaced by its default."""
+    text = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", (ROOT / "docker-compose.yml").read_text())
+    return dict(yaml.safe_load(text))
+
+
+def nginx_setting(name: str, text: str) -> list[str]:
+    """Every value of directive ``name`` in nginx configuration ``text``."""
+    return [m.group(1).strip() for m in re.finditer(rf"^\s*{name}\s+([^;]*);", text, re.M)]
+
+
 def test_image_recipe_matches_the_tree_and_the_server_defaults() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for line in dockerfile.splitlines():
@@ -186,7 +195,65 @@ def test_image_recipe_matches_the_tree_and_the_server_defaults() -> None:
     exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M)
     assert exposed is not None
     assert exposed.group(1).split() == [str(defaults.port), str(defaults.http_port)]
-    compose = (ROOT / "docker-compose.yml").read_text()
-    assert f"{defaults.port}:{defaults.port}" in compose
-    assert f"{defaults.http_port}:{defaults.http_port}" in compose
-    assert "./deploy/nginx.conf:" in compose and (ROOT / "deploy" / "nginx.conf").exists()
+    assert re.search(r"^HEALTHCHECK ", dockerfile, re.M), "the image has no HEALTHCHECK"
+    assert re.search(r"^USER \d+$", dockerfile, re.M), "a numeric non-root USER (runAsNonRoot)"
+    nginx = compose_file()["services"]["nginx"]
+    assert nginx["ports"] == [
+        f"127.0.0.1:{defaults.port}:{defaults.port}",
+        f"127.0.0.1:{defaults.http_port}:{defaults.http_port}",
+    ]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+
+
+def test_compose_runs_three_replicas_redis_and_nginx_with_healthchecks() -> None:
+    services = compose_file()["services"]
+    replicas = sorted(name for name in services if name.startswith("gradient-"))
+    assert replicas == ["gradient-1", "gradient-2", "gradient-3"]
+    for name in replicas:
+        service = services[name]
+        assert service["image"] == services["gradient-1"]["image"]
+        assert service["healthcheck"]["test"][0] == "CMD"
+        grace = float(service["environment"].get("MICROGRAD_RPC_GRACE_PERIOD", 10))
+        assert float(service["stop_grace_period"].rstrip("s")) > grace
+        assert "ports" not in service, "replicas are reached through nginx only"
+        for variable in service["environment"]:
+            assert variable.removeprefix("MICROGRAD_RPC_").lower() in Settings.__dataclass_fields__
+    redis = services["redis"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "allkeys-lru" in redis["command"] and "--maxmemory" in redis["command"]
+    assert set(services["nginx"]["depends_on"]) == set(replicas)
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    for port in ("50051", "8080"):
+        named = re.findall(rf"server (gradient-\d+):{port}\b", conf)
+        assert sorted(named) == replicas, f"nginx.conf's upstreams on {port} are not the replicas"
+
+
+def test_nginx_limits_match_the_server_limits() -> None:
+    """Bodies the server accepts pass nginx; gRPC retries on another replica when one fails."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    defaults = Settings(workers=1)
+    sizes = nginx_setting("client_max_body_size", conf)
+    assert sizes == [
+        f"{defaults.max_message_bytes >> 20}m",
+        f"{defaults.http_max_body_bytes >> 20}m",
+    ]
+    assert nginx_setting("listen", conf)[0] == f"{defaults.port} http2"
+    (retry,) = nginx_setting("grpc_next_upstream", conf)
+    assert retry.startswith("error timeout") and "http_502" in retry and "http_503" in retry
+    for name in ("grpc_read_timeout", "grpc_send_timeout", "proxy_read_timeout"):
+        (value,) = nginx_setting(name, conf)
+        assert int(value.rstrip("s")) > defaults.grace_period
+    assert "$upstream_addr" in conf, "the access log names the replica of each call"
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test installs it)")
+def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
+    """nginx -t on deploy/nginx.conf as shipped, with the replica names resolvable."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    for n in (1, 2, 3):
+        conf = conf.replace(f"gradient-{n}:", "127.0.0.1:")
+    conf = re.sub(r"error_log [^;]*;", f"error_log {tmp_path}/e.log;\npid {tmp_path}/p;", conf)
+    (tmp_path / "nginx.conf").write_text(conf)
+    assert NGINX is not None
+    done = subprocess.run([NGINX, "-t", "-c", str(tmp_path / "nginx.conf")], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
