@@ -18,7 +18,7 @@ from micrograd import codec
 from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
 
-from .channel import MiB, Retry, Stub
+from .channel import MiB, Pem, Retry, Stub, channel_credentials, open_channel, token_metadata
 from .client import GraphMessage, Settings
 from .errors import NotFound, remote_error
 from .request import (
@@ -57,6 +57,12 @@ class AsyncClient:
         piece_bytes: int = 2 * MiB,
         remember: int = 16,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: bool | Pem = False,
+        root_certificates: Pem | None = None,
+        client_certificate: Pem | tuple[Pem, Pem] | None = None,
+        client_key: Pem | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         """Open an asyncio channel to ``target``; see ``Client`` for the arguments."""
         self.settings = Settings(
@@ -71,12 +77,13 @@ class AsyncClient:
             remember,
         )
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self.settings.options)
-        else:
-            self.channel = grpc.aio.secure_channel(
-                target, credentials, options=self.settings.options
+            credentials = channel_credentials(
+                tls, root_certificates, client_certificate, client_key
             )
-        self._stub = Stub(self.channel)
+        self.channel = open_channel(
+            target, self.settings.options, credentials, server_name, aio=True
+        )
+        self._stub = Stub(self.channel, token_metadata(token))
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     @property

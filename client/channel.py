@@ -11,18 +11,39 @@ evaluation, content-addressed registration), so retrying is always safe.
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeAlias
 
+import grpc
 from micrograd.codec import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
-__all__ = ["MiB", "Retry", "Stub", "channel_options"]
+__all__ = [
+    "TOKEN_ENV",
+    "MiB",
+    "Pem",
+    "Retry",
+    "Stub",
+    "channel_credentials",
+    "channel_options",
+    "open_channel",
+    "token_metadata",
+]
 
 MiB = 1 << 20
+
+TOKEN_ENV = "MICROGRAD_RPC_TOKEN"
+"""Environment variable the clients take their bearer token from when ``token`` is not given."""
+
+Pem: TypeAlias = bytes | str | os.PathLike[str]
+"""PEM data: the bytes themselves, or the path of a file holding them (``str`` or ``Path``)."""
+
+Metadata: TypeAlias = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,91 @@ def channel_options(max_message_bytes: int, retry: Retry) -> list[tuple[str, int
     ]
 
 
+def _pem(source: Pem | None, what: str) -> bytes | None:
+    """The bytes of ``source`` (PEM bytes, PEM text or a file path); ValueError if unreadable."""
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, str) and source.lstrip().startswith("-----BEGIN"):
+        return source.encode("ascii")
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {os.fspath(source)}: {exc.strerror}") from None
+
+
+def channel_credentials(
+    tls: bool | Pem = False,
+    root_certificates: Pem | None = None,
+    client_certificate: Pem | tuple[Pem, Pem] | None = None,
+    client_key: Pem | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel, or ``None`` for plaintext.
+
+    TLS is on when ``tls`` is true, or PEM root certificates (which ``tls``
+    may also be), or a client certificate is given; without root certificates
+    the system's trusted roots verify the server. ``client_certificate``
+    (with ``client_key``, or a ``(certificate, key)`` pair) is sent to
+    servers that require one (mutual TLS).
+    """
+    if tls is not True and tls is not False and root_certificates is None:
+        root_certificates = tls
+    if isinstance(client_certificate, tuple):
+        client_certificate, client_key = client_certificate
+    if not tls and root_certificates is None and client_certificate is None:
+        return None
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("a client certificate needs its key (client_certificate and client_key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_certificates, "root certificates"),
+        private_key=_pem(client_key, "client key"),
+        certificate_chain=_pem(client_certificate, "client certificate"),
+    )
+
+
+def token_metadata(token: str | None) -> Metadata:
+    """The ``authorization: Bearer`` metadata for ``token`` (default ``$MICROGRAD_RPC_TOKEN``)."""
+    if token is None:
+        token = os.environ.get(TOKEN_ENV)
+    token = (token or "").strip()
+    if not token:
+        return ()
+    if any(c.isspace() for c in token):
+        raise ValueError("a bearer token cannot contain white space")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def open_channel(
+    target: str,
+    options: Sequence[tuple[str, Any]],
+    credentials: grpc.ChannelCredentials | None,
+    server_name: str | None = None,
+    aio: bool = False,
+) -> Any:
+    """A sync (or ``grpc.aio`` when ``aio``) channel to ``target``; TLS with ``credentials``,
+    checking the server's certificate for ``server_name`` instead of the target's host."""
+    options = list(options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    module: Any = grpc.aio if aio else grpc
+    if credentials is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, credentials, options=options)
+
+
+class _WithMetadata:
+    """A multi-callable that sends ``metadata`` (the token) with every call."""
+
+    def __init__(self, call: Any, metadata: Metadata) -> None:
+        self.call = call
+        self.metadata = metadata
+
+    def __call__(self, request: Any, **kwargs: Any) -> Any:
+        extra = kwargs.pop("metadata", None) or ()
+        return self.call(request, metadata=(*self.metadata, *extra), **kwargs)
+
+
 def _passing_wire(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     """A request serializer that sends pre-serialized requests (``codec.Wire``) as they are."""
 
@@ -84,8 +190,8 @@ class Stub(pb_grpc.GradientServiceStub):
     """The generated stub, whose ``Evaluate`` and ``EvaluateStream`` also take ``codec.Wire``
     requests (a big graph appended already serialized); works on sync and asyncio channels."""
 
-    def __init__(self, channel: Any) -> None:
-        """Stubs for every rpc on ``channel``."""
+    def __init__(self, channel: Any, metadata: Metadata = ()) -> None:
+        """Stubs for every rpc on ``channel``, each call sending ``metadata`` (the token)."""
         super().__init__(channel)
         self.Evaluate = channel.unary_unary(
             _path("Evaluate"),
@@ -97,3 +203,6 @@ class Stub(pb_grpc.GradientServiceStub):
             request_serializer=_passing_wire(pb.EvaluateStreamRequest.SerializeToString),
             response_deserializer=pb.EvaluateStreamResponse.FromString,
         )
+        if metadata:
+            for name in pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name:
+                setattr(self, name, _WithMetadata(getattr(self, name), metadata))

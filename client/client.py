@@ -22,7 +22,16 @@ from micrograd.engine import Value
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
-from .channel import MiB, Retry, Stub, channel_options
+from .channel import (
+    MiB,
+    Pem,
+    Retry,
+    Stub,
+    channel_credentials,
+    channel_options,
+    open_channel,
+    token_metadata,
+)
 from .errors import NotFound, RemoteError, remote_error
 from .request import (
     GraphLike,
@@ -154,6 +163,15 @@ class Client:
     ``remember`` graphs this client sent are kept, so that evaluating one by
     its ``graph_id`` where the server does not hold it (evicted, or only ever
     evaluated inline) sends it again transparently.
+
+    Security: ``tls=True`` (or PEM ``root_certificates``, which ``tls`` may
+    also be: bytes, or a file path) connects over TLS, verifying the server
+    against those roots (default: the system's); ``client_certificate`` and
+    ``client_key`` (PEM) answer a server that requires mutual TLS;
+    ``server_name`` checks the server's certificate for that name instead of
+    the target's host. ``token`` (default ``$MICROGRAD_RPC_TOKEN``) is sent as
+    ``authorization: Bearer <token>`` with every call. ``credentials`` (ready
+    ``grpc.ChannelCredentials``) replaces the TLS arguments.
     """
 
     def __init__(
@@ -169,8 +187,14 @@ class Client:
         piece_bytes: int = 2 * MiB,
         remember: int = 16,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: bool | Pem = False,
+        root_certificates: Pem | None = None,
+        client_certificate: Pem | tuple[Pem, Pem] | None = None,
+        client_key: Pem | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
-        """Open a channel to ``target`` (``host:port``); TLS when ``credentials`` are given."""
+        """Open a channel to ``target`` (``host:port``), over TLS when asked to."""
         self.settings = Settings(
             target,
             timeout,
@@ -183,10 +207,13 @@ class Client:
             remember,
         )
         if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=self.settings.options)
-        else:
-            self.channel = grpc.secure_channel(target, credentials, options=self.settings.options)
-        self._stub = Stub(self.channel)
+            credentials = channel_credentials(
+                tls, root_certificates, client_certificate, client_key
+            )
+        self.channel = open_channel(
+            target, self.settings.options, credentials, server_name, aio=False
+        )
+        self._stub = Stub(self.channel, token_metadata(token))
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     @property

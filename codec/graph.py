@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from micrograd import ops as _ops
 from micrograd.engine import Value
-from micrograd.tape import ARITY, USES_VALUE, GraphError, Tape
+from micrograd.errors import GraphError
+from micrograd.tape import Tape
 from micrograd.v1 import graph_pb2
 
 try:  # the native decoders, when the C extension is built (they read little-endian hosts' memory)
@@ -57,13 +58,13 @@ def _check_size(n: int, max_nodes: int | None, field: str) -> None:
 
 def pack(tape: Tape) -> graph_pb2.PackedGraph:
     """The tape as a ``PackedGraph``: little-endian byte columns."""
-    arity = ARITY[tape.code]
+    arity = _ops.ARITY[tape.code]
     both = np.stack((tape.arg0, tape.arg1), axis=1)
     present = np.stack((arity >= 1, arity == 2), axis=1)
     return graph_pb2.PackedGraph(
         ops=tape.code.tobytes(),
         args=both[present].astype(_U32).tobytes(),
-        values=tape.const[USES_VALUE[tape.code]].astype(_F64).tobytes(),
+        values=tape.const[_ops.USES_VALUE[tape.code]].astype(_F64).tobytes(),
         names=[
             graph_pb2.NodeName(node=i, name=name)
             for name, i in sorted(tape.names.items(), key=lambda item: item[1])
@@ -104,7 +105,7 @@ def _unpack_numpy(
         raise GraphError(
             i, f"unknown op {int(code[i])}; known ops are 1..{_ops.MAX_CODE}", f"ops[{i}]"
         )
-    arity = ARITY[code].astype(np.int64)
+    arity = _ops.ARITY[code].astype(np.int64)
     args = np.frombuffer(args_bytes, dtype=_U32)
     needed = int(arity.sum())
     if args.shape[0] != needed:
@@ -120,7 +121,7 @@ def _unpack_numpy(
     arg0[one] = args[start[one]]
     arg1[two] = args[start[two] + 1]
     values = np.frombuffer(values_bytes, dtype=_F64)
-    uses = USES_VALUE[code]
+    uses = _ops.USES_VALUE[code]
     if values.shape[0] != int(uses.sum()):
         raise GraphError(
             None,
@@ -208,7 +209,7 @@ def _names(pairs: Iterable[tuple[int, str]], field: str, per_node: bool = False)
 
 def to_graph(tape: Tape) -> graph_pb2.Graph:
     """The tape as a one-message-per-node ``Graph`` (per-node Python: small graphs, tests)."""
-    arity = ARITY.tolist()
+    arity = _ops.ARITY.tolist()
     name_of = {i: name for name, i in tape.names.items()}
     nodes = []
     for i, (k, a, b, c) in enumerate(
@@ -223,10 +224,11 @@ def graph_id(tape: Tape) -> str:
     """Content hash of a graph, the same whichever wire form it arrived in."""
     h = hashlib.sha256(b"micrograd.v1 graph\0")
     h.update(len(tape).to_bytes(8, "little"))
-    h.update(tape.code.tobytes())
-    h.update(tape.arg0.astype("<i4").tobytes())
-    h.update(tape.arg1.astype("<i4").tobytes())
-    h.update(tape.const.astype(_F64).tobytes())
+    # Each column hashed in place (no copy when it already has the hashed dtype).
+    h.update(np.ascontiguousarray(tape.code).data)
+    h.update(np.ascontiguousarray(tape.arg0, dtype="<i4").data)
+    h.update(np.ascontiguousarray(tape.arg1, dtype="<i4").data)
+    h.update(np.ascontiguousarray(tape.const, dtype=_F64).data)
     for name, i in sorted(tape.names.items()):
         h.update(f"{i}\0{name}\0".encode())
     return "sha256:" + h.hexdigest()

@@ -560,12 +560,14 @@ static int format_is(const char *fmt, char want, Py_ssize_t itemsize, Py_ssize_t
         return 0;
     if (want == 'i')
         return fmt[0] == 'i' || (fmt[0] == 'l' && size == 4);
+    if (want == 'q')
+        return fmt[0] == 'q' || (fmt[0] == 'l' && size == 8);
     return fmt[0] == want;
 }
 
 static const char *dtype_name(char want)
 {
-    return want == 'B' ? "uint8" : want == 'i' ? "int32" : "float64";
+    return want == 'B' ? "uint8" : want == 'i' ? "int32" : want == 'q' ? "int64" : "float64";
 }
 
 /* Acquire `obj` as a C-contiguous, aligned array of `want` items with 1 or
@@ -694,6 +696,317 @@ static void raise_bad_node(const Columns *t, Py_ssize_t i)
     PyErr_Format(PyExc_ValueError, "node %zd: the tape changed during the sweep", i);
 }
 
+/* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
+
+/* A batch is swept MG_TILE bindings at a time: every node's value and
+ * gradient for those bindings sit next to each other (v[i * MG_TILE + j]),
+ * so one dispatch per node serves a whole tile and the loop over j has a
+ * constant trip count the compiler unrolls and vectorises. A tile's values
+ * and gradients (16 * MG_TILE bytes per node) stay in the caches instead of
+ * the (nodes x bindings) arrays of a whole batch, and only the selected
+ * nodes are copied out. Each binding gets the same operations in the same
+ * order as the one-binding sweeps, so the numbers are bit-identical. */
+#ifndef MG_TILE
+#define MG_TILE 8
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MG_NO_CLONES)
+/* Built for the baseline and again for AVX2, picked at load time (no FMA:
+ * -ffp-contract=off holds in both, so both give the same bits). */
+#define MG_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MG_CLONES
+#endif
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#define MG_HAVE_PTHREADS 1
+#else
+#define MG_HAVE_PTHREADS 0
+#endif
+
+/* One node of a pre-decoded, validated program: the sweeps read only these
+ * private copies, so no change to the caller's arrays can take a sweep out
+ * of bounds. For a leaf, a is its column in the bindings (-1: not bound). */
+typedef struct {
+    int32_t node, a, b;
+    uint8_t code;
+    uint8_t first; /* reverse: bit 0 (1) argument a's gradient starts here, bit 1 (2) b's */
+    double c;
+} Step;
+
+/* Gradient rows of one op where both arguments are the same node (x * x):
+ * the two contributions land on one row one after the other, as in the
+ * one-binding sweep. */
+#define TILE_SAME(code_, name, arity)                                                    \
+    static inline void name##_tile_same(double *g, const double *x, const double *o,     \
+                                        const double *go, double c)                      \
+    {                                                                                    \
+        for (int j = 0; j < MG_TILE; j++) {                                              \
+            double dx, dy;                                                               \
+            name##_d(x[j], (arity) == 2 ? x[j] : 0.0, c, o[j], &dx, &dy);                \
+            g[j] += dx * go[j];                                                          \
+            if ((arity) == 2)                                                            \
+                g[j] += dy * go[j];                                                      \
+        }                                                                                \
+    }
+#define TILE_SAME_IF_BINARY(code_, name, arity) TILE_SAME_##arity(code_, name, arity)
+#define TILE_SAME_0(code_, name, arity)
+#define TILE_SAME_1(code_, name, arity)
+#define TILE_SAME_2(code_, name, arity) TILE_SAME(code_, name, arity)
+MG_OPS(TILE_SAME_IF_BINARY)
+
+static inline void tile_zero(double *row)
+{
+    for (int j = 0; j < MG_TILE; j++)
+        row[j] = 0.0;
+}
+
+#define TF_0(name)                                                  \
+    if (s->a < 0)                                                   \
+        for (int j = 0; j < MG_TILE; j++)                           \
+            o[j] = s->c;                                            \
+    else                                                            \
+        for (int j = 0; j < MG_TILE; j++)                           \
+            o[j] = bind[row[j] + s->a];
+#define TF_1(name) name##_row_f(o, v + (Py_ssize_t)s->a * MG_TILE, NULL, s->c, MG_TILE);
+#define TF_2(name)                                                  \
+    name##_row_f(o, v + (Py_ssize_t)s->a * MG_TILE, v + (Py_ssize_t)s->b * MG_TILE, s->c, MG_TILE);
+#define TF_CASE(code_, name, arity) \
+    case code_: { TF_##arity(name) } break;
+
+/* Forward over one tile; row[j] is the offset of binding j's row in bind. */
+static MG_CLONES void forward_tile(const Step *prog, Py_ssize_t n, const double *bind,
+                                   const Py_ssize_t *row, double *restrict v)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Step *s = prog + i;
+        double *o = v + i * MG_TILE;
+        switch (s->code) {
+            MG_OPS(TF_CASE)
+        default:
+            break; /* not reached: the program was validated */
+        }
+    }
+}
+
+#define TB_0(name)
+#define TB_1(name)                                                  \
+    {                                                               \
+        double *ga = g + (Py_ssize_t)s->a * MG_TILE;                \
+        if (s->first & 1)                                           \
+            tile_zero(ga);                                          \
+        name##_row_d(ga, NULL, v + (Py_ssize_t)s->a * MG_TILE, NULL, o, go, s->c, MG_TILE); \
+    }
+#define TB_2(name)                                                  \
+    {                                                               \
+        double *ga = g + (Py_ssize_t)s->a * MG_TILE;                \
+        const double *x = v + (Py_ssize_t)s->a * MG_TILE;           \
+        if (s->first & 1)                                           \
+            tile_zero(ga);                                          \
+        if (s->a == s->b) {                                         \
+            name##_tile_same(ga, x, o, go, s->c);                   \
+        } else {                                                    \
+            double *gb = g + (Py_ssize_t)s->b * MG_TILE;            \
+            if (s->first & 2)                                       \
+                tile_zero(gb);                                      \
+            name##_row_d(ga, gb, x, v + (Py_ssize_t)s->b * MG_TILE, o, go, s->c, MG_TILE); \
+        }                                                           \
+    }
+#define TB_CASE(code_, name, arity) \
+    case code_: { TB_##arity(name) } break;
+
+/* Reverse over one tile, along the reached non-leaf nodes (descending). A
+ * gradient row is zeroed when its first contribution arrives, so rows the
+ * output never reaches are never touched (the caller reports them as 0). */
+static MG_CLONES void backward_tile(const Step *rev, Py_ssize_t nrev, const double *v, double *g,
+                                    Py_ssize_t out)
+{
+    for (int j = 0; j < MG_TILE; j++)
+        g[out * MG_TILE + j] = 1.0;
+    for (Py_ssize_t k = 0; k < nrev; k++) {
+        const Step *s = rev + k;
+        const double *o = v + (Py_ssize_t)s->node * MG_TILE;
+        const double *go = g + (Py_ssize_t)s->node * MG_TILE;
+        switch (s->code) {
+            MG_OPS(TB_CASE)
+        default:
+            break;
+        }
+    }
+}
+
+/* Everything a tiled evaluation needs; threads share it read-only and each
+ * writes the rows of its own tiles. */
+typedef struct {
+    const Step *prog, *rev;
+    Py_ssize_t n, nrev, out;
+    const double *bind;
+    Py_ssize_t k, rows;
+    const int64_t *sel;
+    const int32_t *gsel; /* per selected node: its gradient row, or -1 (gradient 0) */
+    Py_ssize_t s;
+    double *vout, *gout; /* (rows, s); gout NULL for no gradients */
+    int flush;
+} TileJob;
+
+typedef struct {
+    const TileJob *job;
+    Py_ssize_t first, last; /* tiles [first, last) */
+    int failed;             /* no memory */
+} TileSlice;
+
+static void *aligned_rows(Py_ssize_t n, void **base)
+{
+    *base = PyMem_RawMalloc((size_t)n * MG_TILE * sizeof(double) + 64);
+    if (*base == NULL)
+        return NULL;
+    return (void *)(((uintptr_t)*base + 63) & ~(uintptr_t)63);
+}
+
+static void run_tiles(TileSlice *slice)
+{
+    const TileJob *job = slice->job;
+    void *vbase = NULL, *gbase = NULL;
+    double *v = aligned_rows(job->n, &vbase);
+    double *g = job->gout ? aligned_rows(job->out + 1, &gbase) : NULL;
+    if (v == NULL || (job->gout && g == NULL)) {
+        slice->failed = 1;
+        PyMem_RawFree(vbase);
+        PyMem_RawFree(gbase);
+        return;
+    }
+    unsigned int saved = flush_enter(job->flush);
+    const Py_ssize_t s = job->s;
+    for (Py_ssize_t t = slice->first; t < slice->last; t++) {
+        const Py_ssize_t b0 = t * MG_TILE;
+        const Py_ssize_t r = job->rows - b0 < MG_TILE ? job->rows - b0 : MG_TILE;
+        Py_ssize_t row[MG_TILE];
+        for (int j = 0; j < MG_TILE; j++) /* a short last tile repeats its last binding */
+            row[j] = (b0 + (j < r ? j : r - 1)) * job->k;
+        forward_tile(job->prog, job->n, job->bind, row, v);
+        double *vo = job->vout + b0 * s;
+        for (Py_ssize_t col = 0; col < s; col++) {
+            const double *src = v + job->sel[col] * MG_TILE;
+            for (Py_ssize_t j = 0; j < r; j++)
+                vo[j * s + col] = src[j];
+        }
+        if (g == NULL)
+            continue;
+        backward_tile(job->rev, job->nrev, v, g, job->out);
+        double *go = job->gout + b0 * s;
+        for (Py_ssize_t col = 0; col < s; col++) {
+            const int32_t node = job->gsel[col];
+            if (node < 0) {
+                for (Py_ssize_t j = 0; j < r; j++)
+                    go[j * s + col] = 0.0;
+            } else {
+                const double *src = g + (Py_ssize_t)node * MG_TILE;
+                for (Py_ssize_t j = 0; j < r; j++)
+                    go[j * s + col] = src[j];
+            }
+        }
+    }
+    flush_leave(job->flush, saved);
+    PyMem_RawFree(vbase);
+    PyMem_RawFree(gbase);
+}
+
+#if MG_HAVE_PTHREADS
+static void *run_tiles_thread(void *arg)
+{
+    run_tiles((TileSlice *)arg);
+    return NULL;
+}
+#endif
+
+/* Spread the tiles over up to `threads` threads (this one included);
+ * returns 0, or -1 when memory ran out. */
+static int run_tile_job(const TileJob *job, Py_ssize_t threads)
+{
+    const Py_ssize_t tiles = (job->rows + MG_TILE - 1) / MG_TILE;
+    if (threads > tiles)
+        threads = tiles;
+    if (threads < 1)
+        threads = 1;
+#if !MG_HAVE_PTHREADS
+    threads = 1;
+#endif
+    TileSlice slices[64];
+    if (threads > 64)
+        threads = 64;
+    for (Py_ssize_t t = 0; t < threads; t++) {
+        slices[t].job = job;
+        slices[t].first = tiles * t / threads;
+        slices[t].last = tiles * (t + 1) / threads;
+        slices[t].failed = 0;
+    }
+#if MG_HAVE_PTHREADS
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (Py_ssize_t t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, run_tiles_thread, &slices[t]) == 0;
+    /* A thread that could not start leaves its tiles to this one. */
+    run_tiles(&slices[0]);
+    for (Py_ssize_t t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_tiles(&slices[t]);
+    }
+#else
+    run_tiles(&slices[0]);
+#endif
+    for (Py_ssize_t t = 0; t < threads; t++)
+        if (slices[t].failed)
+            return -1;
+    return 0;
+}
+
+/* Decode and check the tape into a forward program and, from `out`, the
+ * reverse program of the reached non-leaf nodes with their first-
+ * contribution flags; `touched` (zeroed, n) ends up marking every node that
+ * receives a gradient. Returns -1, or the first bad node. */
+static Py_ssize_t compile_steps(const Columns *t, Py_ssize_t out, Step *prog, Step *rev,
+                                Py_ssize_t *nrev, uint8_t *touched)
+{
+    const Py_ssize_t n = t->n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!node_ok(t, i))
+            return i;
+        const int arity = ARITY_PLUS_1[t->code[i]] - 1;
+        prog[i].node = (int32_t)i;
+        prog[i].code = t->code[i];
+        prog[i].a = arity >= 1 ? t->a[i] : -1;
+        prog[i].b = arity == 2 ? t->b[i] : -1;
+        prog[i].c = t->c[i];
+        prog[i].first = 0;
+    }
+    Py_ssize_t m = 0;
+    if (rev == NULL)
+        return -1;
+    for (Py_ssize_t i = out; i >= 0; i--) {
+        if (i != out && !touched[i])
+            continue;
+        Step s = prog[i];
+        const int arity = ARITY_PLUS_1[s.code] - 1;
+        if (arity == 0)
+            continue;
+        s.first = 0;
+        if (!touched[s.a])
+            s.first |= 1;
+        touched[s.a] = 1;
+        if (arity == 2) {
+            if (!touched[s.b])
+                s.first |= 2;
+            touched[s.b] = 1;
+        }
+        rev[m++] = s;
+    }
+    *nrev = m;
+    return -1;
+}
+
 /* ---- Python entry points ------------------------------------------------ */
 
 PyDoc_STRVAR(forward_doc,
@@ -811,6 +1124,135 @@ done_tape:
     return result;
 }
 
+PyDoc_STRVAR(evaluate_tiles_doc,
+"evaluate_tiles(code, arg0, arg1, const, inputs, bindings, output, selection, values_out,\n"
+"               grads_out=None, threads=1, flush_denormals=False)\n--\n\n"
+"Evaluate a batch tile by tile, keeping only the selected nodes: bindings is\n"
+"(B, k) float64 for the k input nodes listed in inputs (int64); values_out and\n"
+"grads_out (or None: no reverse sweep) are (B, s) float64 for the s nodes in\n"
+"selection (int64), filled in place. The tiles are spread over up to\n"
+"`threads` threads. TILE is the number of bindings per tile.");
+
+static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "inputs", "bindings", "output",
+                               "selection", "values_out", "grads_out", "threads",
+                               "flush_denormals", NULL};
+    PyObject *code, *a, *b, *c, *inputs, *bindings, *selection, *values_out;
+    PyObject *grads_out = Py_None;
+    Py_ssize_t out, threads = 1;
+    int flush = 0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOnOO|Onp:evaluate_tiles", keywords, &code,
+                                     &a, &b, &c, &inputs, &bindings, &out, &selection, &values_out,
+                                     &grads_out, &threads, &flush))
+        return NULL;
+    TapeBuffers tb;
+    if (get_tape(code, a, b, c, &tb) < 0)
+        return NULL;
+    const Py_ssize_t n = tb.cols.n;
+    Py_buffer iv, bv, sv, vo, go;
+    int held = 0; /* how many of iv, bv, sv, vo, go are held */
+    PyObject *result = NULL;
+    Step *prog = NULL, *rev = NULL;
+    uint8_t *touched = NULL;
+    int32_t *gsel = NULL;
+    const int grads = grads_out != Py_None;
+    if (get_array(inputs, "inputs", 'q', 8, 0, 1, &iv) < 0)
+        goto done;
+    held = 1;
+    if (get_array(bindings, "bindings", 'd', 8, 0, 2, &bv) < 0)
+        goto done;
+    held = 2;
+    if (get_array(selection, "selection", 'q', 8, 0, 1, &sv) < 0)
+        goto done;
+    held = 3;
+    if (get_array(values_out, "values_out", 'd', 8, 1, 2, &vo) < 0)
+        goto done;
+    held = 4;
+    if (grads) {
+        if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &go) < 0)
+            goto done;
+        held = 5;
+    }
+    const Py_ssize_t k = iv.shape[0], s = sv.shape[0];
+    const Py_ssize_t rows = bv.ndim == 2 ? bv.shape[0] : 0;
+    if (bv.ndim != 2 || bv.shape[1] != k) {
+        PyErr_Format(PyExc_ValueError, "bindings must have shape (B, %zd)", k);
+        goto done;
+    }
+    if (vo.ndim != 2 || vo.shape[0] != rows || vo.shape[1] != s ||
+        (grads && (go.ndim != 2 || go.shape[0] != rows || go.shape[1] != s))) {
+        PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
+                     s);
+        goto done;
+    }
+    if (out < 0 || out >= n) {
+        PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
+        goto done;
+    }
+    const int64_t *in = (const int64_t *)iv.buf, *sel = (const int64_t *)sv.buf;
+    for (Py_ssize_t j = 0; j < s; j++)
+        if (sel[j] < 0 || sel[j] >= n) {
+            PyErr_Format(PyExc_ValueError, "selection[%zd] is %lld, not a node of %zd", j,
+                         (long long)sel[j], n);
+            goto done;
+        }
+    prog = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(Step));
+    rev = grads ? PyMem_RawMalloc((size_t)(out + 1) * sizeof(Step)) : NULL;
+    touched = PyMem_RawCalloc((size_t)(n ? n : 1), 1);
+    gsel = PyMem_RawMalloc((size_t)(s ? s : 1) * sizeof(int32_t));
+    if (prog == NULL || touched == NULL || gsel == NULL || (grads && rev == NULL)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t bad, nrev = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    bad = compile_steps(&tb.cols, out, prog, rev, &nrev, touched);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0) {
+        raise_bad_node(&tb.cols, bad);
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (in[j] < 0 || in[j] >= n || ARITY_PLUS_1[prog[in[j]].code] != 1) {
+            PyErr_Format(PyExc_ValueError, "inputs[%zd] is %lld, not a leaf node", j,
+                         (long long)in[j]);
+            goto done;
+        }
+        prog[in[j]].a = (int32_t)j;
+    }
+    for (Py_ssize_t j = 0; j < s; j++)
+        gsel[j] = (sel[j] == out || (sel[j] < out && touched[sel[j]])) ? (int32_t)sel[j] : -1;
+    if (rows > 0) {
+        TileJob job = {
+            .prog = prog, .rev = rev, .n = n, .nrev = nrev, .out = out,
+            .bind = (const double *)bv.buf, .k = k, .rows = rows,
+            .sel = sel, .gsel = gsel, .s = s,
+            .vout = (double *)vo.buf, .gout = grads ? (double *)go.buf : NULL,
+            .flush = flush,
+        };
+        Py_BEGIN_ALLOW_THREADS
+        failed = run_tile_job(&job, threads);
+        Py_END_ALLOW_THREADS
+    }
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(prog);
+    PyMem_RawFree(rev);
+    PyMem_RawFree(touched);
+    PyMem_RawFree(gsel);
+    Py_buffer *views[5] = {&iv, &bv, &sv, &vo, &go};
+    for (int j = 0; j < held; j++)
+        PyBuffer_Release(views[j]);
+    release_tape(&tb);
+    return result;
+}
+
 PyDoc_STRVAR(decode_graph_doc,
 "decode_graph(buf)\n--\n\n"
 "Decode the protobuf wire bytes of a micrograd.v1.Graph into columns:\n"
@@ -831,6 +1273,8 @@ static PyMethodDef kernel_methods[] = {
      forward_doc},
     {"backward", (PyCFunction)(void (*)(void))kernel_backward, METH_VARARGS | METH_KEYWORDS,
      backward_doc},
+    {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
+     METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
     {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
     {NULL, NULL, 0, NULL},
@@ -860,6 +1304,8 @@ static int kernel_exec(PyObject *module)
     int failed = PyModule_AddObjectRef(module, "OPS", table) < 0;
     Py_DECREF(table);
     if (failed)
+        return -1;
+    if (PyModule_AddIntConstant(module, "TILE", MG_TILE) < 0)
         return -1;
     return PyModule_AddObjectRef(module, "FLUSH_DENORMALS_SUPPORTED",
                                  MG_HAVE_FLUSH ? Py_True : Py_False);

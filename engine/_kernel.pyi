@@ -6,6 +6,8 @@ OPS: tuple[tuple[int, str, int], ...]
 """``(code, name, arity)`` of every op the native sweeps implement."""
 FLUSH_DENORMALS_SUPPORTED: bool
 """Whether ``flush_denormals=True`` sets the processor's FTZ/DAZ modes here."""
+TILE: int
+"""Bindings per tile of ``evaluate_tiles``."""
 
 def forward(
     code: Any, arg0: Any, arg1: Any, const: Any, values: Any, flush_denormals: bool = False
@@ -33,3 +35,19 @@ def unpack_columns(
     ops: bytes, args: bytes, values: bytes, arity: bytes, uses_value: bytes
 ) -> tuple[bytearray, bytearray, bytearray]:
     """Validated ``(arg0, arg1, const)`` of a PackedGraph's columns; ``ops`` is the code column."""
+
+def evaluate_tiles(
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    inputs: Any,
+    bindings: Any,
+    output: int,
+    selection: Any,
+    values_out: Any,
+    grads_out: Any = None,
+    threads: int = 1,
+    flush_denormals: bool = False,
+) -> None:
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles."""

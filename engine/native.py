@@ -1,12 +1,12 @@
 """The native kernel: the tape sweeps in C, and the wire decoder beside them.
 
 ``NativeKernel`` runs the same forward and reverse sweeps as
-``micrograd.tape.PythonKernel`` with the same IEEE results (libm's ``exp``,
+``micrograd.kernels.PythonKernel`` with the same IEEE results (libm's ``exp``,
 ``log``, ``tanh`` and ``pow``; no fast-math), in a tight C loop that
 releases the GIL, so several threads can evaluate tapes at once. A batch
 ``(n, B)`` is swept node by node with a contiguous loop over the B
 bindings. When the extension ``micrograd._kernel`` is built (see
-``setup.py``), ``micrograd.tape`` registers a default ``NativeKernel`` as
+``setup.py``), ``micrograd.kernels`` registers a default ``NativeKernel`` as
 ``"native"`` and uses it first.
 
 Denormals. Gradients that decay through a long chain become subnormal
@@ -25,18 +25,18 @@ straight into tape columns, without building a message object per node.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _kernel
 from . import ops as _ops
-
-if TYPE_CHECKING:
-    from .tape import Tape
+from .columns import Columns
+from .errors import GraphError
 
 __all__ = [
     "FLUSH_DENORMALS_SUPPORTED",
+    "TILE",
     "DecodedGraph",
     "NativeKernel",
     "decode_graph",
@@ -45,6 +45,9 @@ __all__ = [
 
 FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
 """Whether ``flush_denormals=True`` changes anything on this processor."""
+
+TILE: int = int(_kernel.TILE)
+"""Bindings per tile of ``NativeKernel.evaluate_selected``."""
 
 
 class NativeKernel:
@@ -59,7 +62,7 @@ class NativeKernel:
     def __repr__(self) -> str:
         return f"NativeKernel(flush_denormals={self.flush_denormals})"
 
-    def forward(self, tape: Tape, values: np.ndarray) -> None:
+    def forward(self, tape: Columns, values: np.ndarray) -> None:
         """Fill the non-leaf rows of ``values`` (float64, leaves filled) in place."""
         _check_float64("values", values)
         target = values if values.flags.c_contiguous else np.ascontiguousarray(values)
@@ -74,7 +77,7 @@ class NativeKernel:
         if target is not values:
             values[...] = target
 
-    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+    def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
         """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
         _check_float64("values", values)
         _check_float64("grads", grads)
@@ -91,6 +94,55 @@ class NativeKernel:
         )
         if target is not grads:
             grads[...] = target
+
+    def evaluate_selected(
+        self,
+        tape: Columns,
+        inputs: np.ndarray,
+        bindings: np.ndarray,
+        output: int,
+        selection: np.ndarray,
+        gradients: bool = True,
+        threads: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Values and gradients of the ``selection`` nodes for every row of ``bindings``.
+
+        ``bindings`` is ``(B, k)`` over the ``inputs`` nodes, ``selection``
+        node indices; returns ``(B, s)`` arrays (gradients ``None`` unless
+        asked). The batch is swept ``TILE`` bindings at a time in cache-sized
+        buffers spread over up to ``threads`` threads; a batch smaller than a
+        tile goes through the full sweeps instead. Bit-identical to them.
+        """
+        bind = np.ascontiguousarray(bindings, dtype=np.float64)
+        sel = np.ascontiguousarray(selection, dtype=np.int64)
+        rows = int(bind.shape[0])
+        if rows < TILE:
+            values = np.repeat(tape.const[:, None], rows, axis=1)
+            values[inputs, :] = bind.T
+            self.forward(tape, values)
+            picked = np.ascontiguousarray(values[sel].T)
+            if not gradients:
+                return picked, None
+            grads = np.zeros_like(values)
+            self.backward(tape, values, grads, output)
+            return picked, np.ascontiguousarray(grads[sel].T)
+        values_out = np.empty((rows, sel.shape[0]))
+        grads_out = np.empty((rows, sel.shape[0])) if gradients else None
+        _kernel.evaluate_tiles(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            np.ascontiguousarray(inputs, dtype=np.int64),
+            bind,
+            output,
+            sel,
+            values_out,
+            grads_out,
+            threads=max(1, min(int(threads), rows // TILE)),
+            flush_denormals=self.flush_denormals,
+        )
+        return values_out, grads_out
 
 
 def _check_float64(what: str, array: np.ndarray) -> None:
@@ -128,8 +180,6 @@ def decode_graph(data: bytes | bytearray | memoryview) -> DecodedGraph:
     except ValueError as exc:
         if len(exc.args) != 2:
             raise
-        from .tape import GraphError
-
         node, reason = exc.args
         raise GraphError(node, reason) from None
     return DecodedGraph(
@@ -165,8 +215,6 @@ def unpack_columns(
     except ValueError as exc:
         if len(exc.args) != 3:
             raise
-        from .tape import GraphError
-
         node, field, reason = exc.args
         raise GraphError(None if node < 0 else node, reason, field) from None
     return (

@@ -7,62 +7,25 @@ sweep fills the gradient of one output with respect to every node. Nothing
 here holds a Python object per node, so the same arrays go straight from
 the wire decoder to a kernel and back out into a response.
 
-Kernels do the sweeps. ``PythonKernel`` reads the op table's scalar and
-numpy forms and is the portable reference; the native kernel
-(``micrograd._kernel``, built from C) is used when it is available.
-Every kernel computes the same thing:
-
-* ``forward(tape, values)``: ``values`` (shape ``(n,)``, or ``(n, B)`` for
-  a batch of B input bindings) arrives with leaves filled in; every other
-  row is computed.
-* ``backward(tape, values, grads, output)``: ``grads`` arrives zeroed; the
-  output's row is set to 1 and gradients flow back through the nodes the
-  output depends on (only those: a node outside the output's graph never
-  touches a gradient, even with an infinite local derivative).
+The sweeps themselves are done by a kernel (``micrograd.kernels``); the
+tape validates its columns and hands them over.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from . import ops as _ops
 from .engine import Value, topological_order
+from .errors import GraphError
+from .kernels import Kernel, get_kernel
 
-__all__ = [
-    "GraphError",
-    "Kernel",
-    "PythonKernel",
-    "Tape",
-    "available_kernels",
-    "get_kernel",
-]
+__all__ = ["Tape"]
 
-# Per-code tables, indexed by wire code (index 0 is the unused zero value).
-ARITY = np.zeros(_ops.MAX_CODE + 1, dtype=np.int8)
-USES_VALUE = np.zeros(_ops.MAX_CODE + 1, dtype=bool)
-for _op in _ops.OPS:
-    ARITY[_op.code] = _op.arity
-    USES_VALUE[_op.code] = _op.uses_value
 _INPUT = _ops.INPUT.code
-
-
-class GraphError(ValueError):
-    """A graph that cannot be evaluated, with the index of the first bad node.
-
-    ``field`` is a path to the offending part (``"nodes[17].args[1]"``), for
-    transports that report field violations; ``reason`` says what is wrong.
-    """
-
-    def __init__(self, node: int | None, reason: str, field: str | None = None) -> None:
-        """``node`` is the offending node index (``None`` for the graph as a whole)."""
-        self.node = node
-        self.reason = reason
-        self.field = field or ("graph" if node is None else f"nodes[{node}]")
-        super().__init__(reason if node is None else f"node {node}: {reason}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,6 +217,47 @@ class Tape:
             return values, grads
         return values.T, grads.T
 
+    def evaluate_selected(
+        self,
+        bindings: np.ndarray | Sequence[Sequence[float]],
+        selection: np.ndarray | Sequence[int],
+        output: int = -1,
+        gradients: bool = True,
+        kernel: Kernel | None = None,
+        threads: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch's values and gradients at the ``selection`` nodes only: ``(B, s)`` each.
+
+        ``bindings`` is ``(B, k)`` over the inputs. A kernel with a tiled
+        sweep (the native one) never holds the full ``(n, B)`` arrays and may
+        use up to ``threads`` threads; any other kernel runs the full sweeps
+        and picks the columns. Gradients are ``None`` unless asked for.
+        """
+        kern = kernel or get_kernel()
+        out = self.check_output(output)
+        n = len(self)
+        sel = np.asarray(selection, dtype=np.int64).reshape(-1)
+        if sel.size and (int(sel.min()) < 0 or int(sel.max()) >= n):
+            raise GraphError(None, f"a selected node is out of range for {n} nodes", "selection")
+        bind = np.asarray(bindings, dtype=np.float64)
+        k = self.inputs.shape[0]
+        if bind.ndim != 2 or bind.shape[1] != k:
+            raise GraphError(None, f"a batch must have shape (B, {k}), got {bind.shape}", "inputs")
+        tiled = getattr(kern, "evaluate_selected", None)
+        if tiled is not None:
+            picked: tuple[np.ndarray, np.ndarray | None] = tiled(
+                self, self.inputs, bind, out, sel, gradients, threads
+            )
+            return picked
+        values = self.leaf_values(bind)
+        kern.forward(self, values)
+        chosen = np.ascontiguousarray(values[sel].T)
+        if not gradients:
+            return chosen, None
+        grads = np.zeros(values.shape)
+        kern.backward(self, values, grads, out)
+        return chosen, np.ascontiguousarray(grads[sel].T)
+
     def check_output(self, output: int) -> int:
         """Resolve a possibly negative output index, or raise ``GraphError``."""
         n = len(self)
@@ -294,9 +298,9 @@ def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray, const: np.ndarray)
     """
     if a.dtype.kind not in "iu" or b.dtype.kind not in "iu":
         raise GraphError(None, f"argument indices must be integers, got {a.dtype} and {b.dtype}")
-    arity = ARITY[code]
+    arity = _ops.ARITY[code]
     idx = np.arange(code.shape[0], dtype=np.int64)
-    stray = ~USES_VALUE[code] & (const != 0.0)
+    stray = ~_ops.USES_VALUE[code] & (const != 0.0)
     if stray.any():
         i = int(np.flatnonzero(stray)[0])
         op = _ops.BY_CODE[int(code[i])]
@@ -325,152 +329,3 @@ def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray, const: np.ndarray)
             raise GraphError(
                 i, reason, f"nodes[{i}].args[{slot}]" if not surplus[i] else f"nodes[{i}].args"
             )
-
-
-class Kernel(Protocol):
-    """What evaluates a tape: a forward and a reverse sweep over its arrays."""
-
-    name: str
-
-    def forward(self, tape: Tape, values: np.ndarray) -> None:
-        """Fill the non-leaf rows of ``values`` (``(n,)`` or ``(n, B)``) in place."""
-
-    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
-        """Fill ``grads`` (zeroed, shaped like ``values``) with d(output)/d(node) in place."""
-
-
-class PythonKernel:
-    """The portable reference kernel: the op table's Python and numpy forms, node by node."""
-
-    name = "python"
-
-    def forward(self, tape: Tape, values: np.ndarray) -> None:
-        """Forward sweep; per-node Python floats for one binding, numpy rows for a batch."""
-        if values.ndim == 2:
-            self._forward_batch(tape, values)
-            return
-        fwd = [None] + [op.forward for op in _ops.OPS]
-        v = values.tolist()
-        code = tape.code.tolist()
-        a = tape.arg0.tolist()
-        b = tape.arg1.tolist()
-        c = tape.const.tolist()
-        arity = ARITY.tolist()
-        for i in range(len(code)):
-            k = code[i]
-            n_args = arity[k]
-            if n_args == 2:
-                v[i] = fwd[k](v[a[i]], v[b[i]], c[i])  # type: ignore[misc]
-            elif n_args == 1:
-                v[i] = fwd[k](v[a[i]], 0.0, c[i])  # type: ignore[misc]
-        values[:] = v
-
-    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
-        """Reverse sweep from ``output`` through the nodes it depends on."""
-        if values.ndim == 2:
-            self._backward_batch(tape, values, grads, output)
-            return
-        part = [None] + [op.partials for op in _ops.OPS]
-        v = values.tolist()
-        g = [0.0] * len(v)
-        g[output] = 1.0
-        reached = bytearray(len(v))
-        reached[output] = 1
-        code = tape.code.tolist()
-        a = tape.arg0.tolist()
-        b = tape.arg1.tolist()
-        c = tape.const.tolist()
-        arity = ARITY.tolist()
-        for i in range(output, -1, -1):
-            if not reached[i]:
-                continue
-            k = code[i]
-            n_args = arity[k]
-            if n_args == 0:
-                continue
-            gi = g[i]
-            ai = a[i]
-            reached[ai] = 1
-            if n_args == 2:
-                bi = b[i]
-                reached[bi] = 1
-                dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-                g[bi] += dy * gi
-            else:
-                dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-        grads[:] = g
-
-    @staticmethod
-    def _forward_batch(tape: Tape, values: np.ndarray) -> None:
-        """Batch forward: one numpy call per node over all bindings."""
-        ops = _ops.BY_CODE
-        with np.errstate(all="ignore"):
-            for i, (k, ai, bi, ci) in enumerate(
-                zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
-            ):
-                op = ops[k]
-                if op.arity == 2:
-                    values[i] = op.vforward(values[ai], values[bi], ci)
-                elif op.arity == 1:
-                    values[i] = op.vforward(values[ai], 0.0, ci)
-
-    @staticmethod
-    def _backward_batch(tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
-        """Batch reverse sweep: one numpy call per node over all bindings."""
-        ops = _ops.BY_CODE
-        code, a, b, c = (
-            tape.code.tolist(),
-            tape.arg0.tolist(),
-            tape.arg1.tolist(),
-            tape.const.tolist(),
-        )
-        reached = bytearray(len(code))
-        reached[output] = 1
-        grads[output] = 1.0
-        with np.errstate(all="ignore"):
-            for i in range(output, -1, -1):
-                op = ops[code[i]]
-                if not reached[i] or op.arity == 0:
-                    continue
-                gi = grads[i]
-                ai = a[i]
-                reached[ai] = 1
-                if op.arity == 2:
-                    bi = b[i]
-                    reached[bi] = 1
-                    dx, dy = op.vpartials(values[ai], values[bi], c[i], values[i])
-                    grads[ai] += dx * gi
-                    grads[bi] += dy * gi
-                else:
-                    dx, _ = op.vpartials(values[ai], 0.0, c[i], values[i])
-                    grads[ai] += dx * gi
-
-
-_KERNELS: dict[str, Kernel] = {"python": PythonKernel()}
-
-
-def available_kernels() -> list[str]:
-    """Names of the kernels that can run here, fastest first."""
-    return sorted(_KERNELS, key=lambda name: name == "python")
-
-
-def get_kernel(name: str | None = None) -> Kernel:
-    """The kernel called ``name``; by default the fastest one available."""
-    if name is None:
-        return _KERNELS[available_kernels()[0]]
-    try:
-        return _KERNELS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown kernel {name!r}; available here: {', '.join(available_kernels())}"
-        ) from None
-
-
-try:  # the C kernel is optional: without the built extension, PythonKernel serves alone
-    from .native import NativeKernel
-except ImportError:
-    pass
-else:
-    _KERNELS["native"] = NativeKernel()

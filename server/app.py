@@ -19,21 +19,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from micrograd.tape import Kernel
+from micrograd.kernels import Kernel
 
-from . import logs
-from .config import Settings
+from . import logs, security
+from .config import Settings, resolve_kernel
 from .grpc_server import GrpcServer
 from .http import HttpServer
-from .kernels import resolve_kernel
 from .metrics import Metrics, MetricsInterceptor
 from .service import GradientService
+from .store import open_store
 
 __all__ = ["configure_logging", "run", "serve"]
 
 log = logging.getLogger("micrograd.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RELOAD = signal.SIGHUP
+"""Re-read the token file (forwarded to every worker)."""
 
 
 def configure_logging(settings: Settings) -> None:
@@ -60,21 +62,34 @@ async def serve(
 
     Returns how many calls were still working on a thread when the grace period ran out.
     """
+    guard = security.load(settings)  # each process (worker) loads its own credentials
     service = GradientService(settings, kernel)
     metrics = Metrics()
     metrics.watch_cache(service.cache)
-    server = GrpcServer(settings, service, interceptors=[MetricsInterceptor(metrics)])
+    metrics.watch_store(service.store)
+    server = GrpcServer(
+        settings,
+        service,
+        interceptors=[MetricsInterceptor(metrics), *guard.handler_wrappers()],
+        credentials=guard.grpc_credentials(),
+    )
     port = await server.start()
-    http = HttpServer(settings, service, metrics, server.pool) if settings.http_port >= 0 else None
+    http = None
+    if settings.http_port >= 0:
+        http = HttpServer(
+            settings, service, metrics, server.pool, guard.ssl_context(), guard.http_middlewares()
+        )
     http_port = await http.start() if http is not None else None
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, server.stop)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        loop.add_signal_handler(_RELOAD, guard.reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*_SIGNALS, _RELOAD))
     log.info(
-        "listening on %s (pid %d, worker %d of %d, kernel %s, max %d concurrent calls)",
+        "listening on %s%s (pid %d, worker %d of %d, kernel %s, max %d concurrent calls)",
         server.address,
+        guard.summary(),
         os.getpid(),
         worker + 1,
         settings.workers,
@@ -82,7 +97,7 @@ async def serve(
         settings.max_concurrent_calls,
     )
     if http is not None:
-        log.info("JSON-RPC over HTTP on http://%s/rpc", http.address)
+        log.info("JSON-RPC over HTTP on %s://%s/rpc", guard.scheme, http.address)
     if settings.port_file and worker == 0:
         _write_port_file(settings.port_file, port)
     if settings.http_port_file and worker == 0 and http_port is not None:
@@ -100,7 +115,12 @@ async def serve(
 def run(settings: Settings) -> int:
     """Run the server with ``settings`` until it is told to stop; returns the exit code."""
     configure_logging(settings)
+    security.load(settings)  # bad TLS or token files stop the start here, before any fork
     kernel = resolve_kernel(settings.kernel, settings.flush_denormals)
+    store = open_store(settings)  # before any fork: a host store that cannot be used stops here
+    if store is not None:
+        log.info("graph store: %s (shared beyond this process)", store.location)
+        store.close()
     if settings.workers == 1:
         if asyncio.run(serve(settings, kernel)):
             _exit_now(0)  # do not wait for abandoned sweeps past the grace period
@@ -120,7 +140,7 @@ def _run_workers(settings: Settings, kernel: Kernel) -> int:
     """Fork ``settings.workers`` serving processes, forward signals to them, wait for all."""
     # Signals stay blocked across the forks: a worker unblocks them once its
     # handlers are in place, the parent once it knows every child's pid.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, (*_SIGNALS, _RELOAD))
     children: dict[int, int] = {}
     for worker in range(settings.workers):
         pid = os.fork()
@@ -137,18 +157,22 @@ def _run_workers(settings: Settings, kernel: Kernel) -> int:
     log.info("started %d workers: pids %s", len(children), ", ".join(map(str, children)))
     stopping = False
 
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def send(signum: int, frame: object) -> None:
         for pid in children:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        send(signum, frame)
+
     for sig in _SIGNALS:
         signal.signal(sig, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    signal.signal(_RELOAD, send)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*_SIGNALS, _RELOAD))
     status = 0
     while children:
         try:

@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "KERNELS", "Settings", "SettingsError", "add_arguments", "from_sources"]
+from micrograd.kernels import Kernel, NativeKernel, get_kernel
+
+__all__ = [
+    "ENV_PREFIX",
+    "KERNELS",
+    "Settings",
+    "SettingsError",
+    "add_arguments",
+    "from_sources",
+    "resolve_kernel",
+]
 
 ENV_PREFIX = "MICROGRAD_RPC_"
 """Environment variables ``MICROGRAD_RPC_<FIELD NAME IN UPPER CASE>`` set any setting."""
@@ -26,6 +36,8 @@ ENV_PREFIX = "MICROGRAD_RPC_"
 KERNELS = ("auto", "native", "python", "value")
 """Kernel choices: the fastest available, the C kernel, the numpy/Python kernel, or ``Value``."""
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""URL schemes ``--graph-store`` accepts for a Redis server (TCP, TLS, a Unix socket)."""
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _MiB = 1 << 20
 _GiB = 1 << 30
@@ -69,6 +81,12 @@ class Settings:
             "Largest HTTP request body, in bytes (suffixes allowed); bigger bodies get 413."
         ),
     )
+    playground: bool = field(
+        default=True,
+        metadata=_help(
+            "Serve the playground page at GET / on the HTTP port (--no-playground: leave it out)."
+        ),
+    )
     jsonrpc_max_batch: int = field(
         default=100,
         metadata=_help("Most calls in one JSON-RPC batch; longer batches get error -32600."),
@@ -78,6 +96,13 @@ class Settings:
         metadata=_help(
             "Server processes sharing the port (SO_REUSEPORT); default: the number of CPUs. "
             "1 serves in this process."
+        ),
+    )
+    kernel_threads: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata=_help(
+            "Threads one big batch call may spread its tiles over (the native kernel; calls of "
+            "at least 1,000,000 node-bindings); default: the number of CPUs."
         ),
     )
     kernel: str = field(
@@ -128,6 +153,54 @@ class Settings:
             "Largest total size of the cached graphs' arrays, in bytes (suffixes allowed)."
         ),
     )
+    graph_store: str = field(
+        default="host",
+        metadata=_help(
+            "Where registered graphs are shared beyond one process: host (files under "
+            "--graph-store-dir, shared by every worker of this machine), redis://HOST:PORT/DB "
+            "(a Redis server shared by every replica) or none (each process keeps only its "
+            "own cache). The in-process cache stays in front of either."
+        ),
+    )
+    graph_store_dir: str = field(
+        default="",
+        metadata=_help(
+            "Directory of the host graph store; empty: micrograd-rpc-<uid>/graphs in /dev/shm "
+            "(memory) where it is writable, else in the temporary directory."
+        ),
+    )
+    graph_store_bytes: int = field(
+        default=1 * _GiB,
+        metadata=_help(
+            "Largest total size of the host graph store's files, in bytes (suffixes allowed); "
+            "the least recently used are removed first."
+        ),
+    )
+    graph_store_entries: int = field(
+        default=1024,
+        metadata=_help("Most graphs in the host graph store (least recently used removed first)."),
+    )
+    graph_store_ttl: float = field(
+        default=3600.0,
+        metadata=_help(
+            "Seconds a graph lives in the Redis graph store after it was last registered or "
+            "used; bound its memory with Redis's own maxmemory and an LRU maxmemory-policy."
+        ),
+    )
+    graph_store_timeout: float = field(
+        default=0.25,
+        metadata=_help(
+            "Seconds one Redis graph store command (and connecting) may take; past it the call "
+            "answers as if the graph were missing (NOT_FOUND) instead of waiting."
+        ),
+    )
+    graph_store_backoff: float = field(
+        default=1.0,
+        metadata=_help(
+            "Seconds the Redis graph store is not tried again after a failure (calls answer at "
+            "once meanwhile)."
+        ),
+    )
     max_chunk_size: int = field(
         default=1_000_000,
         metadata=_help(
@@ -163,6 +236,37 @@ class Settings:
             "slightly different numbers); needs a kernel that supports it."
         ),
     )
+    tls_cert: str = field(
+        default="",
+        metadata=_help(
+            "PEM certificate chain of the server; with --tls-key, the gRPC port serves only TLS "
+            "and the HTTP port only HTTPS."
+        ),
+    )
+    tls_key: str = field(
+        default="", metadata=_help("PEM private key of --tls-cert (unencrypted).")
+    )
+    tls_client_ca: str = field(
+        default="",
+        metadata=_help(
+            "PEM CA certificate(s): require client certificates signed by them on both ports "
+            "(mutual TLS); needs --tls-cert."
+        ),
+    )
+    auth_token_file: str = field(
+        default="",
+        metadata=_help(
+            "File of accepted bearer tokens, one a line (# comments), re-read on SIGHUP; calls "
+            "must then send 'authorization: Bearer <token>' (health and readiness stay open)."
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=_help(
+            "Allow listening on a non-loopback address with neither TLS nor tokens "
+            "(otherwise the server refuses to start)."
+        ),
+    )
     port_file: str = field(
         default="",
         metadata=_help(
@@ -187,6 +291,7 @@ class Settings:
                 )
         for name in (
             "workers",
+            "kernel_threads",
             "max_nodes",
             "max_message_bytes",
             "max_batch_rows",
@@ -199,7 +304,13 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{label(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("graph_cache_entries", "graph_cache_bytes", "inline_cells"):
+        for name in (
+            "graph_cache_entries",
+            "graph_cache_bytes",
+            "graph_store_entries",
+            "graph_store_bytes",
+            "inline_cells",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{label(name)} must not be negative, got {getattr(self, name)}")
         if self.max_message_bytes >= 1 << 31:
@@ -210,6 +321,27 @@ class Settings:
             problems.append(
                 f"{label('default_chunk_size')} ({self.default_chunk_size}) exceeds "
                 f"{label('max_chunk_size')} ({self.max_chunk_size})"
+            )
+        if self.graph_store not in ("host", "none") and not self.graph_store.startswith(
+            _REDIS_SCHEMES
+        ):
+            problems.append(
+                f"{label('graph_store')} must be host, none or redis://HOST:PORT/DB, "
+                f"got {self.graph_store!r}"
+            )
+        if not self.graph_store_ttl >= 1:
+            problems.append(
+                f"{label('graph_store_ttl')} must be at least 1 second, got {self.graph_store_ttl}"
+            )
+        if not self.graph_store_timeout > 0:
+            problems.append(
+                f"{label('graph_store_timeout')} must be above 0 seconds, "
+                f"got {self.graph_store_timeout}"
+            )
+        if not self.graph_store_backoff >= 0:
+            problems.append(
+                f"{label('graph_store_backoff')} must be at least 0 seconds, "
+                f"got {self.graph_store_backoff}"
             )
         if self.kernel not in KERNELS:
             problems.append(
@@ -346,3 +478,19 @@ def from_sources(
     if problems:
         raise SettingsError("; ".join(problems))
     return Settings(**values)
+
+
+def resolve_kernel(name: str, flush_denormals: bool = False) -> Kernel:
+    """The kernel a ``--kernel`` setting names; ``SettingsError`` if it cannot run here."""
+    try:
+        kernel = get_kernel(None if name == "auto" else name)
+    except ValueError as exc:
+        raise SettingsError(f"--kernel {name}: {exc}") from None
+    if flush_denormals:
+        if kernel.name != "native":
+            raise SettingsError(
+                f"--flush-denormals needs the native kernel; the {kernel.name} kernel is exact IEEE"
+            )
+        assert NativeKernel is not None  # the native kernel is registered only when built
+        kernel = NativeKernel(flush_denormals=True)
+    return kernel

@@ -282,11 +282,14 @@ class GrpcServer:
         settings: Settings,
         service: GradientService | None = None,
         interceptors: Sequence[HandlerWrapper] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         """A server for ``settings``; ``interceptors`` wrap every method (once, at
-        registration, which costs nothing per call); idle until ``start``."""
+        registration, which costs nothing per call); TLS with ``credentials``; idle until
+        ``start``."""
         self.settings = settings
         self.interceptors = tuple(interceptors)
+        self.credentials = credentials
         self.service = service or GradientService(settings)
         self.health = health.aio.HealthServicer()
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -323,7 +326,10 @@ class GrpcServer:
         )
         host = _bracketed(s.host)
         try:
-            port = server.add_insecure_port(f"{host}:{s.port}")
+            if self.credentials is not None:
+                port = server.add_secure_port(f"{host}:{s.port}", self.credentials)
+            else:
+                port = server.add_insecure_port(f"{host}:{s.port}")
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {host}:{s.port}: {exc}") from None
         if port == 0:

@@ -35,6 +35,7 @@ __all__ = [
     "Call",
     "Metrics",
     "MetricsInterceptor",
+    "StoreCounters",
     "nodes_evaluated",
 ]
 
@@ -105,6 +106,41 @@ class _CacheCollector(Collector):
         )
 
 
+class StoreCounters(Protocol):
+    """What the metrics read from a graph store: where it is and what it counted."""
+
+    location: str
+
+    @property
+    def counts(self) -> Any:
+        """An object with ``hits``, ``misses``, ``errors``, ``corrupt`` and ``writes``."""
+        ...
+
+
+class _StoreCollector(Collector):
+    """Reads a graph store's counters at scrape time."""
+
+    _COUNTERS = (
+        ("hits", "graph store lookups that found a verified graph"),
+        ("misses", "graph store lookups that found nothing (or a corrupt entry)"),
+        ("errors", "graph store reads and writes that failed: unreachable or unwritable store"),
+        ("corrupt", "graph store entries that failed verification and were dropped"),
+        ("writes", "graphs written to the graph store"),
+    )
+
+    def __init__(self, store: StoreCounters) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Metric]:
+        """The store's counters, labelled with its kind (host or redis), as of now."""
+        kind = "host" if "://" not in self.store.location else "redis"
+        counts = self.store.counts
+        for name, text in self._COUNTERS:
+            family = CounterMetricFamily(f"micrograd_graph_store_{name}", text, labels=["store"])
+            family.add_metric([kind], getattr(counts, name))
+            yield family
+
+
 class Metrics:
     """The metrics of one server: calls by transport, method and status; latency; work done."""
 
@@ -151,6 +187,11 @@ class Metrics:
     def watch_cache(self, cache: CacheCounts) -> None:
         """Export ``cache``'s hit and miss counters, entries and bytes at every scrape."""
         self.registry.register(_CacheCollector(cache))
+
+    def watch_store(self, store: StoreCounters | None) -> None:
+        """Export a graph store's counters at every scrape (nothing when there is no store)."""
+        if store is not None:
+            self.registry.register(_StoreCollector(store))
 
     def exposition(self) -> bytes:
         """Everything in the Prometheus text format (``CONTENT_TYPE``)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,15 +24,22 @@ import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
 from micrograd.codec.wire import Wire, with_arrays
-from micrograd.tape import GraphError, Kernel, Tape
+from micrograd.errors import GraphError
+from micrograd.kernels import Kernel
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
 from .cache import GraphCache, RecentGraphs
-from .config import Settings
-from .kernels import resolve_kernel
+from .config import Settings, resolve_kernel
+from .store import GraphStore, StoreUnavailable, open_store
 
 __all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload"]
+
+log = logging.getLogger("micrograd.server")
+
+_STORE_WARNING_INTERVAL = 10.0
+"""Seconds between two log lines about a failing graph store (each failure is still counted)."""
 
 
 class Code(enum.Enum):
@@ -99,6 +107,10 @@ background threads (hashlib and the native kernel release the GIL): a graph's id
 while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
 Smaller calls do everything in line."""
 
+_THREAD_CELLS = 1_000_000
+"""From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
+(below it, starting threads costs more than it saves)."""
+
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
 
@@ -151,11 +163,19 @@ def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
 class GradientService:
     """The rpcs of ``GradientService`` as methods, with this process's kernel, cache and limits."""
 
-    def __init__(self, settings: Settings, kernel: Kernel | None = None) -> None:
-        """Serve with ``settings``; ``kernel`` overrides the one ``settings.kernel`` names."""
+    def __init__(
+        self,
+        settings: Settings,
+        kernel: Kernel | None = None,
+        store: GraphStore | None = None,
+    ) -> None:
+        """Serve with ``settings``; ``kernel`` overrides the one ``settings.kernel`` names and
+        ``store`` the graph store ``settings.graph_store`` names."""
         self.settings = settings
         self.kernel = kernel or resolve_kernel(settings.kernel, settings.flush_denormals)
         self.cache = GraphCache(settings.graph_cache_entries, settings.graph_cache_bytes)
+        self.store = store or open_store(settings)
+        self._store_warned = -_STORE_WARNING_INTERVAL
         self.recent = RecentGraphs()
         self._background = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="micrograd-overlap"
@@ -219,7 +239,13 @@ class GradientService:
             n = len(request.packed_graph.ops)
         elif source == "graph_id":
             tape = self.cache.peek(request.graph_id)
-            n = 0 if tape is None else len(tape)
+            if tape is not None:
+                n = len(tape)
+            elif self.store is None:
+                n = 0
+            else:  # a size the store cannot tell cheaply counts as big: looked up off the loop
+                hint = self.store.nodes_hint(request.graph_id)
+                n = self.settings.inline_cells + 1 if hint is None else hint
         else:
             n = 0
         if not request.HasField("batch"):
@@ -244,14 +270,7 @@ class GradientService:
         """The tape a request's ``source`` gives, validated, and its graph id (maybe pending)."""
         source = msg.WhichOneof("source")
         if source == "graph_id" and isinstance(msg, pb.EvaluateRequest):
-            tape = self.cache.get(msg.graph_id)
-            if tape is None:
-                raise ServiceError(
-                    Code.NOT_FOUND,
-                    f"no graph {msg.graph_id!r} is registered here (the cache may have dropped "
-                    "it); send the graph again or register it",
-                )
-            return tape, msg.graph_id
+            return self.lookup(msg.graph_id), msg.graph_id
         if source == "graph":
             n = len(msg.graph.nodes)
             self._check_nodes(n, prefix + "graph.nodes")
@@ -340,6 +359,23 @@ class GradientService:
         self.kernel.backward(plan.tape, values, grads, plan.output)
         return grads
 
+    def selected(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """For a batch with a selection: the reported ``(rows, width)`` values and gradients,
+        swept tile by tile without the full ``(n, B)`` arrays; ``None`` for any other call.
+
+        Calls of at least ``_THREAD_CELLS`` node-bindings spread their tiles over
+        ``kernel_threads`` threads.
+        """
+        if not plan.batched or plan.selection is None or plan.bindings is None:
+            return None
+        if plan.bindings.ndim != 2 or not hasattr(self.kernel, "evaluate_selected"):
+            return None
+        cells = len(plan.tape) * plan.rows
+        threads = self.settings.kernel_threads if cells >= _THREAD_CELLS else 1
+        return plan.tape.evaluate_selected(
+            plan.bindings, plan.selection, plan.output, plan.gradients, self.kernel, threads
+        )
+
     @staticmethod
     def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
         """The selected nodes of kernel-layout ``columns``, row-major ``(rows, width)``."""
@@ -390,6 +426,13 @@ class GradientService:
                 "use EvaluateStream, or report fewer nodes with a selection",
             )
         deadline.check()
+        picked = self.selected(plan)
+        if picked is not None:
+            arrays = [("values_f64" if plan.binary else "values", picked[0])]
+            if picked[1] is not None:
+                arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
+            deadline.check()
+            return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
         values = self.forward(plan)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
@@ -427,6 +470,15 @@ class GradientService:
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
         deadline.check()
+        picked = self.selected(plan)
+        if picked is not None:
+            header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
+            yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+            deadline.check()
+            yield from self._chunks(plan, pb.PART_VALUES, picked[0], size, deadline)
+            if picked[1] is not None:
+                yield from self._chunks(plan, pb.PART_GRADIENTS, picked[1], size, deadline)
+            return
         values = self.forward(plan)  # while a big graph's id is hashed on another thread
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
@@ -455,10 +507,49 @@ class GradientService:
 
     # -- registration ------------------------------------------------------
 
+    def lookup(self, graph_id: str) -> Tape:
+        """The registered graph ``graph_id``: from this process's cache, else from the graph
+        store (then cached); NOT_FOUND if neither has it or the store cannot be reached."""
+        tape = self.cache.get(graph_id)
+        if tape is not None:
+            return tape
+        why = "the cache may have dropped it"
+        if self.store is not None:
+            try:
+                tape = self.store.get(graph_id)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                why = f"{exc}, so only this process's cache was searched"
+            else:
+                if tape is not None:
+                    self.cache.put(graph_id, tape)
+                    return tape
+                why = "neither this process's cache nor the graph store has it"
+        raise ServiceError(
+            Code.NOT_FOUND,
+            f"no graph {graph_id!r} is registered here ({why}); send the graph again or "
+            "register it",
+        )
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        """Log a store failure, at most once per ``_STORE_WARNING_INTERVAL`` (counted always)."""
+        now = time.monotonic()
+        if now - self._store_warned >= _STORE_WARNING_INTERVAL:
+            self._store_warned = now
+            log.warning("%s; graphs are served from this process's cache only meanwhile", exc)
+
     def register(self, tape: Tape, gid: GraphId | None = None) -> str:
-        """Put ``tape`` in the cache and return its id; RESOURCE_EXHAUSTED if it cannot fit."""
+        """Put ``tape`` in the cache and the graph store and return its id; RESOURCE_EXHAUSTED
+        if it fits in neither."""
         gid = codec.graph_id(tape) if gid is None else _resolved(gid)
-        if not self.cache.put(gid, tape):
+        cached = self.cache.put(gid, tape)
+        shared = False
+        if self.store is not None:
+            try:
+                shared = self.store.put(gid, tape)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+        if not (cached or shared):
             raise ServiceError(
                 Code.RESOURCE_EXHAUSTED,
                 f"a graph of {len(tape)} nodes does not fit in this server's graph cache "

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from micrograd import codec
+from micrograd import codec, ops
 from micrograd.codec import graph as codec_graph
-from micrograd.tape import GraphError, Tape
+from micrograd.errors import GraphError
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
@@ -66,10 +67,10 @@ def test_packed_and_node_list_forms_decode_to_one_tape_and_one_id(decoder: str) 
 def test_packed_columns_are_sized_by_arity_and_value_use() -> None:
     tape = seed_tape()
     msg = codec.pack(tape)
-    arity = np.array([{0: 0, 1: 1, 2: 2}[int(a)] for a in codec_graph.ARITY[tape.code]])
+    arity = np.array([{0: 0, 1: 1, 2: 2}[int(a)] for a in ops.ARITY[tape.code]])
     assert len(msg.ops) == len(tape)
     assert len(msg.args) == 4 * int(arity.sum())
-    assert len(msg.values) == 8 * int(codec_graph.USES_VALUE[tape.code].sum())
+    assert len(msg.values) == 8 * int(ops.USES_VALUE[tape.code].sum())
     assert {n.name: n.node for n in msg.names} == dict(tape.names)
 
 

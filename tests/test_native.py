@@ -18,14 +18,9 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 from micrograd import ops
-from micrograd.tape import (
-    GraphError,
-    Kernel,
-    PythonKernel,
-    Tape,
-    available_kernels,
-    get_kernel,
-)
+from micrograd.errors import GraphError
+from micrograd.kernels import Kernel, PythonKernel, available_kernels, get_kernel
+from micrograd.tape import Tape
 from micrograd.v1 import graph_pb2
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from micrograd import ops
 from micrograd.engine import Value, strict
-from micrograd.tape import Tape, available_kernels, get_kernel
+from micrograd.kernels import available_kernels, get_kernel
+from micrograd.tape import Tape
 
 torch = pytest.importorskip("torch")
 

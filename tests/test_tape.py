@@ -23,7 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from micrograd import ops
 from micrograd.engine import Value
-from micrograd.tape import GraphError, PythonKernel, Tape, available_kernels, get_kernel
+from micrograd.errors import GraphError
+from micrograd.kernels import PythonKernel, available_kernels, get_kernel
+from micrograd.tape import Tape
 
 from tests.graphs import deep_chain, mlp_loss, random_dag, to_torch, to_values
 
