@@ -25,14 +25,16 @@ RUN useradd --create-home --uid 10001 micrograd
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl && rm -rf /wheels
 USER 10001
-# gRPC and JSON-RPC/HTTP ports. Inside the container the server must listen on every
-# interface; deployments put TLS and a token in front (see docs/DEPLOY.md).
+# gRPC and JSON-RPC/HTTP ports. Inside the container the server listens on every
+# interface, so it refuses to start without TLS or a token (--tls-cert/--tls-key,
+# --auth-token-file) unless told --insecure; see docs/DEPLOY.md.
 EXPOSE 50051 8080
 ENV MICROGRAD_RPC_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
-# Ready = the HTTP readiness endpoint answers 200 (it turns 503 while draining).
+# grpc.health.v1 over plaintext gRPC (open without a token); a server that serves TLS
+# itself needs a HEALTHCHECK with --tls-ca (see docs/DEPLOY.md).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import sys,urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2).status != 200)"]
+    CMD ["micrograd-rpc", "health", "--target", "127.0.0.1:50051", "--timeout", "2"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["micrograd-rpc"]
 CMD ["serve"]

@@ -1,10 +1,11 @@
 """Checks of a running compose stack, through its nginx: run by ``scripts/test-containers``.
 
 ``python -m tests.compose_stack --grpc HOST:PORT --http URL --nginx CONTAINER
---replica C1 --replica C2 --replica C3`` runs, in order: the seed over gRPC
-and JSON-RPC; calls spread over the replicas (none serves more than half);
-a graph registered through one replica evaluated through the others (when
-``--store`` says the stack shares a registry); a large streamed response;
+--replica C1 --replica C2 --replica C3 [--ca PEM --token-file FILE]`` runs,
+in order: the seed over gRPC and JSON-RPC; calls spread over the replicas
+(none serves more than half);
+a graph registered through one replica evaluated through the others (the
+replicas share a Redis registry); a large streamed response;
 a replica stopped with SIGTERM under load (it drains: 0 failed calls); a
 replica killed under load (0 failed calls for the Python client with its
 default retries). Which replica served a call is read from nginx's access
@@ -361,7 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http", required=True, help="nginx's HTTP base URL")
     parser.add_argument("--nginx", required=True, help="the nginx container")
     parser.add_argument("--replica", action="append", required=True, help="a replica container")
-    parser.add_argument("--store", action="store_true", help="the replicas share a registry")
     parser.add_argument("--ca", help="CA certificate (PEM) nginx's certificate is signed by")
     parser.add_argument("--token-file", help="file whose first token the calls carry")
     args = parser.parse_args(argv)
@@ -375,10 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_seed(stack)
         check_spread(stack)
-        if args.store:
-            check_shared_registry(stack)
-        else:
-            print("SKIP the shared-registry check: the server has no --graph-store yet")
+        check_shared_registry(stack)
         check_large_stream(stack)
         check_drain(stack, stack.replicas[1])
         check_kill(stack, stack.replicas[2])

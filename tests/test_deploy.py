@@ -1,17 +1,15 @@
 """Deployment as shipped: the compose file, the image recipe, and nginx in front of replicas.
 
-No container can run here, so the compose file is validated by
-docker-compose itself and the Dockerfile is checked against the tree and
-the server's defaults. Scale-out is tested for real: two replicas behind
-nginx, with the repository's own nginx.conf.
-
-``deploy/nginx.conf`` is what docker-compose.yml runs in front of the
-replicas. Here the same file is pointed at two server processes on loopback
-(only the addresses change: Docker's service name and resolver become
-127.0.0.1 ports), so its gRPC (`grpc_pass` over HTTP/2) and HTTP proxying
-are exercised by a real nginx. ``scripts/test`` installs nginx and
-docker-compose; a test that needs one is skipped, saying why, only where it
-cannot be had.
+``scripts/test-containers`` builds the image and runs the compose stack with
+podman (that is where containers are tested). Here, without containers: the
+compose file is validated by docker-compose itself and read for its
+replicas, registry, secrets and healthchecks; nginx's limits are checked
+against the server's defaults; and scale-out is tested for real with two
+replica processes behind a real nginx running the repository's own
+``deploy/nginx.conf`` (only the addresses and file paths change: the compose
+service names become 127.0.0.1 ports, the TLS certificate one made for the
+test). ``scripts/test`` installs nginx and docker-compose; a test that needs
+one is skipped, saying why, only where it cannot be had.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -29,6 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
+import trustme
 import yaml
 from google.protobuf import json_format
 from micrograd import codec
@@ -57,15 +57,20 @@ def free_port() -> int:
 
 
 def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, where: Path) -> str:
-    """``deploy/nginx.conf`` with its upstreams, listeners and files moved onto loopback."""
+    """``deploy/nginx.conf`` with its upstreams, listeners and files moved onto loopback.
+
+    Its TLS certificate and key are expected in ``where`` (server.pem, server.key).
+    """
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     grpc_servers = " ".join(f"server {r.target};" for r in replicas)
     http_servers = " ".join(f"server 127.0.0.1:{r.http_port};" for r in replicas)
     edits = [
         (r"(\s*server gradient-\d+:50051[^;]*;)+", "\n" + grpc_servers),
         (r"(\s*server gradient-\d+:8080[^;]*;)+", "\n" + http_servers),
-        (r"listen 50051 http2;", f"listen 127.0.0.1:{grpc_port} http2;"),
-        (r"listen 8080;", f"listen 127.0.0.1:{http_port};"),
+        (r"listen 50051 ssl http2;", f"listen 127.0.0.1:{grpc_port} ssl http2;"),
+        (r"listen 8080 ssl;", f"listen 127.0.0.1:{http_port} ssl;"),
+        (r"ssl_certificate [^;]*;", f"ssl_certificate {where}/server.pem;"),
+        (r"ssl_certificate_key [^;]*;", f"ssl_certificate_key {where}/server.key;"),
         (r"error_log [^;]*;", f"error_log {where}/error.log warn;\npid {where}/nginx.pid;"),
         (r"access_log [^;]*;", "access_log off;"),
     ]
@@ -83,10 +88,14 @@ def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, 
 @pytest.fixture
 def balanced(
     grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
-) -> Iterator[tuple[str, str, list[RunningServer]]]:
-    """Two replica processes and nginx in front: yields (grpc target, http url, replicas)."""
+) -> Iterator[tuple[str, str, list[RunningServer], bytes]]:
+    """Two replicas and nginx (TLS) in front: yields (grpc target, https url, replicas, CA)."""
     replicas = [grpc_server_factory(process=True, http_port=0) for _ in range(2)]
     grpc_port, http_port = free_port(), free_port()
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    issued.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     conf = tmp_path / "nginx.conf"
     conf.write_text(local_config(replicas, grpc_port, http_port, tmp_path))
     assert NGINX is not None
@@ -107,7 +116,12 @@ def balanced(
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 assert time.monotonic() < deadline, "nginx did not start listening"
                 time.sleep(0.05)
-        yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", replicas
+        yield (
+            f"127.0.0.1:{grpc_port}",
+            f"https://127.0.0.1:{http_port}",
+            replicas,
+            ca.cert_pem.bytes(),
+        )
     finally:
         proc.terminate()
         proc.wait(10)
@@ -115,11 +129,12 @@ def balanced(
 
 @needs_nginx
 def test_nginx_spreads_grpc_calls_over_both_replicas(
-    balanced: tuple[str, str, list[RunningServer]],
+    balanced: tuple[str, str, list[RunningServer], bytes],
 ) -> None:
-    target, _, replicas = balanced
+    target, _, replicas, ca = balanced
     pids: set[str] = set()
-    with grpc.insecure_channel(target) as channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+    with grpc.secure_channel(target, credentials) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
         for _ in range(20):  # round robin: 20 calls reach both
             _, call = stub.GetServerInfo.with_call(pb.GetServerInfoRequest(), timeout=10)
@@ -138,9 +153,10 @@ def test_nginx_spreads_grpc_calls_over_both_replicas(
 
 @needs_nginx
 def test_nginx_proxies_json_rpc_and_readiness(
-    balanced: tuple[str, str, list[RunningServer]],
+    balanced: tuple[str, str, list[RunningServer], bytes],
 ) -> None:
-    _, url, _ = balanced
+    _, url, _, ca = balanced
+    context = ssl.create_default_context(cadata=ca.decode())
     a, b, g = seed_graph()
     _, tape, _ = codec.encode_value(g, {"a": a, "b": b})
     params = {
@@ -151,11 +167,11 @@ def test_nginx_proxies_json_rpc_and_readiness(
     request = urllib.request.Request(
         f"{url}/rpc", data=body.encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
         result = json.loads(response.read())["result"]
     grads = {name: result["grads"][position] for name, position in result["names"].items()}
     assert (f"{grads['a']:.4f}", f"{grads['b']:.4f}") == ("138.8338", "645.5773")
-    with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+    with urllib.request.urlopen(f"{url}/readyz", timeout=10, context=context) as response:
         assert response.status == 200
 
 
@@ -222,6 +238,13 @@ def test_compose_runs_three_replicas_redis_and_nginx_with_healthchecks() -> None
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert "allkeys-lru" in redis["command"] and "--maxmemory" in redis["command"]
     assert set(services["nginx"]["depends_on"]) == set(replicas)
+    # TLS ends at nginx; the replicas check the bearer token of every call.
+    mounts = [v.split(":")[1] for v in services["nginx"]["volumes"]]
+    assert {"/etc/nginx/tls/server.pem", "/etc/nginx/tls/server.key"} <= set(mounts)
+    for name in replicas:
+        tokens = services[name]["environment"]["MICROGRAD_RPC_AUTH_TOKEN_FILE"]
+        assert any(v.endswith(f":{tokens}:ro") for v in services[name]["volumes"])
+        assert services[name]["environment"]["MICROGRAD_RPC_GRAPH_STORE"] == "redis://redis:6379/0"
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     for port in ("50051", "8080"):
         named = re.findall(rf"server (gradient-\d+):{port}\b", conf)
@@ -237,23 +260,13 @@ def test_nginx_limits_match_the_server_limits() -> None:
         f"{defaults.max_message_bytes >> 20}m",
         f"{defaults.http_max_body_bytes >> 20}m",
     ]
-    assert nginx_setting("listen", conf)[0] == f"{defaults.port} http2"
+    assert nginx_setting("listen", conf) == [
+        f"{defaults.port} ssl http2",
+        f"{defaults.http_port} ssl",
+    ]
     (retry,) = nginx_setting("grpc_next_upstream", conf)
     assert retry.startswith("error timeout") and "http_502" in retry and "http_503" in retry
     for name in ("grpc_read_timeout", "grpc_send_timeout", "proxy_read_timeout"):
         (value,) = nginx_setting(name, conf)
         assert int(value.rstrip("s")) > defaults.grace_period
     assert "$upstream_addr" in conf, "the access log names the replica of each call"
-
-
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test installs it)")
-def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
-    """nginx -t on deploy/nginx.conf as shipped, with the replica names resolvable."""
-    conf = (ROOT / "deploy" / "nginx.conf").read_text()
-    for n in (1, 2, 3):
-        conf = conf.replace(f"gradient-{n}:", "127.0.0.1:")
-    conf = re.sub(r"error_log [^;]*;", f"error_log {tmp_path}/e.log;\npid {tmp_path}/p;", conf)
-    (tmp_path / "nginx.conf").write_text(conf)
-    assert NGINX is not None
-    done = subprocess.run([NGINX, "-t", "-c", str(tmp_path / "nginx.conf")], capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()
