@@ -7,12 +7,21 @@ retry policy so that it covers streaming uploads too (they are restarted
 from the first piece), shares one deadline across all attempts and reports
 how many attempts were made. Every call of the service is idempotent (pure
 evaluation, content-addressed registration), so retrying is always safe.
+
+A target may name several servers, as a list of ``host:port`` (or one
+comma-separated string) or as a ``dns:///name:port`` whose name resolves to
+several addresses (a Kubernetes headless Service); the channel then keeps a
+connection to each and spreads calls over them one by one with gRPC's
+``round_robin`` policy, skipping servers it cannot reach. A retry after
+``UNAVAILABLE`` (a server killed mid-call) so lands on another server.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +38,11 @@ __all__ = [
     "Pem",
     "Retry",
     "Stub",
+    "Target",
     "channel_credentials",
     "channel_options",
+    "channel_target",
+    "describe_target",
     "open_channel",
     "token_metadata",
 ]
@@ -44,6 +56,13 @@ Pem: TypeAlias = bytes | str | os.PathLike[str]
 """PEM data: the bytes themselves, or the path of a file holding them (``str`` or ``Path``)."""
 
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
+
+Target: TypeAlias = str | Sequence[str]
+"""One ``host:port``, several (a list, or one string with commas), or a gRPC target URI
+such as ``dns:///name:port``."""
+
+_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+"""Targets starting with these go to gRPC as they are."""
 
 
 @dataclass(frozen=True)
@@ -142,16 +161,88 @@ def token_metadata(token: str | None) -> Metadata:
     return (("authorization", f"Bearer {token}"),)
 
 
+def describe_target(target: Target) -> str:
+    """``target`` as one line for messages (several addresses joined by commas)."""
+    return target if isinstance(target, str) else ",".join(target)
+
+
+def channel_target(target: Target) -> tuple[str, bool]:
+    """The gRPC target for ``target``, and whether it names several servers to balance over.
+
+    A single ``host:port`` stays as it is (one server: gRPC's default
+    ``pick_first``). Several addresses become one ``ipv4:`` (or ``ipv6:``)
+    list, host names resolved now; a ``dns:`` target is resolved by gRPC,
+    again whenever connections fail, so servers may come and go. Raises
+    ``ValueError`` for an empty list, a malformed address or a host name
+    that does not resolve.
+    """
+    if isinstance(target, str):
+        if target.startswith(_URI_SCHEMES):
+            return target, target.startswith("dns:") or "," in target
+        parts = [part.strip() for part in target.split(",") if part.strip()]
+    else:
+        parts = [str(part).strip() for part in target]
+    if not parts:
+        raise ValueError("no server address given")
+    if len(parts) == 1:
+        return parts[0], False
+    return _address_list(parts), True
+
+
+def _address_list(addresses: Sequence[str]) -> str:
+    """``ipv4:a:p,b:q`` (or ``ipv6:[a]:p,...``) for ``host:port`` addresses, names resolved."""
+    v4: list[str] = []
+    v6: list[str] = []
+    literal6 = literal4 = False
+    for address in addresses:
+        host, sep, port_text = address.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{address!r} is not host:port")
+        port = int(port_text)
+        try:
+            ips = [ipaddress.ip_address(host)]
+            literal4 |= ips[0].version == 4
+            literal6 |= ips[0].version == 6
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot resolve {host!r} ({exc}); a dns:///{host}:{port} target "
+                    "resolves when connecting instead"
+                ) from None
+            ips = [ipaddress.ip_address(info[4][0]) for info in infos]
+        for ip in ips:
+            (v4 if ip.version == 4 else v6).append(
+                f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+            )
+    if literal4 and literal6:
+        raise ValueError(
+            "gRPC balances over IPv4 or IPv6 addresses, not a mix of both: "
+            + ", ".join(addresses)
+        )
+    family, chosen = ("ipv6", v6) if literal6 or not v4 else ("ipv4", v4)
+    return f"{family}:" + ",".join(dict.fromkeys(chosen))
+
+
 def open_channel(
-    target: str,
+    target: Target,
     options: Sequence[tuple[str, Any]],
     credentials: grpc.ChannelCredentials | None,
     server_name: str | None = None,
     aio: bool = False,
 ) -> Any:
     """A sync (or ``grpc.aio`` when ``aio``) channel to ``target``; TLS with ``credentials``,
-    checking the server's certificate for ``server_name`` instead of the target's host."""
+    checking the server's certificate for ``server_name`` instead of the target's host.
+
+    Several servers (see ``channel_target``) get the ``round_robin`` policy:
+    each call goes to the next server that is connected.
+    """
+    target, balanced = channel_target(target)
     options = list(options)
+    if balanced:
+        options.append(("grpc.lb_policy_name", "round_robin"))
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     module: Any = grpc.aio if aio else grpc

@@ -47,6 +47,7 @@ __all__ = [
     "read_request",
     "run_eval",
     "run_health",
+    "security_options",
 ]
 
 
@@ -55,10 +56,20 @@ def add_eval_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a graph (JSON) on a server and print values and gradients",
-        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+        description=(
+            "Evaluate a graph written as JSON on a running server and print the value and "
+            "gradient of every reported node. The file holds a Graph ({\"nodes\": [...]}) or a "
+            "whole EvaluateRequest in the proto3 JSON mapping (camelCase names, as JSON-RPC "
+            "takes them); --inputs and --output override what it says."
+        ),
     )
-    parser.add_argument("graph", type=Path, help="JSON file: a Graph or an EvaluateRequest")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument(
+        "graph", help="JSON file with a Graph or an EvaluateRequest ('-' reads standard input)"
+    )
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", metavar="HOST:PORT",
+        help="the server's gRPC address (default %(default)s)",
+    )
     parser.add_argument(
         "--inputs",
         default="",
@@ -68,7 +79,12 @@ def add_eval_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--output", type=int, default=None, metavar="N", help="node to differentiate (default last)"
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table",
+        help="table: aligned columns node, name, op, value, grad; json: one object with "
+        "graphId, output, nodeCount, rows and nodes, in JSON-RPC's camelCase (default "
+        "%(default)s)",
+    )
     parser.add_argument(
         "--precision", type=int, default=4, help="decimals shown in the table (default 4)"
     )
@@ -129,21 +145,27 @@ def _token(args: argparse.Namespace) -> str | None:
     return None
 
 
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Client`` keyword arguments the flags of ``add_connection_arguments`` stand for.
+
+    Raises ``ValueError`` (or ``OSError``) for a token file that cannot be read.
+    """
+    return {
+        "tls": bool(args.tls),
+        "root_certificates": args.tls_ca or None,
+        "client_certificate": args.tls_cert or None,
+        "client_key": args.tls_key or None,
+        "server_name": args.tls_server_name,
+        "token": _token(args),
+    }
+
+
 def connect(args: argparse.Namespace, **options: Any) -> Client:
     """A ``Client`` for ``args.target`` with the security flags of ``add_connection_arguments``.
 
     Raises ``ValueError`` (or ``OSError``) for a file that cannot be read.
     """
-    return Client(
-        args.target,
-        tls=bool(args.tls),
-        root_certificates=args.tls_ca or None,
-        client_certificate=args.tls_cert or None,
-        client_key=args.tls_key or None,
-        server_name=args.tls_server_name,
-        token=_token(args),
-        **options,
-    )
+    return Client(args.target, **security_options(args), **options)
 
 
 def parse_inputs(text: str) -> dict[str, float]:
@@ -256,9 +278,9 @@ def as_json(result: Result, ops: dict[int, str]) -> str:
             entry["grad"] = None if g is None else _json_number(g)
         nodes.append(entry)
     doc = {
-        "graph_id": result.graph_id,
+        "graphId": result.graph_id,
         "output": result.output,
-        "node_count": result.node_count,
+        "nodeCount": result.node_count,
         "rows": result.rows,
         "nodes": nodes,
     }
@@ -268,11 +290,13 @@ def as_json(result: Result, ops: dict[int, str]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``eval`` with parsed arguments; the exit status (0 ok, 1 call failed, 2 bad input)."""
     try:
-        request = read_request(args.graph.read_text())
+        text = sys.stdin.read() if args.graph == "-" else Path(args.graph).read_text()
+        request = read_request(text)
         for name, value in parse_inputs(args.inputs).items():
             request.inputs[name] = value
     except (OSError, ValueError, json_format.ParseError) as exc:
-        print(f"micrograd-rpc eval: {args.graph}: {exc}", file=sys.stderr)
+        where = "standard input" if args.graph == "-" else args.graph
+        print(f"micrograd-rpc eval: {where}: {exc}", file=sys.stderr)
         return 2
     if args.output is not None:
         request.output = args.output
@@ -305,7 +329,11 @@ def add_health_parser(subparsers: Any) -> None:
             "certificates are needed when the server requires them."
         ),
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="server host:port; several, comma-separated, or dns:///name:port are balanced",
+    )
     parser.add_argument(
         "--service", default="",
         help="service to check (default: the whole server; e.g. micrograd.v1.GradientService)",

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(_M_X64) || (defined(__i386__) && defined(__SSE2__))
 #include <xmmintrin.h>
@@ -36,6 +37,10 @@
 
 PyObject *mg_decode_graph(PyObject *module, PyObject *arg); /* _kernel_decode.c */
 PyObject *mg_unpack_columns(PyObject *module, PyObject *args); /* _kernel_unpack.c */
+PyObject *mg_value_columns(PyObject *module, PyObject *args); /* _kernel_pack.c */
+PyObject *mg_pack_value(PyObject *module, PyObject *args);
+PyObject *mg_assign_values(PyObject *module, PyObject *args);
+PyObject *mg_value_backward(PyObject *module, PyObject *args);
 
 /* ---- the ops: forward value and local partials ------------------------ */
 /* f(x, y, c) is the output; d(x, y, c, o, &dx, &dy) its partials, where o is
@@ -141,7 +146,59 @@ typedef struct {
 #define ARG_OK1 ((size_t)ai < (size_t)i)
 #define ARG_OK2 ((size_t)ai < (size_t)i && (size_t)bi < (size_t)i)
 
-/* A sweep returns -1, or the index of the first node it could not evaluate. */
+/* A sweep returns -1, or the index of the first node it could not evaluate,
+ * or MG_STOPPED when told to stop part-way. */
+#define MG_STOPPED (-2)
+
+/* When a sweep must stop early: a flag another thread may set (a byte of a
+ * Python buffer), and/or a CLOCK_MONOTONIC time (time.monotonic() on Linux;
+ * 0 for none). Sweeps look at it every `block` nodes, so a cancelled or
+ * timed-out call lets go of its thread within microseconds, not at the end
+ * of a million-node sweep. A NULL Stop is never looked at. */
+typedef struct {
+    const volatile uint8_t *flag;
+    double expires;
+    Py_ssize_t block;
+} Stop;
+
+static MG_NOINLINE int stop_due(const Stop *s)
+{
+    if (s->flag != NULL && *s->flag)
+        return 1;
+    if (s->expires > 0.0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec >= s->expires)
+            return 1;
+    }
+    return 0;
+}
+
+/* The next node at which an upward (forward) sweep looks at `s`: n if never. */
+static inline Py_ssize_t check_up(const Stop *s, Py_ssize_t i, Py_ssize_t n)
+{
+    return (s == NULL || n - i <= s->block) ? n : i + s->block;
+}
+
+/* The next node at which a downward (reverse) sweep looks at `s`: -1 if never. */
+static inline Py_ssize_t check_down(const Stop *s, Py_ssize_t i)
+{
+    return (s == NULL || i - s->block < -1) ? -1 : i - s->block;
+}
+
+/* At the top of a loop over nodes: stop if due at this block boundary. */
+#define STOP_POINT_UP                                                \
+    if (MG_UNLIKELY(i == lim)) {                                     \
+        if (stop_due(stop))                                          \
+            return MG_STOPPED;                                       \
+        lim = check_up(stop, i, n);                                  \
+    }
+#define STOP_POINT_DOWN                                              \
+    if (MG_UNLIKELY(i == lim)) {                                     \
+        if (stop_due(stop))                                          \
+            return MG_STOPPED;                                       \
+        lim = check_down(stop, i);                                   \
+    }
 
 /* ---- one binding -------------------------------------------------------- */
 
@@ -212,16 +269,22 @@ static int node_ok(const Columns *t, Py_ssize_t i)
 #define FWD1_HANDLERS(code_, name, arity)                            \
     even_##name:                                                     \
     FWD1_##arity(name, r_even, r_odd)                                \
-    if (MG_UNLIKELY(++i == n))                                       \
-        return -1;                                                   \
-    goto *odd[code[i]];                                              \
+    FWD1_NEXT(odd)                                                   \
     odd_##name:                                                      \
     FWD1_##arity(name, r_odd, r_even)                                \
-    if (MG_UNLIKELY(++i == n))                                       \
-        return -1;                                                   \
-    goto *even[code[i]];
+    FWD1_NEXT(even)
+/* Step to the next node (a block boundary: the end, or a look at `stop`). */
+#define FWD1_NEXT(table)                                             \
+    if (MG_UNLIKELY(++i == lim)) {                                   \
+        if (i == n)                                                  \
+            return -1;                                               \
+        if (stop_due(stop))                                          \
+            return MG_STOPPED;                                       \
+        lim = check_up(stop, i, n);                                  \
+    }                                                                \
+    goto *table[code[i]];
 
-static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
+static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, const Stop *stop)
 {
     static const void *const even[256] = {[0 ... 255] = &&unknown, MG_OPS(FWD1_EVEN_LABEL)};
     static const void *const odd[256] = {[0 ... 255] = &&unknown, MG_OPS(FWD1_ODD_LABEL)};
@@ -230,7 +293,7 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
     const double *C = t->c;
     const Py_ssize_t n = t->n;
     double r_even = 0.0, r_odd = 0.0;
-    Py_ssize_t i;
+    Py_ssize_t i, lim = check_up(stop, 0, n);
     /* Nodes 0 and 1 have no (or only one) real predecessor in the registers. */
     for (i = 0; i < n && i < 2; i++)
         if (!node_ok(t, i))
@@ -256,13 +319,15 @@ unknown:
 #define FWD1_CASE(code_, name, arity) \
     case code_: { FWD1_##arity(name) } break;
 
-static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
+static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, const Stop *stop)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     const Py_ssize_t n = t->n;
+    Py_ssize_t lim = check_up(stop, 0, n);
     for (Py_ssize_t i = 0; i < n; i++) {
+        STOP_POINT_UP
         const Py_ssize_t ai = A[i], bi = B[i];
         (void)ai; (void)bi;
         switch (code[i]) {
@@ -324,8 +389,13 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
 #define BWD1_NEXT                                                    \
     g[i] = G0;                                                       \
     for (;;) {                                                       \
-        if (MG_UNLIKELY(--i < 0))                                    \
-            return -1;                                               \
+        if (MG_UNLIKELY(--i == lim)) {                               \
+            if (i < 0)                                               \
+                return -1;                                           \
+            if (stop_due(stop))                                      \
+                return MG_STOPPED;                                   \
+            lim = check_down(stop, i);                               \
+        }                                                            \
         G0 = G1;                                                     \
         G1 = G2;                                                     \
         G2 = i >= 2 ? g[i - 2] : 0.0;                                \
@@ -339,13 +409,14 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
     BWD1_NEXT
 
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
-                                           uint8_t *restrict reached, Py_ssize_t out)
+                                           uint8_t *restrict reached, Py_ssize_t out,
+                                           const Stop *stop)
 {
     static const void *const labels[256] = {[0 ... 255] = &&unknown, MG_OPS(BWD1_LABEL)};
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
-    Py_ssize_t i = out;
+    Py_ssize_t i = out, lim = check_down(stop, out);
     double G0 = 1.0, G1 = out >= 1 ? g[out - 1] : 0.0, G2 = out >= 2 ? g[out - 2] : 0.0;
     reached[out] = 1;
     goto *labels[code[i]];
@@ -380,14 +451,17 @@ unknown:
     case code_: { BWD1_##arity(name) } break;
 
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
-                                           uint8_t *restrict reached, Py_ssize_t out)
+                                           uint8_t *restrict reached, Py_ssize_t out,
+                                           const Stop *stop)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
+    Py_ssize_t lim = check_down(stop, out);
     g[out] = 1.0;
     reached[out] = 1;
     for (Py_ssize_t i = out; i >= 0; i--) {
+        STOP_POINT_DOWN
         if (!reached[i])
             continue;
         const Py_ssize_t ai = A[i], bi = B[i];
@@ -443,13 +517,16 @@ MG_OPS(ROW_FWD_IF_NOT_LEAF)
 #define FWDB_CASE(code_, name, arity) \
     case code_: { FWDB_##arity(name) } break;
 
-static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssize_t m)
+static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssize_t m,
+                                            const Stop *stop)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     const Py_ssize_t n = t->n;
+    Py_ssize_t lim = check_up(stop, 0, n);
     for (Py_ssize_t i = 0; i < n; i++) {
+        STOP_POINT_UP
         const Py_ssize_t ai = A[i], bi = B[i];
         (void)ai; (void)bi;
         switch (code[i]) {
@@ -487,15 +564,17 @@ static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssiz
 
 static MG_NOINLINE Py_ssize_t backward_batch(const Columns *t, const double *v, double *g,
                                              uint8_t *restrict reached, Py_ssize_t out,
-                                             Py_ssize_t m, double *scratch)
+                                             Py_ssize_t m, double *scratch, const Stop *stop)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
+    Py_ssize_t lim = check_down(stop, out);
     for (Py_ssize_t j = 0; j < m; j++)
         g[out * m + j] = 1.0;
     reached[out] = 1;
     for (Py_ssize_t i = out; i >= 0; i--) {
+        STOP_POINT_DOWN
         if (!reached[i])
             continue;
         const Py_ssize_t ai = A[i], bi = B[i];
@@ -696,6 +775,59 @@ static void raise_bad_node(const Columns *t, Py_ssize_t i)
     PyErr_Format(PyExc_ValueError, "node %zd: the tape changed during the sweep", i);
 }
 
+/* ---- for _kernel_pack.c -------------------------------------------------- */
+
+/* The one-binding reverse sweep over plain columns (Value.backward's). */
+Py_ssize_t mg_backward_columns(const uint8_t *code, const int32_t *a, const int32_t *b,
+                               const double *c, Py_ssize_t n, const double *v, double *g,
+                               uint8_t *reached, Py_ssize_t out)
+{
+    Columns t = {code, a, b, c, n};
+    return backward_one(&t, v, g, reached, out, NULL);
+}
+
+/* The arity of an op these sweeps implement, -1 for any other code. */
+int mg_native_arity(unsigned code)
+{
+    return code < 256 ? (int)ARITY_PLUS_1[code] - 1 : -1;
+}
+
+/* Cells (node x binding) a sweep evaluates between two looks at its Stop. */
+#define MG_STOP_CELLS 16384
+
+/* The Stop of a sweep from its `stop` (None, or a buffer whose first byte is
+ * the flag) and `expires` arguments; *use is 0 when neither is given. The
+ * flag's buffer is held in `view` (release with release_stop). */
+static int get_stop(PyObject *flag, double expires, Py_ssize_t m, Stop *s, Py_buffer *view,
+                    int *use)
+{
+    s->flag = NULL;
+    s->expires = expires > 0.0 && isfinite(expires) ? expires : 0.0;
+    s->block = MG_STOP_CELLS / (m > 1 ? m : 1);
+    if (s->block < 1)
+        s->block = 1;
+    view->obj = NULL;
+    if (flag != NULL && flag != Py_None) {
+        if (PyObject_GetBuffer(flag, view, PyBUF_SIMPLE) < 0)
+            return -1;
+        if (view->len < 1) {
+            PyBuffer_Release(view);
+            view->obj = NULL;
+            PyErr_SetString(PyExc_ValueError, "stop must be a buffer of at least one byte");
+            return -1;
+        }
+        s->flag = (const volatile uint8_t *)view->buf;
+    }
+    *use = s->flag != NULL || s->expires > 0.0;
+    return 0;
+}
+
+static void release_stop(Py_buffer *view)
+{
+    if (view->obj != NULL)
+        PyBuffer_Release(view);
+}
+
 /* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
 
 /* A batch is swept MG_TILE bindings at a time: every node's value and
@@ -776,10 +908,12 @@ static inline void tile_zero(double *row)
     case code_: { TF_##arity(name) } break;
 
 /* Forward over one tile; row[j] is the offset of binding j's row in bind. */
-static MG_CLONES void forward_tile(const Step *prog, Py_ssize_t n, const double *bind,
-                                   const Py_ssize_t *row, double *restrict v)
+static MG_CLONES int forward_tile(const Step *prog, Py_ssize_t n, const double *bind,
+                                  const Py_ssize_t *row, double *restrict v, const Stop *stop)
 {
+    Py_ssize_t lim = check_up(stop, 0, n);
     for (Py_ssize_t i = 0; i < n; i++) {
+        STOP_POINT_UP
         const Step *s = prog + i;
         double *o = v + i * MG_TILE;
         switch (s->code) {
@@ -788,6 +922,7 @@ static MG_CLONES void forward_tile(const Step *prog, Py_ssize_t n, const double 
             break; /* not reached: the program was validated */
         }
     }
+    return 0;
 }
 
 #define TB_0(name)
@@ -819,12 +954,18 @@ static MG_CLONES void forward_tile(const Step *prog, Py_ssize_t n, const double 
 /* Reverse over one tile, along the reached non-leaf nodes (descending). A
  * gradient row is zeroed when its first contribution arrives, so rows the
  * output never reaches are never touched (the caller reports them as 0). */
-static MG_CLONES void backward_tile(const Step *rev, Py_ssize_t nrev, const double *v, double *g,
-                                    Py_ssize_t out)
+static MG_CLONES int backward_tile(const Step *rev, Py_ssize_t nrev, const double *v, double *g,
+                                   Py_ssize_t out, const Stop *stop)
 {
     for (int j = 0; j < MG_TILE; j++)
         g[out * MG_TILE + j] = 1.0;
+    Py_ssize_t lim = check_up(stop, 0, nrev);
     for (Py_ssize_t k = 0; k < nrev; k++) {
+        if (MG_UNLIKELY(k == lim)) {
+            if (stop_due(stop))
+                return MG_STOPPED;
+            lim = check_up(stop, k, nrev);
+        }
         const Step *s = rev + k;
         const double *o = v + (Py_ssize_t)s->node * MG_TILE;
         const double *go = g + (Py_ssize_t)s->node * MG_TILE;
@@ -834,6 +975,7 @@ static MG_CLONES void backward_tile(const Step *rev, Py_ssize_t nrev, const doub
             break;
         }
     }
+    return 0;
 }
 
 /* Everything a tiled evaluation needs; threads share it read-only and each
@@ -848,12 +990,14 @@ typedef struct {
     Py_ssize_t s;
     double *vout, *gout; /* (rows, s); gout NULL for no gradients */
     int flush;
+    const Stop *stop; /* NULL: run to the end */
 } TileJob;
 
 typedef struct {
     const TileJob *job;
     Py_ssize_t first, last; /* tiles [first, last) */
     int failed;             /* no memory */
+    int stopped;            /* told to stop part-way */
 } TileSlice;
 
 static void *aligned_rows(Py_ssize_t n, void **base)
@@ -884,7 +1028,10 @@ static void run_tiles(TileSlice *slice)
         Py_ssize_t row[MG_TILE];
         for (int j = 0; j < MG_TILE; j++) /* a short last tile repeats its last binding */
             row[j] = (b0 + (j < r ? j : r - 1)) * job->k;
-        forward_tile(job->prog, job->n, job->bind, row, v);
+        if (forward_tile(job->prog, job->n, job->bind, row, v, job->stop)) {
+            slice->stopped = 1;
+            break;
+        }
         double *vo = job->vout + b0 * s;
         for (Py_ssize_t col = 0; col < s; col++) {
             const double *src = v + job->sel[col] * MG_TILE;
@@ -893,7 +1040,10 @@ static void run_tiles(TileSlice *slice)
         }
         if (g == NULL)
             continue;
-        backward_tile(job->rev, job->nrev, v, g, job->out);
+        if (backward_tile(job->rev, job->nrev, v, g, job->out, job->stop)) {
+            slice->stopped = 1;
+            break;
+        }
         double *go = job->gout + b0 * s;
         for (Py_ssize_t col = 0; col < s; col++) {
             const int32_t node = job->gsel[col];
@@ -921,7 +1071,7 @@ static void *run_tiles_thread(void *arg)
 #endif
 
 /* Spread the tiles over up to `threads` threads (this one included);
- * returns 0, or -1 when memory ran out. */
+ * returns 0, -1 when memory ran out, or MG_STOPPED when told to stop. */
 static int run_tile_job(const TileJob *job, Py_ssize_t threads)
 {
     const Py_ssize_t tiles = (job->rows + MG_TILE - 1) / MG_TILE;
@@ -940,6 +1090,7 @@ static int run_tile_job(const TileJob *job, Py_ssize_t threads)
         slices[t].first = tiles * t / threads;
         slices[t].last = tiles * (t + 1) / threads;
         slices[t].failed = 0;
+        slices[t].stopped = 0;
     }
 #if MG_HAVE_PTHREADS
     pthread_t ids[64];
@@ -957,10 +1108,13 @@ static int run_tile_job(const TileJob *job, Py_ssize_t threads)
 #else
     run_tiles(&slices[0]);
 #endif
-    for (Py_ssize_t t = 0; t < threads; t++)
+    int stopped = 0;
+    for (Py_ssize_t t = 0; t < threads; t++) {
         if (slices[t].failed)
             return -1;
-    return 0;
+        stopped |= slices[t].stopped;
+    }
+    return stopped ? MG_STOPPED : 0;
 }
 
 /* Decode and check the tape into a forward program and, from `out`, the
@@ -1010,18 +1164,22 @@ static Py_ssize_t compile_steps(const Columns *t, Py_ssize_t out, Step *prog, St
 /* ---- Python entry points ------------------------------------------------ */
 
 PyDoc_STRVAR(forward_doc,
-"forward(code, arg0, arg1, const, values, flush_denormals=False)\n--\n\n"
+"forward(code, arg0, arg1, const, values, flush_denormals=False, stop=None, expires=0.0)\n--\n\n"
 "Forward sweep: fill the non-leaf rows of values ((n,) or (n, B) float64,\n"
-"C-contiguous, leaf rows already filled) in place.");
+"C-contiguous, leaf rows already filled) in place. Returns True, or False\n"
+"if it stopped early: when the first byte of the buffer stop became non-zero\n"
+"or time.monotonic() passed expires (looked at every few thousand cells).");
 
 static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "flush_denormals", NULL};
-    PyObject *code, *a, *b, *c, *values;
-    int flush = 0;
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "flush_denormals",
+                               "stop", "expires", NULL};
+    PyObject *code, *a, *b, *c, *values, *stop_flag = NULL;
+    int flush = 0, use_stop = 0;
+    double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|p:forward", keywords, &code, &a, &b, &c,
-                                     &values, &flush))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|pOd:forward", keywords, &code, &a, &b,
+                                     &c, &values, &flush, &stop_flag, &expires))
         return NULL;
     TapeBuffers tb;
     if (get_tape(code, a, b, c, &tb) < 0)
@@ -1032,39 +1190,51 @@ static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwar
         release_tape(&tb);
         return NULL;
     }
+    Stop stop;
+    Py_buffer sv;
+    if (get_stop(stop_flag, expires, m, &stop, &sv, &use_stop) < 0) {
+        PyBuffer_Release(&vv);
+        release_tape(&tb);
+        return NULL;
+    }
+    const Stop *sp = use_stop ? &stop : NULL;
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
     if (vv.ndim == 1)
-        bad = forward_one(&tb.cols, (double *)vv.buf);
+        bad = forward_one(&tb.cols, (double *)vv.buf, sp);
     else
-        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m);
+        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m, sp);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
         raise_bad_node(&tb.cols, bad);
+    release_stop(&sv);
     PyBuffer_Release(&vv);
     release_tape(&tb);
     if (bad >= 0)
         return NULL;
-    Py_RETURN_NONE;
+    return PyBool_FromLong(bad != MG_STOPPED);
 }
 
 PyDoc_STRVAR(backward_doc,
-"backward(code, arg0, arg1, const, values, grads, output, flush_denormals=False)\n--\n\n"
+"backward(code, arg0, arg1, const, values, grads, output, flush_denormals=False, stop=None,\n"
+"         expires=0.0)\n--\n\n"
 "Reverse sweep: add d(output)/d(node) into grads (zeroed, shaped like the\n"
-"forward-filled values) for every node the output depends on.");
+"forward-filled values) for every node the output depends on. Returns True,\n"
+"or False if it stopped early (stop and expires as in forward).");
 
 static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "grads", "output",
-                               "flush_denormals", NULL};
-    PyObject *code, *a, *b, *c, *values, *grads;
+                               "flush_denormals", "stop", "expires", NULL};
+    PyObject *code, *a, *b, *c, *values, *grads, *stop_flag = NULL;
     Py_ssize_t out;
-    int flush = 0;
+    int flush = 0, use_stop = 0;
+    double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|p:backward", keywords, &code, &a, &b,
-                                     &c, &values, &grads, &out, &flush))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|pOd:backward", keywords, &code, &a,
+                                     &b, &c, &values, &grads, &out, &flush, &stop_flag, &expires))
         return NULL;
     TapeBuffers tb;
     if (get_tape(code, a, b, c, &tb) < 0)
@@ -1075,6 +1245,9 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
     uint8_t *reached = NULL;
     double *scratch = NULL;
     PyObject *result = NULL;
+    Stop stop;
+    Py_buffer sv;
+    sv.obj = NULL;
     if (get_rows(values, "values", n, &vv, &m) < 0)
         goto done_tape;
     if (get_rows(grads, "grads", n, &gv, &mg) < 0)
@@ -1091,6 +1264,8 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
         PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
         goto done;
     }
+    if (get_stop(stop_flag, expires, m, &stop, &sv, &use_stop) < 0)
+        goto done;
     reached = PyMem_RawCalloc((size_t)out + 1, 1);
     if (vv.ndim == 2 && m > 0)
         scratch = PyMem_RawMalloc((size_t)m * sizeof(double));
@@ -1098,22 +1273,24 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
         PyErr_NoMemory();
         goto done;
     }
+    const Stop *sp = use_stop ? &stop : NULL;
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
     if (vv.ndim == 1)
-        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out);
+        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out, sp);
     else
         bad = m == 0 ? -1
                      : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached,
-                                      out, m, scratch);
+                                      out, m, scratch, sp);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
         raise_bad_node(&tb.cols, bad);
     else
-        result = Py_NewRef(Py_None);
+        result = PyBool_FromLong(bad != MG_STOPPED);
 done:
+    release_stop(&sv);
     PyMem_RawFree(reached);
     PyMem_RawFree(scratch);
     PyBuffer_Release(&gv);
@@ -1131,21 +1308,24 @@ PyDoc_STRVAR(evaluate_tiles_doc,
 "(B, k) float64 for the k input nodes listed in inputs (int64); values_out and\n"
 "grads_out (or None: no reverse sweep) are (B, s) float64 for the s nodes in\n"
 "selection (int64), filled in place. The tiles are spread over up to\n"
-"`threads` threads. TILE is the number of bindings per tile.");
+"`threads` threads. TILE is the number of bindings per tile. Returns True, or\n"
+"False if it stopped early (stop and expires as in forward).");
 
 static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"code", "arg0", "arg1", "const", "inputs", "bindings", "output",
                                "selection", "values_out", "grads_out", "threads",
-                               "flush_denormals", NULL};
+                               "flush_denormals", "stop", "expires", NULL};
     PyObject *code, *a, *b, *c, *inputs, *bindings, *selection, *values_out;
-    PyObject *grads_out = Py_None;
+    PyObject *grads_out = Py_None, *stop_flag = NULL;
     Py_ssize_t out, threads = 1;
-    int flush = 0;
+    int flush = 0, use_stop = 0;
+    double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOnOO|Onp:evaluate_tiles", keywords, &code,
-                                     &a, &b, &c, &inputs, &bindings, &out, &selection, &values_out,
-                                     &grads_out, &threads, &flush))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOnOO|OnpOd:evaluate_tiles", keywords,
+                                     &code, &a, &b, &c, &inputs, &bindings, &out, &selection,
+                                     &values_out, &grads_out, &threads, &flush, &stop_flag,
+                                     &expires))
         return NULL;
     TapeBuffers tb;
     if (get_tape(code, a, b, c, &tb) < 0)
@@ -1158,6 +1338,9 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
     uint8_t *touched = NULL;
     int32_t *gsel = NULL;
     const int grads = grads_out != Py_None;
+    Stop stop;
+    Py_buffer stop_view;
+    stop_view.obj = NULL;
     if (get_array(inputs, "inputs", 'q', 8, 0, 1, &iv) < 0)
         goto done;
     held = 1;
@@ -1198,6 +1381,8 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
                          (long long)sel[j], n);
             goto done;
         }
+    if (get_stop(stop_flag, expires, MG_TILE, &stop, &stop_view, &use_stop) < 0)
+        goto done;
     prog = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(Step));
     rev = grads ? PyMem_RawMalloc((size_t)(out + 1) * sizeof(Step)) : NULL;
     touched = PyMem_RawCalloc((size_t)(n ? n : 1), 1);
@@ -1231,17 +1416,18 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
             .bind = (const double *)bv.buf, .k = k, .rows = rows,
             .sel = sel, .gsel = gsel, .s = s,
             .vout = (double *)vo.buf, .gout = grads ? (double *)go.buf : NULL,
-            .flush = flush,
+            .flush = flush, .stop = use_stop ? &stop : NULL,
         };
         Py_BEGIN_ALLOW_THREADS
         failed = run_tile_job(&job, threads);
         Py_END_ALLOW_THREADS
     }
-    if (failed)
+    if (failed == -1)
         PyErr_NoMemory();
     else
-        result = Py_NewRef(Py_None);
+        result = PyBool_FromLong(failed != MG_STOPPED);
 done:
+    release_stop(&stop_view);
     PyMem_RawFree(prog);
     PyMem_RawFree(rev);
     PyMem_RawFree(touched);
@@ -1276,6 +1462,18 @@ static PyMethodDef kernel_methods[] = {
     {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
      METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
+    {"value_columns", mg_value_columns, METH_VARARGS,
+     "value_columns(root, targets, arity)\n--\n\nTape columns of the Value graph behind root:\n"
+     "(order, code, arg0, arg1, const, target indices), or None for the Python path."},
+    {"pack_value", mg_pack_value, METH_VARARGS,
+     "pack_value(root, targets, arity, uses_value)\n--\n\nPackedGraph columns of the Value\n"
+     "graph behind root: (order, ops, args, values, target indices), or None."},
+    {"assign_values", mg_assign_values, METH_VARARGS,
+     "assign_values(order, values, grads, arity)\n--\n\nWrite values and gradients onto the\n"
+     "nodes as Value.backward would; False (nothing written) if a node is not plain."},
+    {"value_backward", mg_value_backward, METH_VARARGS,
+     "value_backward(root, arity)\n--\n\nValue.backward() on the C reverse sweep; False\n"
+     "(nothing changed) where the Python path must run."},
     {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -10,9 +10,17 @@ TILE: int
 """Bindings per tile of ``evaluate_tiles``."""
 
 def forward(
-    code: Any, arg0: Any, arg1: Any, const: Any, values: Any, flush_denormals: bool = False
-) -> None:
-    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place."""
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    values: Any,
+    flush_denormals: bool = False,
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place; False if it
+    stopped early (``stop[0]`` set, or ``time.monotonic()`` past ``expires``)."""
 
 def backward(
     code: Any,
@@ -23,8 +31,11 @@ def backward(
     grads: Any,
     output: int,
     flush_denormals: bool = False,
-) -> None:
-    """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place; False if
+    it stopped early (as ``forward``)."""
 
 def decode_graph(
     buf: bytes | bytearray | memoryview,
@@ -49,5 +60,24 @@ def evaluate_tiles(
     grads_out: Any = None,
     threads: int = 1,
     flush_denormals: bool = False,
-) -> None:
-    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles."""
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles;
+    False if it stopped early (as ``forward``)."""
+
+def value_columns(
+    root: Any, targets: Any, arity: bytes
+) -> tuple[list[Any], bytearray, bytearray, bytearray, bytearray, list[int]] | None:
+    """Tape columns of the ``Value`` graph behind ``root`` (None: take the Python path)."""
+
+def pack_value(
+    root: Any, targets: Any, arity: bytes, uses_value: bytes
+) -> tuple[list[Any], bytes, bytes, bytes, list[int]] | None:
+    """``PackedGraph`` columns of the ``Value`` graph behind ``root`` (None: Python path)."""
+
+def assign_values(order: list[Any], values: Any, grads: Any, arity: bytes) -> bool:
+    """Write values and gradients onto the nodes as ``Value.backward`` would."""
+
+def value_backward(root: Any, arity: bytes) -> bool:
+    """``Value.backward()`` on the C reverse sweep; False where Python must run it."""

@@ -60,6 +60,15 @@ def _check(op: _ops.Op, out: float, x: float, y: float, c: float) -> None:
 
 
 # Per-code lookups, read on every node.
+try:  # the C reverse sweep, when the extension is built (same operations, same order)
+    from ._kernel import value_backward as _native_backward
+except ImportError:  # pragma: no cover - pure-Python installs
+    _native_backward = None  # type: ignore[assignment]
+_ARITY_BYTES = bytes(
+    _ops.BY_CODE[k].arity if k in _ops.BY_CODE else 255 for k in range(_ops.MAX_CODE + 1)
+)
+"""Per-code arity (255: no op), the table the native walks check nodes against."""
+
 _FORWARD = {op.code: op.forward for op in _ops.OPS}
 _PARTIALS = {op.code: op.partials for op in _ops.OPS}
 _INPUT = _ops.INPUT.code
@@ -179,7 +188,11 @@ class Value:
 
         Interior nodes get this pass's gradient; leaves (inputs, constants)
         accumulate into what they held, so call ``zero_grad`` between steps.
+        Runs on the native reverse sweep when the extension is built (outside
+        ``strict()``), with the same operations in the same order.
         """
+        if _native_backward is not None and not _STRICT and _native_backward(self, _ARITY_BYTES):
+            return
         order = topological_order(self)
         for v in order:
             if v._a is not None:

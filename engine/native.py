@@ -25,7 +25,8 @@ straight into tape columns, without building a message object per node.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,8 +40,12 @@ __all__ = [
     "TILE",
     "DecodedGraph",
     "NativeKernel",
+    "SweepStopped",
+    "assign_values",
     "decode_graph",
+    "pack_value",
     "unpack_columns",
+    "value_columns",
 ]
 
 FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
@@ -50,10 +55,22 @@ TILE: int = int(_kernel.TILE)
 """Bindings per tile of ``NativeKernel.evaluate_selected``."""
 
 
+class SweepStopped(Exception):
+    """A sweep that stopped part-way because its ``stop`` flag was set or ``expires`` passed."""
+
+
 class NativeKernel:
-    """The C sweeps over a tape: one binding ``(n,)`` or a node-major batch ``(n, B)``."""
+    """The C sweeps over a tape: one binding ``(n,)`` or a node-major batch ``(n, B)``.
+
+    ``forward`` and ``backward`` also take ``stop`` (a buffer whose first byte,
+    once non-zero, stops the sweep) and ``expires`` (a ``time.monotonic()``
+    instant); the sweep looks at both every 16,384 cells and raises
+    ``SweepStopped``, so a cancelled call lets go of its thread at once.
+    """
 
     name = "native"
+    stoppable = True
+    """Whether ``forward``/``backward`` take ``stop`` and ``expires``."""
 
     def __init__(self, flush_denormals: bool = False) -> None:
         """``flush_denormals``: treat subnormal numbers as 0 during sweeps (faster, not exact)."""
@@ -62,27 +79,45 @@ class NativeKernel:
     def __repr__(self) -> str:
         return f"NativeKernel(flush_denormals={self.flush_denormals})"
 
-    def forward(self, tape: Columns, values: np.ndarray) -> None:
+    def forward(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> None:
         """Fill the non-leaf rows of ``values`` (float64, leaves filled) in place."""
         _check_float64("values", values)
         target = values if values.flags.c_contiguous else np.ascontiguousarray(values)
-        _kernel.forward(
+        done = _kernel.forward(
             tape.code,
             tape.arg0,
             tape.arg1,
             tape.const,
             target,
             flush_denormals=self.flush_denormals,
+            stop=stop,
+            expires=expires or 0.0,
         )
+        if not done:
+            raise SweepStopped("the forward sweep was stopped")
         if target is not values:
             values[...] = target
 
-    def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+    def backward(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        grads: np.ndarray,
+        output: int,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> None:
         """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
         _check_float64("values", values)
         _check_float64("grads", grads)
         target = grads if grads.flags.c_contiguous else np.ascontiguousarray(grads)
-        _kernel.backward(
+        done = _kernel.backward(
             tape.code,
             tape.arg0,
             tape.arg1,
@@ -91,7 +126,11 @@ class NativeKernel:
             target,
             output,
             flush_denormals=self.flush_denormals,
+            stop=stop,
+            expires=expires or 0.0,
         )
+        if not done:
+            raise SweepStopped("the reverse sweep was stopped")
         if target is not grads:
             grads[...] = target
 
@@ -104,6 +143,8 @@ class NativeKernel:
         selection: np.ndarray,
         gradients: bool = True,
         threads: int = 1,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Values and gradients of the ``selection`` nodes for every row of ``bindings``.
 
@@ -119,16 +160,16 @@ class NativeKernel:
         if rows < TILE:
             values = np.repeat(tape.const[:, None], rows, axis=1)
             values[inputs, :] = bind.T
-            self.forward(tape, values)
+            self.forward(tape, values, stop, expires)
             picked = np.ascontiguousarray(values[sel].T)
             if not gradients:
                 return picked, None
             grads = np.zeros_like(values)
-            self.backward(tape, values, grads, output)
+            self.backward(tape, values, grads, output, stop, expires)
             return picked, np.ascontiguousarray(grads[sel].T)
         values_out = np.empty((rows, sel.shape[0]))
         grads_out = np.empty((rows, sel.shape[0])) if gradients else None
-        _kernel.evaluate_tiles(
+        done = _kernel.evaluate_tiles(
             tape.code,
             tape.arg0,
             tape.arg1,
@@ -141,7 +182,11 @@ class NativeKernel:
             grads_out,
             threads=max(1, min(int(threads), rows // TILE)),
             flush_denormals=self.flush_denormals,
+            stop=stop,
+            expires=expires or 0.0,
         )
+        if not done:
+            raise SweepStopped("the tiled sweeps were stopped")
         return values_out, grads_out
 
 
@@ -222,3 +267,56 @@ def unpack_columns(
         np.frombuffer(arg1, dtype=np.int32),
         np.frombuffer(const, dtype=np.float64),
     )
+
+
+def value_columns(
+    root: object, targets: Sequence[object]
+) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]] | None:
+    """The tape columns of the ``Value`` graph behind ``root``, walked in C.
+
+    Returns ``(order, code, arg0, arg1, const, indices)`` in the order of
+    ``micrograd.engine.topological_order``, ``indices`` giving each of
+    ``targets``' node index (-1: not in the graph); ``None`` when the graph
+    holds anything but plain ``Value`` nodes of known ops (use the Python path).
+    """
+    walked = _kernel.value_columns(root, targets, _ARITY)
+    if walked is None:
+        return None
+    order, code, arg0, arg1, const, indices = walked
+    return (
+        order,
+        np.frombuffer(code, dtype=np.uint8),
+        np.frombuffer(arg0, dtype=np.int32),
+        np.frombuffer(arg1, dtype=np.int32),
+        np.frombuffer(const, dtype=np.float64),
+        indices,
+    )
+
+
+def pack_value(
+    root: object, targets: Sequence[object]
+) -> tuple[list[Any], bytes, bytes, bytes, list[int]] | None:
+    """The ``PackedGraph`` columns ``(order, ops, args, values, indices)`` of ``root``'s graph.
+
+    As ``value_columns``, but straight into the wire's little-endian byte columns.
+    """
+    packed: tuple[list[Any], bytes, bytes, bytes, list[int]] | None = _kernel.pack_value(
+        root, targets, _ARITY, _USES_VALUE
+    )
+    return packed
+
+
+def assign_values(order: list[Any], values: np.ndarray, grads: np.ndarray) -> bool:
+    """Write values and gradients onto ``Value`` nodes in tape order, as ``backward()`` would.
+
+    Interior nodes take their gradient, leaves add it to theirs. ``False``
+    (nothing written) when a node is not a plain ``Value``.
+    """
+    done: bool = _kernel.assign_values(
+        order,
+        np.ascontiguousarray(values, dtype=np.float64),
+        np.ascontiguousarray(grads, dtype=np.float64),
+        _ARITY,
+    )
+    return done
+

@@ -23,6 +23,11 @@ from .engine import Value, topological_order
 from .errors import GraphError
 from .kernels import Kernel, get_kernel
 
+try:  # the C walk of a Value graph, when the extension is built
+    from .native import value_columns as _native_columns
+except ImportError:  # pragma: no cover - pure-Python installs
+    _native_columns = None  # type: ignore[assignment]
+
 __all__ = ["Tape"]
 
 _INPUT = _ops.INPUT.code
@@ -135,7 +140,21 @@ class Tape:
     def from_value(
         cls, root: Value, names: Mapping[str, Value] | None = None
     ) -> tuple[Tape, list[Value]]:
-        """Compile the graph behind ``root`` (its last node); also return the nodes in order."""
+        """Compile the graph behind ``root`` (its last node); also return the nodes in order.
+
+        The walk runs in C when the extension is built (same order as
+        ``topological_order``), in Python otherwise.
+        """
+        targets = list((names or {}).values())
+        walked = _native_columns(root, targets) if _native_columns is not None else None
+        if walked is not None:
+            order, code, a, b, const, found = walked
+            name_index: dict[str, int] = {}
+            for name, i in zip((names or {}), found, strict=True):
+                if i < 0:
+                    raise GraphError(None, f"input {name!r} is not part of the graph")
+                name_index[name] = i
+            return cls(code, a, b, const, name_index), order
         order = topological_order(root)
         index = {v: i for i, v in enumerate(order)}
         n = len(order)
@@ -149,7 +168,7 @@ class Tape:
         const = np.fromiter(
             (v.data if v._a is None else v._c for v in order), dtype=np.float64, count=n
         )
-        name_index: dict[str, int] = {}
+        name_index = {}
         for name, v in (names or {}).items():
             if v not in index:
                 raise GraphError(None, f"input {name!r} is not part of the graph")

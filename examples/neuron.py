@@ -38,7 +38,8 @@ def main() -> int:
         print(f"w{i} {wi.data:.4f}  grad {wi.grad:.4f}  (x{i} = {xi.data:.4f})")
     print(f"b  {b.data:.4f}  grad {b.grad:.4f}")
     if args.draw is not None:
-        dot = draw_dot(y)
+        labels = {f"w{i}": wi for i, wi in enumerate(w)} | {"b": b, "x0": x[0], "x1": x[1]}
+        dot = draw_dot(y, names=labels)
         fmt = args.draw.suffix.lstrip(".") or "svg"
         if fmt == "dot":
             args.draw.write_text(dot.source)

@@ -91,6 +91,20 @@ class Settings:
         default=100,
         metadata=_help("Most calls in one JSON-RPC batch; longer batches get error -32600."),
     )
+    jsonrpc_max_depth: int = field(
+        default=64,
+        metadata=_help(
+            "Deepest nesting of arrays and objects in a JSON-RPC body; deeper bodies get "
+            "error -32700 before they are parsed."
+        ),
+    )
+    http_idle_timeout: float = field(
+        default=30.0,
+        metadata=_help(
+            "Seconds an HTTP request body may go without a byte arriving; a slower body gets "
+            "408 and the connection is closed."
+        ),
+    )
     workers: int = field(
         default_factory=lambda: os.cpu_count() or 1,
         metadata=_help(
@@ -115,6 +129,13 @@ class Settings:
     max_nodes: int = field(
         default=5_000_000,
         metadata=_help("Most nodes in one graph; larger graphs get RESOURCE_EXHAUSTED."),
+    )
+    max_name_bytes: int = field(
+        default=1024,
+        metadata=_help(
+            "Longest node name, in UTF-8 bytes (suffixes allowed), in either graph form; "
+            "longer names get INVALID_ARGUMENT."
+        ),
     )
     max_message_bytes: int = field(
         default=256 * _MiB,
@@ -219,9 +240,31 @@ class Settings:
             "and cancellation is noticed between phases."
         ),
     )
+    upload_idle_timeout: float = field(
+        default=30.0,
+        metadata=_help(
+            "Seconds an UploadGraph stream may go without a piece arriving; an idle upload is "
+            "ended with DEADLINE_EXCEEDED and its call slot freed."
+        ),
+    )
     grace_period: float = field(
         default=10.0,
-        metadata=_help("Seconds that calls in flight get to finish after SIGTERM or SIGINT."),
+        metadata=_help(
+            "Seconds that calls in flight get to finish after SIGTERM or SIGINT; the process "
+            "exits as soon as they have."
+        ),
+    )
+    max_worker_deaths: int = field(
+        default=5,
+        metadata=_help(
+            "With --workers > 1, a worker that dies is restarted (after a backoff of 0.1 s "
+            "doubling up to 5 s); this many deaths within --worker-death-window seconds make "
+            "the server give up and exit 1."
+        ),
+    )
+    worker_death_window: float = field(
+        default=60.0,
+        metadata=_help("Seconds over which worker deaths are counted (see --max-worker-deaths)."),
     )
     log_level: str = field(
         default="INFO",
@@ -301,6 +344,9 @@ class Settings:
             "default_chunk_size",
             "http_max_body_bytes",
             "jsonrpc_max_batch",
+            "jsonrpc_max_depth",
+            "max_name_bytes",
+            "max_worker_deaths",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{label(name)} must be at least 1, got {getattr(self, name)}")
@@ -356,6 +402,11 @@ class Settings:
             problems.append(
                 f"{label('grace_period')} must be at least 0 seconds, got {self.grace_period}"
             )
+        for name in ("http_idle_timeout", "upload_idle_timeout", "worker_death_window"):
+            if not 0 < getattr(self, name) < float("inf"):
+                problems.append(
+                    f"{label(name)} must be a positive number of seconds, got {getattr(self, name)}"
+                )
         if self.port == 0 and self.workers > 1:
             problems.append(
                 f"{label('port')} 0 (a free port) needs {label('workers')} 1: "

@@ -12,6 +12,10 @@ same limits). Its routes:
 * ``GET /healthz``: 200 while the process runs.
 * ``GET /readyz``: 200 while the server takes calls, 503 once it drains.
 * ``GET /metrics``: this process's metrics in the Prometheus text format.
+
+With TLS settings the port serves HTTPS only (``ssl_context``); with tokens
+every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer``
+(the ``guards`` middlewares of ``server/security.py``).
 * ``GET /``: the playground page (``micrograd.server.playground``), unless
   ``--no-playground``.
 """
@@ -27,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
+from micrograd.codec.malformed import shown
 
 from . import playground
 from .config import Settings
@@ -97,7 +102,7 @@ def build_app(
                 timeout = math.nan
             if not timeout > 0 or math.isinf(timeout):
                 return _plain(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, "
-                                   f"got {given!r}")
+                                   f"got {shown(given)}")
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         answer = await rpc.handle(body, rid, timeout)
         headers = {REQUEST_ID_HEADER: rid}
@@ -153,7 +158,11 @@ class HttpServer:
         self.service = service
         self.metrics = metrics
         self.rpc = JsonRpc(
-            service, pool=pool, metrics=metrics, max_batch=settings.jsonrpc_max_batch
+            service,
+            pool=pool,
+            metrics=metrics,
+            max_batch=settings.jsonrpc_max_batch,
+            max_depth=settings.jsonrpc_max_depth,
         )
         self.port = 0
         self._runner: web.AppRunner | None = None

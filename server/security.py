@@ -323,22 +323,31 @@ class TokenGuard:
         service = path.lstrip("/").split("/", 1)[0]
         if service in self.open_services:
             return handler
+        # A unary request is received whole before the behavior runs: keep it as bytes and
+        # parse it only once the token is checked, so an unauthenticated caller cannot make
+        # the server parse anything. Streamed requests are read after the check anyway.
+        parse = None if handler.request_streaming else handler.request_deserializer
+        receive = None if parse is None else _as_received
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
-            return rebuilt(handler, self._streaming(inner))
+            return rebuilt(handler, self._streaming(inner, parse), request_deserializer=receive)
         inner = handler.unary_unary or handler.stream_unary
-        return rebuilt(handler, self._unary(inner))
+        return rebuilt(handler, self._unary(inner, parse), request_deserializer=receive)
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         reason = _refusal(self.tokens, _metadata_authorization(context))
         if reason is not None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    def _unary(
+        self, behavior: Callable[..., Any], parse: Callable[[bytes], Any] | None
+    ) -> Callable[..., Awaitable[Any]]:
         check = self._check
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await check(context)
+            if parse is not None:
+                request = await _parsed(parse, request, context)
             response = behavior(request, context)
             if inspect.isawaitable(response):
                 response = await response
@@ -346,11 +355,15 @@ class TokenGuard:
 
         return guarded
 
-    def _streaming(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    def _streaming(
+        self, behavior: Callable[..., Any], parse: Callable[[bytes], Any] | None
+    ) -> Callable[..., AsyncIterator[Any]]:
         check = self._check
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await check(context)
+            if parse is not None:
+                request = await _parsed(parse, request, context)
             responses = behavior(request, context)
             if hasattr(responses, "__aiter__"):
                 async for response in responses:
@@ -362,6 +375,24 @@ class TokenGuard:
                     yield response
 
         return guarded
+
+
+def _as_received(data: bytes) -> bytes:
+    """A request deserializer that leaves the message as the bytes that arrived."""
+    return data
+
+
+async def _parsed(
+    parse: Callable[[bytes], Any], data: bytes, context: grpc.aio.ServicerContext
+) -> Any:
+    """The request message parsed from ``data``; a call whose bytes do not parse ends with
+    INVALID_ARGUMENT (gRPC itself would say INTERNAL, which blames the server)."""
+    try:
+        return parse(data)
+    except Exception:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "the request message could not be parsed"
+        )
 
 
 _HttpHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]

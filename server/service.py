@@ -16,13 +16,15 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
+from micrograd.codec.malformed import clip, shown
 from micrograd.codec.wire import Wire, with_arrays
 from micrograd.errors import GraphError
 from micrograd.kernels import Kernel
@@ -34,7 +36,23 @@ from .cache import GraphCache, RecentGraphs
 from .config import Settings, resolve_kernel
 from .store import GraphStore, StoreUnavailable, open_store
 
-__all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload"]
+try:
+    from micrograd.native import SweepStopped
+except ImportError:  # pragma: no cover - without the native kernel, sweeps run to the end
+
+    class SweepStopped(Exception):  # type: ignore[no-redef]
+        """Never raised: no kernel here can stop part-way."""
+
+
+__all__ = [
+    "Code",
+    "Deadline",
+    "GradientService",
+    "Plan",
+    "ServiceError",
+    "Upload",
+    "nodes_evaluated",
+]
 
 log = logging.getLogger("micrograd.server")
 
@@ -53,6 +71,11 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+_MESSAGE_LIMIT = 1000
+"""Characters an error message may have (beyond: cut with an ellipsis); echoed client input
+within it is already cut to ``codec.malformed.ECHO_LIMIT``."""
+
+
 class ServiceError(Exception):
     """A call that cannot be answered: a ``Code``, a message, and ``(field, description)`` pairs."""
 
@@ -60,37 +83,44 @@ class ServiceError(Exception):
         self, code: Code, message: str, violations: Sequence[tuple[str, str]] = ()
     ) -> None:
         """``violations`` name request fields (``graph.nodes[3].op``) and what is wrong there."""
+        message = clip(message, _MESSAGE_LIMIT)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.violations = list(violations)
+        self.violations = [(clip(f), clip(text, _MESSAGE_LIMIT)) for f, text in violations]
 
 
 class Deadline:
-    """When a call must stop: an optional time limit and a cancel flag, checked between phases.
+    """When a call must stop: an optional time limit and a cancel flag, checked between phases
+    and, by a kernel that can (the native one), every few thousand cells within a sweep.
 
     Thread-safe: a transport cancels from its own thread while the work runs
     on another, and the work calls ``check()`` between decode, the sweeps and
-    encoding.
+    encoding; ``flag`` is the byte the native sweeps watch.
     """
+
+    __slots__ = ("_cancelled", "expires", "flag")
 
     def __init__(self, seconds: float | None = None) -> None:
         """A deadline ``seconds`` from now (``None``: no time limit)."""
         self.expires = None if seconds is None else time.monotonic() + seconds
-        self._cancelled = threading.Event()
+        self._cancelled = False  # one store of a bool: safe to set from any thread
+        self.flag = np.zeros(1, dtype=np.uint8)
+        """Set to 1 by ``cancel()``; a sweep given it stops at its next look."""
 
     def cancel(self) -> None:
-        """Mark the call cancelled; the next ``check()`` raises."""
-        self._cancelled.set()
+        """Mark the call cancelled; the next ``check()`` raises and running sweeps stop."""
+        self._cancelled = True
+        self.flag[0] = 1
 
     @property
     def cancelled(self) -> bool:
         """Whether ``cancel()`` was called."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def check(self) -> None:
         """Raise ``ServiceError`` (CANCELLED or DEADLINE_EXCEEDED) if the call must stop."""
-        if self._cancelled.is_set():
+        if self._cancelled:
             raise ServiceError(Code.CANCELLED, "the call was cancelled")
         if self.expires is not None and time.monotonic() >= self.expires:
             raise ServiceError(
@@ -290,12 +320,12 @@ class GradientService:
             known = self.recent.get(key)
             if known is not None:
                 return known
-        max_nodes = self.settings.max_nodes
+        max_nodes, max_name = self.settings.max_nodes, self.settings.max_name_bytes
         try:
             if source == "graph":
-                tape = codec.from_graph(msg.graph, max_nodes)
+                tape = codec.from_graph(msg.graph, max_nodes, max_name)
             else:
-                tape = codec.unpack(msg.packed_graph, max_nodes)
+                tape = codec.unpack(msg.packed_graph, max_nodes, max_name)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
         if n >= _OVERLAP_CELLS:
@@ -347,19 +377,35 @@ class GradientService:
 
     # -- evaluation --------------------------------------------------------
 
-    def forward(self, plan: Plan) -> np.ndarray:
+    def forward(self, plan: Plan, deadline: Deadline = _NO_DEADLINE) -> np.ndarray:
         """Every node's value: ``(n,)``, or ``(n, B)`` for a batch (the kernel's layout)."""
         values = plan.tape.leaf_values(plan.bindings)
-        self.kernel.forward(plan.tape, values)
+        self._sweep(deadline, self.kernel.forward, plan.tape, values)
         return values
 
-    def backward(self, plan: Plan, values: np.ndarray) -> np.ndarray:
+    def backward(
+        self, plan: Plan, values: np.ndarray, deadline: Deadline = _NO_DEADLINE
+    ) -> np.ndarray:
         """d(output)/d(node) for every node, laid out like ``values``."""
         grads = np.zeros_like(values)
-        self.kernel.backward(plan.tape, values, grads, plan.output)
+        self._sweep(deadline, self.kernel.backward, plan.tape, values, grads, plan.output)
         return grads
 
-    def selected(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def _sweep(self, deadline: Deadline, sweep: Callable[..., None], *args: object) -> None:
+        """Run a kernel sweep that, if the kernel can, stops within a few thousand cells of the
+        deadline passing or the call being cancelled (``ServiceError`` then)."""
+        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
+            sweep(*args)
+            return
+        try:
+            sweep(*args, stop=deadline.flag, expires=deadline.expires)
+        except SweepStopped:
+            deadline.check()
+            raise ServiceError(Code.CANCELLED, "the call was cancelled") from None
+
+    def selected(
+        self, plan: Plan, deadline: Deadline = _NO_DEADLINE
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """For a batch with a selection: the reported ``(rows, width)`` values and gradients,
         swept tile by tile without the full ``(n, B)`` arrays; ``None`` for any other call.
 
@@ -372,9 +418,26 @@ class GradientService:
             return None
         cells = len(plan.tape) * plan.rows
         threads = self.settings.kernel_threads if cells >= _THREAD_CELLS else 1
-        return plan.tape.evaluate_selected(
-            plan.bindings, plan.selection, plan.output, plan.gradients, self.kernel, threads
-        )
+        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
+            return plan.tape.evaluate_selected(
+                plan.bindings, plan.selection, plan.output, plan.gradients, self.kernel, threads
+            )
+        try:  # the plan is validated: straight to the kernel, which stops when told
+            picked: tuple[np.ndarray, np.ndarray | None] = self.kernel.evaluate_selected(  # type: ignore[attr-defined]
+                plan.tape,
+                plan.tape.inputs,
+                plan.bindings,
+                plan.output,
+                plan.selection,
+                plan.gradients,
+                threads,
+                stop=deadline.flag,
+                expires=deadline.expires,
+            )
+        except SweepStopped:
+            deadline.check()
+            raise ServiceError(Code.CANCELLED, "the call was cancelled") from None
+        return picked
 
     @staticmethod
     def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
@@ -426,18 +489,18 @@ class GradientService:
                 "use EvaluateStream, or report fewer nodes with a selection",
             )
         deadline.check()
-        picked = self.selected(plan)
+        picked = self.selected(plan, deadline)
         if picked is not None:
             arrays = [("values_f64" if plan.binary else "values", picked[0])]
             if picked[1] is not None:
                 arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
             deadline.check()
             return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
-        values = self.forward(plan)
+        values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
         if plan.gradients:
-            grads = self.backward(plan, values)
+            grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
         return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
@@ -470,7 +533,7 @@ class GradientService:
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
         deadline.check()
-        picked = self.selected(plan)
+        picked = self.selected(plan, deadline)
         if picked is not None:
             header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
             yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
@@ -479,17 +542,19 @@ class GradientService:
             if picked[1] is not None:
                 yield from self._chunks(plan, pb.PART_GRADIENTS, picked[1], size, deadline)
             return
-        values = self.forward(plan)  # while a big graph's id is hashed on another thread
+        values = self.forward(plan, deadline)  # while a big graph's id is hashed elsewhere
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
         yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
         deadline.check()
         overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
-        reverse = self._background.submit(self.backward, plan, values) if overlap else None
+        reverse = None
+        if overlap:
+            reverse = self._background.submit(self.backward, plan, values, deadline)
         yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
         if not plan.gradients:
             return
-        grads = reverse.result() if reverse is not None else self.backward(plan, values)
+        grads = reverse.result() if reverse is not None else self.backward(plan, values, deadline)
         deadline.check()
         yield from self._chunks(plan, pb.PART_GRADIENTS, self.reported(plan, grads), size, deadline)
 
@@ -527,7 +592,7 @@ class GradientService:
                 why = "neither this process's cache nor the graph store has it"
         raise ServiceError(
             Code.NOT_FOUND,
-            f"no graph {graph_id!r} is registered here ({why}); send the graph again or "
+            f"no graph {shown(graph_id)} is registered here ({why}); send the graph again or "
             "register it",
         )
 
@@ -637,7 +702,22 @@ class Upload:
         )
         self.ops = self.args = self.values = bytearray()
         try:
-            tape = codec.unpack(packed, self.service.settings.max_nodes)
+            settings = self.service.settings
+            tape = codec.unpack(packed, settings.max_nodes, settings.max_name_bytes)
         except GraphError as exc:
             raise _graph_violation("piece.", exc) from None
         return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
+
+
+def nodes_evaluated(response: Any) -> int:
+    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
+    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
+    if isinstance(response, Wire):
+        return response.nodes
+    if isinstance(response, pb.EvaluateStreamResponse):
+        if response.part != pb.PART_HEADER:
+            return 0
+        response = response.header
+    if isinstance(response, pb.EvaluateResponse):
+        return int(response.node_count) * max(int(response.rows), 1)
+    return 0

@@ -16,9 +16,13 @@ call answers NOT_FOUND. Two implementations share one entry format:
   failure the store is skipped for ``backoff`` seconds, so an unreachable
   Redis costs a call at most one timeout and never a hang.
 
-The key is the graph's content hash and every load hashes the entry again
-(``codec.graph_id``): a corrupted, truncated or misplaced entry is counted,
-removed and treated as missing, never evaluated.
+The key is the graph's content hash. Every entry carries that id and an
+XXH3-128 checksum of its columns, checked on every load: a damaged,
+truncated or misfiled entry is counted, removed and treated as missing,
+never evaluated. Redis entries are also hashed again (``codec.graph_id``),
+so that not even a forged entry in a shared Redis can pass for a graph; the
+host store's folder is writable by the server's own user only, and its
+loads skip that (it would triple the time of loading a big graph).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
+import xxhash
 from micrograd import codec
 from micrograd.tape import Tape
 
@@ -60,10 +65,14 @@ __all__ = [
 log = logging.getLogger("micrograd.server")
 
 _MAGIC = b"MGGRAPH1"
-_HEADER = struct.Struct("<8sQQQ")
-"""magic, node count, bytes of the names blob, reserved (0)."""
+_HEADER = struct.Struct("<8sQQ16s72s")
+"""magic, node count, bytes of the names blob, XXH3-128 checksum of everything after the
+header, the graph id (ASCII, NUL-padded): 112 bytes, so the columns after it stay aligned."""
 _GRAPH_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _SUFFIX = ".graph"
+_TOUCH_AFTER = 10.0
+"""A read marks its file used (for the LRU order) only if it was last marked this many seconds
+ago, which spares a system call on most reads."""
 
 
 class StoreUnavailable(OSError):
@@ -120,23 +129,27 @@ def _names_blob(tape: Tape) -> bytes:
     return b"".join(f"{i}\0{name}\0".encode() for name, i in sorted(tape.names.items()))
 
 
-def encode_entry(tape: Tape) -> list[bytes | memoryview]:
-    """A tape as store entry pieces (write them in order): header, then the columns.
+def encode_entry(graph_id: str, tape: Tape) -> list[bytes | memoryview]:
+    """``tape`` as store entry pieces (write them in order): the header, then the columns.
 
     Columns come widest first (``const`` float64, ``arg0``/``arg1`` int32,
     ``code`` uint8) so that each starts aligned to its width when the entry
     is read back, then the names blob.
     """
-    names = _names_blob(tape)
-    n = len(tape)
-    return [
-        _HEADER.pack(_MAGIC, n, len(names), 0),
+    body: list[bytes | memoryview] = [
         np.ascontiguousarray(tape.const, dtype="<f8").data.cast("B"),
         np.ascontiguousarray(tape.arg0, dtype="<i4").data.cast("B"),
         np.ascontiguousarray(tape.arg1, dtype="<i4").data.cast("B"),
         np.ascontiguousarray(tape.code, dtype=np.uint8).data.cast("B"),
-        names,
+        _names_blob(tape),
     ]
+    checksum = xxhash.xxh3_128()
+    for piece in body:
+        checksum.update(piece)
+    header = _HEADER.pack(
+        _MAGIC, len(tape), len(body[-1]), checksum.digest(), graph_id.encode("ascii")
+    )
+    return [header, *body]
 
 
 def entry_bytes(tape: Tape) -> int:
@@ -144,16 +157,25 @@ def entry_bytes(tape: Tape) -> int:
     return _HEADER.size + 17 * len(tape) + len(_names_blob(tape))
 
 
-def decode_entry(graph_id: str, data: Any) -> Tape | None:
+def decode_entry(graph_id: str, data: Any, rehash: bool = False) -> Tape | None:
     """The tape in a store entry (columns are views of ``data``, no copy), or ``None`` when the
-    entry is truncated, malformed or does not hash to ``graph_id``."""
+    entry is truncated or damaged (its checksum), or filed under another id (its header).
+
+    ``rehash`` also recomputes the content hash (``codec.graph_id``, about 3x the
+    checksum's time): then even an entry forged by someone who can write the
+    store cannot pass for ``graph_id``.
+    """
     view = memoryview(data).cast("B")
     if view.nbytes < _HEADER.size:
         return None
-    magic, n, names_len, _ = _HEADER.unpack_from(view)
+    magic, n, names_len, checksum, stored_id = _HEADER.unpack_from(view)
     if magic != _MAGIC or n == 0 or view.nbytes != _HEADER.size + 17 * n + names_len:
         return None
+    if stored_id.rstrip(b"\0") != graph_id.encode("ascii", "replace"):
+        return None
     at = _HEADER.size
+    if xxhash.xxh3_128_digest(view[at:]) != checksum:
+        return None
     const = np.frombuffer(view, dtype="<f8", count=n, offset=at)
     arg0 = np.frombuffer(view, dtype="<i4", count=n, offset=at + 8 * n)
     arg1 = np.frombuffer(view, dtype="<i4", count=n, offset=at + 12 * n)
@@ -170,9 +192,9 @@ def decode_entry(graph_id: str, data: Any) -> Tape | None:
         except ValueError:  # not digits, or not UTF-8
             return None
     tape = Tape(code, arg0, arg1, const, names)
-    # The hash covers every column and name, so a match means these are the very
-    # arrays that were validated when the graph was registered.
-    return tape if codec.graph_id(tape) == graph_id else None
+    if rehash and codec.graph_id(tape) != graph_id:
+        return None
+    return tape
 
 
 def is_graph_id(graph_id: str) -> bool:
@@ -226,43 +248,52 @@ class HostStore:
 
     def path(self, graph_id: str) -> Path | None:
         """The file of ``graph_id``, or ``None`` if it is not a content hash (never a path)."""
+        name = self._file(graph_id)
+        return None if name is None else Path(name)
+
+    def _file(self, graph_id: str) -> str | None:
+        """``path`` as a string (no ``Path`` object on the lookup path)."""
         if not is_graph_id(graph_id):
             return None
-        return self.directory / (graph_id.replace(":", "-") + _SUFFIX)
+        return f"{self.location}/{graph_id.replace(':', '-')}{_SUFFIX}"
 
     def get(self, graph_id: str) -> Tape | None:
         """The verified tape in ``graph_id``'s file (read in one copy); ``None`` if absent."""
-        path = self.path(graph_id)
+        path = self._file(graph_id)
         if path is None:
             self.counts.misses += 1
             return None
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                data = np.empty(size, dtype=np.uint8)
-                got = f.readinto(data.data)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self.counts.misses += 1
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             self.counts.errors += 1
             raise StoreUnavailable(f"cannot read the graph store {self.location}: {exc}") from None
-        tape = decode_entry(graph_id, data) if got == size else None
+        try:
+            info = os.fstat(fd)
+            data = np.empty(info.st_size, dtype=np.uint8)
+            got = os.preadv(fd, [data.data], 0) if info.st_size else 0
+        except OSError as exc:
+            self.counts.errors += 1
+            raise StoreUnavailable(f"cannot read the graph store {self.location}: {exc}") from None
+        finally:
+            os.close(fd)
+        tape = decode_entry(graph_id, data.data) if got == info.st_size else None
         if tape is None:
             self._drop_corrupt(path, graph_id)
             return None
         self.counts.hits += 1
-        _touch(path)
+        if time.time() - info.st_mtime > _TOUCH_AFTER:
+            _touch(path)
         return tape
 
-    def _drop_corrupt(self, path: Path, graph_id: str) -> None:
+    def _drop_corrupt(self, path: str, graph_id: str) -> None:
         self.counts.corrupt += 1
         self.counts.misses += 1
         log.warning("graph store: entry %s in %s is corrupt; removed", graph_id, self.location)
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        _unlink(path)
 
     def put(self, graph_id: str, tape: Tape) -> bool:
         """Write ``tape`` to its file (temporary name, then rename), then enforce the bounds;
@@ -277,7 +308,7 @@ class HostStore:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             with open(tmp, "wb") as f:
-                f.writelines(encode_entry(tape))
+                f.writelines(encode_entry(graph_id, tape))
             os.replace(tmp, path)
         except OSError as exc:
             self.counts.errors += 1
@@ -316,20 +347,20 @@ class HostStore:
 
     def nodes_hint(self, graph_id: str) -> int | None:
         """The node count the file's size allows (0 when there is no file)."""
-        path = self.path(graph_id)
+        path = self._file(graph_id)
         if path is None:
             return 0
         try:
-            size = path.stat().st_size
+            size = os.stat(path).st_size
         except OSError:
             return 0
         return max(0, (size - _HEADER.size) // 17)
 
     def close(self) -> None:
-        """Nothing to release: every read maps and closes its own file."""
+        """Nothing to release: every read opens and closes its own file."""
 
 
-def _touch(path: Path) -> bool:
+def _touch(path: str | Path) -> bool:
     """Mark a file as just used; ``False`` if it does not exist."""
     try:
         os.utime(path)
@@ -338,9 +369,9 @@ def _touch(path: Path) -> bool:
         return False
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str | Path) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except OSError:
         pass
 
@@ -417,7 +448,7 @@ class RedisStore:
         if data is None:
             self.counts.misses += 1
             return None
-        tape = decode_entry(graph_id, data)
+        tape = decode_entry(graph_id, data, rehash=True)
         if tape is None:
             self.counts.corrupt += 1
             self.counts.misses += 1
@@ -439,7 +470,7 @@ class RedisStore:
         try:
             if self._client.expire(key, self.ttl):
                 return True
-            self._client.set(key, b"".join(encode_entry(tape)), ex=self.ttl)
+            self._client.set(key, b"".join(encode_entry(graph_id, tape)), ex=self.ttl)
         except self._redis_errors as exc:
             raise self._failed(exc) from None
         self.counts.writes += 1

@@ -30,8 +30,9 @@ import pytest
 from micrograd.server import security
 from micrograd.server.config import ENV_PREFIX, Settings
 from micrograd.server.grpc_server import GrpcServer
+from micrograd.server.handlers import MetricsInterceptor
 from micrograd.server.http import HttpServer
-from micrograd.server.metrics import Metrics, MetricsInterceptor
+from micrograd.server.metrics import Metrics
 from micrograd.server.service import GradientService
 
 _START_TIMEOUT = 30.0

@@ -720,6 +720,7 @@ def test_reflection_lists_services(grpc_server: str) -> None:
         SERVICE_NAME,
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     }
     assert files.file_descriptor_response.file_descriptor_proto
 

@@ -110,7 +110,7 @@ def register(target: str, tape: Tape) -> str:
 def test_an_entry_decodes_to_the_same_graph() -> None:
     tape = seed_tape()
     gid = codec.graph_id(tape)
-    back = decode_entry(gid, b"".join(encode_entry(tape)))
+    back = decode_entry(gid, b"".join(encode_entry(gid, tape)))
     assert back is not None and codec.graph_id(back) == gid and back.names == tape.names
     np.testing.assert_array_equal(back.forward(), tape.forward())
 
@@ -118,14 +118,22 @@ def test_an_entry_decodes_to_the_same_graph() -> None:
 def test_a_damaged_or_misfiled_entry_is_rejected() -> None:
     tape = seed_tape()
     gid = codec.graph_id(tape)
-    entry = bytearray(b"".join(encode_entry(tape)))
+    entry = bytearray(b"".join(encode_entry(gid, tape)))
     flipped = bytearray(entry)
-    flipped[40] ^= 0x01  # one bit of a constant
+    flipped[120] ^= 0x01  # one bit of a constant (the columns start after 112 header bytes)
     assert decode_entry(gid, bytes(flipped)) is None
     assert decode_entry(gid, bytes(entry[:-3])) is None  # truncated
     assert decode_entry(gid, b"") is None
     other = affine_chain_tape(11, 2.0, 1.0)  # a whole, valid entry under the wrong key
-    assert decode_entry(gid, b"".join(encode_entry(other))) is None
+    assert decode_entry(gid, b"".join(encode_entry(codec.graph_id(other), other))) is None
+
+
+def test_rehashing_rejects_even_a_forged_entry() -> None:
+    """An entry claiming the seed's id, with a matching checksum, but another graph inside."""
+    gid = codec.graph_id(seed_tape())
+    forged = b"".join(encode_entry(gid, affine_chain_tape(11, 2.0, 1.0)))
+    assert decode_entry(gid, forged) is not None  # the checksum only detects damage
+    assert decode_entry(gid, forged, rehash=True) is None
 
 
 # -- the host store ----------------------------------------------------------------------
@@ -352,8 +360,9 @@ def test_a_corrupt_redis_entry_is_treated_as_missing(
     entry = redis_server.client.get(key)
     assert isinstance(entry, bytes)
     other = affine_chain_tape(33, 2.0, 1.0)  # a valid entry of another graph under this key
-    cases = [entry[:-7], entry[:40] + bytes([entry[40] ^ 1]) + entry[41:]]
-    cases.append(b"".join(encode_entry(other)))
+    cases = [entry[:-7], entry[:120] + bytes([entry[120] ^ 1]) + entry[121:]]
+    cases.append(b"".join(encode_entry(codec.graph_id(other), other)))
+    cases.append(b"".join(encode_entry(gid, other)))  # forged: right id and checksum
     for damaged in cases:
         redis_server.client.set(key, damaged, ex=60)
         fresh = grpc_server_factory(graph_store=redis_server.url)
