@@ -31,8 +31,10 @@ USER 10001
 EXPOSE 50051 8080
 ENV MICROGRAD_RPC_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
-# grpc.health.v1 over plaintext gRPC (open without a token); a server that serves TLS
-# itself needs a HEALTHCHECK with --tls-ca (see docs/DEPLOY.md).
+# grpc.health.v1 (open without a token). For a server that serves TLS, give the check its
+# CA (and a client certificate under mutual TLS) by MICROGRAD_RPC_TLS_CA,
+# MICROGRAD_RPC_TLS_CLIENT_CERT and MICROGRAD_RPC_TLS_CLIENT_KEY, or override it as
+# docker-compose.yml does.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["micrograd-rpc", "health", "--target", "127.0.0.1:50051", "--timeout", "2"]
 STOPSIGNAL SIGTERM

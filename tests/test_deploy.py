@@ -28,7 +28,6 @@ from typing import Any
 
 import grpc
 import pytest
-import trustme
 import yaml
 from google.protobuf import json_format
 from micrograd import codec
@@ -59,7 +58,7 @@ def free_port() -> int:
 def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, where: Path) -> str:
     """``deploy/nginx.conf`` with its upstreams, listeners and files moved onto loopback.
 
-    Its TLS certificate and key are expected in ``where`` (server.pem, server.key).
+    Its TLS files (``scripts/gen-certs``'s) are expected in ``where``.
     """
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     grpc_servers = " ".join(f"server {r.target};" for r in replicas)
@@ -69,14 +68,14 @@ def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, 
         (r"(\s*server gradient-\d+:8080[^;]*;)+", "\n" + http_servers),
         (r"listen 50051 ssl http2;", f"listen 127.0.0.1:{grpc_port} ssl http2;"),
         (r"listen 8080 ssl;", f"listen 127.0.0.1:{http_port} ssl;"),
-        (r"ssl_certificate [^;]*;", f"ssl_certificate {where}/server.pem;"),
-        (r"ssl_certificate_key [^;]*;", f"ssl_certificate_key {where}/server.key;"),
         (r"error_log [^;]*;", f"error_log {where}/error.log warn;\npid {where}/nginx.pid;"),
         (r"access_log [^;]*;", "access_log off;"),
     ]
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text)
         assert count == 1, f"deploy/nginx.conf no longer has {pattern!r}"
+    text, count = re.subn(r" /etc/nginx/tls/", f" {where}/", text)
+    assert count == 8, "deploy/nginx.conf's TLS files moved"
     temp = "".join(
         f"    {name}_temp_path {where}/{name};\n"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -88,14 +87,23 @@ def local_config(replicas: list[RunningServer], grpc_port: int, http_port: int, 
 @pytest.fixture
 def balanced(
     grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
-) -> Iterator[tuple[str, str, list[RunningServer], bytes]]:
-    """Two replicas and nginx (TLS) in front: yields (grpc target, https url, replicas, CA)."""
-    replicas = [grpc_server_factory(process=True, http_port=0) for _ in range(2)]
+) -> Iterator[tuple[str, str, list[RunningServer], bytes, str]]:
+    """Two replicas and nginx in front, secured as the compose stack is (SECURITY.md): TLS
+    to nginx, TLS with nginx's client certificate to the replicas, tokens checked there.
+
+    Yields (grpc target, https url, replicas, CA certificate, token).
+    """
+    subprocess.run(
+        [str(ROOT / "scripts" / "gen-certs"), str(tmp_path)], check=True, capture_output=True
+    )
+    security = {
+        "tls_cert": str(tmp_path / "server.pem"),
+        "tls_key": str(tmp_path / "server.key"),
+        "tls_client_ca": str(tmp_path / "ca.pem"),
+        "auth_token_file": str(tmp_path / "tokens"),
+    }
+    replicas = [grpc_server_factory(process=True, http_port=0, **security) for _ in range(2)]
     grpc_port, http_port = free_port(), free_port()
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    issued.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     conf = tmp_path / "nginx.conf"
     conf.write_text(local_config(replicas, grpc_port, http_port, tmp_path))
     assert NGINX is not None
@@ -116,12 +124,9 @@ def balanced(
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 assert time.monotonic() < deadline, "nginx did not start listening"
                 time.sleep(0.05)
-        yield (
-            f"127.0.0.1:{grpc_port}",
-            f"https://127.0.0.1:{http_port}",
-            replicas,
-            ca.cert_pem.bytes(),
-        )
+        ca = (tmp_path / "ca.pem").read_bytes()
+        token = (tmp_path / "token").read_text().strip()
+        yield f"127.0.0.1:{grpc_port}", f"https://127.0.0.1:{http_port}", replicas, ca, token
     finally:
         proc.terminate()
         proc.wait(10)
@@ -129,19 +134,27 @@ def balanced(
 
 @needs_nginx
 def test_nginx_spreads_grpc_calls_over_both_replicas(
-    balanced: tuple[str, str, list[RunningServer], bytes],
+    balanced: tuple[str, str, list[RunningServer], bytes, str],
 ) -> None:
-    target, _, replicas, ca = balanced
+    target, _, replicas, ca, token = balanced
+    auth = (("authorization", f"Bearer {token}"),)
     pids: set[str] = set()
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
     with grpc.secure_channel(target, credentials) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
         for _ in range(20):  # round robin: 20 calls reach both
-            _, call = stub.GetServerInfo.with_call(pb.GetServerInfoRequest(), timeout=10)
+            _, call = stub.GetServerInfo.with_call(
+                pb.GetServerInfoRequest(), timeout=10, metadata=auth
+            )
             pids.update(v for k, v in call.trailing_metadata() if k == PID_METADATA)
         a, b, g = seed_graph()
         packed, tape, _ = codec.encode_value(g, {"a": a, "b": b})
-        reply = stub.Evaluate(pb.EvaluateRequest(packed_graph=packed, binary_output=True))
+        reply = stub.Evaluate(
+            pb.EvaluateRequest(packed_graph=packed, binary_output=True), metadata=auth
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     values, grads = codec.response_arrays(reply)
     assert pids == {str(r.pid) for r in replicas}
     assert f"{values[-1]:.4f}" == "24.7041"
@@ -153,9 +166,9 @@ def test_nginx_spreads_grpc_calls_over_both_replicas(
 
 @needs_nginx
 def test_nginx_proxies_json_rpc_and_readiness(
-    balanced: tuple[str, str, list[RunningServer], bytes],
+    balanced: tuple[str, str, list[RunningServer], bytes, str],
 ) -> None:
-    _, url, _, ca = balanced
+    _, url, _, ca, token = balanced
     context = ssl.create_default_context(cadata=ca.decode())
     a, b, g = seed_graph()
     _, tape, _ = codec.encode_value(g, {"a": a, "b": b})
@@ -165,7 +178,9 @@ def test_nginx_proxies_json_rpc_and_readiness(
     }
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": params})
     request = urllib.request.Request(
-        f"{url}/rpc", data=body.encode(), headers={"Content-Type": "application/json"}
+        f"{url}/rpc",
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
     )
     with urllib.request.urlopen(request, timeout=10, context=context) as response:
         result = json.loads(response.read())["result"]
