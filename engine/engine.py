@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from . import ops as _ops
 
@@ -36,18 +37,22 @@ __all__ = ["Value", "strict", "topological_order"]
 
 Number = int | float
 
-_STRICT = False
+_STRICT: ContextVar[bool] = ContextVar("micrograd_strict", default=False)
+"""Whether strict mode is on in this thread or asyncio task (a context variable, so a block
+in one thread or task never changes what another computes)."""
 
 
 @contextmanager
 def strict() -> Iterator[None]:
-    """Within this block, a non-finite forward value or gradient raises ``FloatingPointError``."""
-    global _STRICT
-    previous, _STRICT = _STRICT, True
+    """Within this block, a non-finite forward value or gradient raises ``FloatingPointError``.
+
+    Only this thread (or asyncio task) is affected: others keep IEEE semantics.
+    """
+    token = _STRICT.set(True)
     try:
         yield
     finally:
-        _STRICT = previous
+        _STRICT.reset(token)
 
 
 def _check(op: _ops.Op, out: float, x: float, y: float, c: float) -> None:
@@ -191,7 +196,8 @@ class Value:
         Runs on the native reverse sweep when the extension is built (outside
         ``strict()``), with the same operations in the same order.
         """
-        if _native_backward is not None and not _STRICT and _native_backward(self, _ARITY_BYTES):
+        native = _native_backward is not None and not _STRICT.get()
+        if native and _native_backward(self, _ARITY_BYTES):
             return
         order = topological_order(self)
         for v in order:
@@ -212,7 +218,7 @@ class Value:
                 da, db = partials[v._code](a.data, b.data, v._c, v.data)
                 a.grad += da * g
                 b.grad += db * g
-        if _STRICT:
+        if _STRICT.get():
             _check_gradients(order)
 
 
@@ -269,11 +275,11 @@ def _node(code: int, a: Value, b: Value | None, c: float = 0.0) -> Value:
     v = Value.__new__(Value)
     if b is None:
         v.data = _FORWARD[code](a.data, 0.0, c)
-        if _STRICT:
+        if _STRICT.get():
             _check(_ops.BY_CODE[code], v.data, a.data, 0.0, c)
     else:
         v.data = _FORWARD[code](a.data, b.data, c)
-        if _STRICT:
+        if _STRICT.get():
             _check(_ops.BY_CODE[code], v.data, a.data, b.data, c)
     v.grad = 0.0
     v._a = a
