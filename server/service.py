@@ -25,7 +25,7 @@ import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
 from micrograd.codec.malformed import clip, shown
-from micrograd.codec.wire import Wire, with_arrays
+from micrograd.codec.wire import Wire, after_header, with_arrays
 from micrograd.errors import GraphError
 from micrograd.kernels import Kernel
 from micrograd.tape import Tape
@@ -137,6 +137,12 @@ background threads (hashlib and the native kernel release the GIL): a graph's id
 while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
 Smaller calls do everything in line."""
 
+_HEADER_CACHE_ENTRIES = 512
+"""Serialized response headers kept for repeated small calls (the cache empties when full)."""
+_HEADER_CACHE_WIDTH = 1024
+"""Selections wider than this are not worth a header cache entry."""
+_RESPONSE = pb.EvaluateResponse.DESCRIPTOR
+
 _THREAD_CELLS = 1_000_000
 """From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
 (below it, starting threads costs more than it saves)."""
@@ -211,6 +217,7 @@ class GradientService:
             2, thread_name_prefix="micrograd-overlap"
         )
         self._lock = threading.Lock()
+        self._headers: dict[tuple[object, ...], bytes] = {}
         self._in_flight = 0
         self._draining = False
 
@@ -478,6 +485,23 @@ class GradientService:
             )
         return resp
 
+    def header_bytes(self, plan: Plan) -> bytes:
+        """``header(plan)`` serialized; for small graphs kept per graph id, output, rows and
+        selection, so that repeated small calls skip building it (the numbers come after)."""
+        n = len(plan.tape)
+        width = 0 if plan.selection is None else int(plan.selection.shape[0])
+        if n >= _OVERLAP_CELLS or width > _HEADER_CACHE_WIDTH:
+            return self.header(plan).SerializeToString()
+        picked = b"" if plan.selection is None else plan.selection.tobytes()
+        key = (plan.graph_id, plan.output, plan.rows, plan.selection is None, picked)
+        cached = self._headers.get(key)
+        if cached is None:
+            cached = self.header(plan).SerializeToString()
+            if len(self._headers) >= _HEADER_CACHE_ENTRIES:
+                self._headers.clear()
+            self._headers[key] = cached
+        return cached
+
     def evaluate(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
     ) -> pb.EvaluateResponse:
@@ -504,7 +528,8 @@ class GradientService:
             if picked[1] is not None:
                 arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
             deadline.check()
-            return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
+            cells = len(plan.tape) * plan.rows
+            return after_header(self.header_bytes(plan), _RESPONSE, arrays, cells)
         values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
@@ -512,7 +537,7 @@ class GradientService:
             grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
-        return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
+        return after_header(self.header_bytes(plan), _RESPONSE, arrays, len(plan.tape) * plan.rows)
 
     def chunk_size(self, requested: int) -> int:
         """Numbers per stream chunk: the request's or the server default, capped so that a
