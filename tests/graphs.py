@@ -253,27 +253,6 @@ def deep_chain(depth: int, start: float = 0.5) -> tuple[Value, Value]:
     return x, y
 
 
-def seed_expression(a: Value, b: Value) -> Value:
-    """The seed document's expression of ``a`` and ``b`` (its example, line for line)."""
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
-    return g
-
-
-def seed_graph(a0: float = -4.0, b0: float = 2.0) -> tuple[Value, Value, Value]:
-    """The seed example's graph at ``a = a0``, ``b = b0``: returns ``(a, b, g)``."""
-    a, b = Value(a0), Value(b0)
-    return a, b, seed_expression(a, b)
-
-
 def affine_chain_tape(n: int, scale: float, shift: float) -> Tape:
     """``y = y * scale + shift`` from input ``x = 0.5`` as an ``n``-node tape, built with numpy.
 
