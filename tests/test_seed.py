@@ -2,7 +2,8 @@
 
 The seed is the user's own specification: ``examples/seed.py`` holds its
 script character for character, and run on its own it must print
-``24.7041``, ``138.8338`` and ``645.5773``. The full-precision checks hold the same graph to PyTorch float64.
+``24.7041``, ``138.8338`` and ``645.5773``. The full-precision checks hold
+the same graph to PyTorch float64.
 """
 
 from __future__ import annotations
