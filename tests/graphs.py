@@ -24,6 +24,7 @@ import numpy as np
 from micrograd import ops
 from micrograd.engine import Value
 from micrograd.nn import MLP
+from micrograd.seed import seed_expression, seed_graph
 from micrograd.tape import Tape
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "deep_chain",
     "mlp_loss",
     "random_dag",
+    "seed_expression",
+    "seed_graph",
     "to_torch",
     "to_values",
 ]
