@@ -50,6 +50,7 @@ import numpy as np
 from micrograd import codec
 from micrograd import ops as _ops
 from micrograd.client import Client
+from micrograd.codec.wire import with_arrays
 from micrograd.engine import Value
 from micrograd.seed import seed_graph
 from micrograd.tape import Tape
@@ -692,8 +693,62 @@ def measure_value_backward(servers: Servers) -> list[Row]:
     ]
 
 
+def _us_per_call(fn: Callable[[], object], count: int, repeats: int) -> float:
+    """Best-of-``repeats`` microseconds per call of ``fn`` over ``count`` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(count):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / count)
+    return best * 1e6
+
+
+def measure_breakdown(servers: Servers) -> list[Row]:
+    """Where a seed ``Evaluate`` spends its time beyond the echo: each step of the core, timed
+    in this process on the same request (best of the repeats), beside the p50 over the wire."""
+    from micrograd.server.config import Settings
+    from micrograd.server.service import GradientService
+
+    core = GradientService(Settings(workers=1))
+    raw = seed_request()
+    request = pb.EvaluateRequest.FromString(raw)
+    plan = core.plan(request)
+    values = core.forward(plan)
+    grads = core.backward(plan, values)
+    arrays = [
+        ("values_f64", core.reported(plan, values)),
+        ("grads_f64", core.reported(plan, grads)),
+    ]
+    count = 2_000 if servers.quick else 10_000
+    reps = max(servers.repeats, 3)
+    steps = [
+        ("parse the request (protobuf)", lambda: pb.EvaluateRequest.FromString(raw)),
+        ("plan: decode (recent graphs), output, selection", lambda: core.plan(request)),
+        ("forward sweep (leaf values + kernel)", lambda: core.forward(plan)),
+        ("reverse sweep (zeroed grads + kernel)", lambda: core.backward(plan, values)),
+        ("response: header + arrays, serialized", lambda: with_arrays(core.header(plan), arrays)),
+        ("the whole core: evaluate_wire", lambda: core.evaluate_wire(request)),
+    ]
+    rows = [
+        Row(f"seed core: {label}", _us_per_call(fn, count, reps), None, "us", "", "")
+        for label, fn in steps
+    ]
+    rows[0] = Row(
+        rows[0].measure,
+        rows[0].ours,
+        None,
+        "us",
+        "",
+        f"in this process, best of {reps} x {count:,} calls; the rest of the p50 over the echo "
+        "is the transport: the handler wrappers (metrics, errors), the call runner, grpc.aio",
+    )
+    return rows
+
+
 MEASURES: dict[str, Callable[[Servers], list[Row]]] = {
     "latency": measure_latency,
+    "breakdown": measure_breakdown,
     "big": measure_big_graph,
     "decode": measure_decode,
     "throughput": measure_throughput,

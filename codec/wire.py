@@ -12,14 +12,15 @@ against under 1 ms).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Wire", "varint", "with_arrays", "with_fields", "with_message"]
+__all__ = ["Wire", "after_header", "varint", "with_arrays", "with_fields", "with_message"]
 
 _F64 = np.dtype("<f8")
 _LENGTH_DELIMITED = 2
@@ -49,16 +50,20 @@ def with_arrays(head: Message, arrays: Iterable[tuple[str, np.ndarray]]) -> Wire
     Each named field must be a ``repeated double`` or a ``bytes`` field left
     empty in ``head``; arrays are written row-major as little-endian float64.
     """
-    fields = head.DESCRIPTOR.fields_by_name
-    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    return after_header(head.SerializeToString(), head.DESCRIPTOR, arrays)
+
+
+def after_header(
+    header: bytes, descriptor: Descriptor, arrays: Iterable[tuple[str, np.ndarray]]
+) -> Wire:
+    """``with_arrays`` for a header already serialized (``descriptor``: its message type)."""
+    parts: list[bytes | memoryview] = [header]
     for name, array in arrays:
-        field = fields[name]
-        if field.type not in _ARRAY_FIELD_TYPES:
-            raise TypeError(f"{head.DESCRIPTOR.name}.{name} is not a double or bytes field")
+        tag = _array_tag(descriptor, name)
         flat = np.ascontiguousarray(array, dtype=_F64).reshape(-1)
         if not flat.size:
             continue
-        parts.append(varint((field.number << 3) | _LENGTH_DELIMITED) + varint(flat.nbytes))
+        parts.append(tag + varint(flat.nbytes))
         parts.append(memoryview(flat).cast("B"))  # type: ignore[arg-type]
     return Wire(b"".join(parts))
 
@@ -74,6 +79,15 @@ def with_fields(head: Message, arrays: Iterable[tuple[str, np.ndarray]]) -> Mess
         else:
             getattr(head, name).extend(flat.tolist())
     return head
+
+
+@functools.cache
+def _array_tag(descriptor: Descriptor, name: str) -> bytes:
+    """The tag bytes of array field ``name`` of ``descriptor`` (computed once per field)."""
+    field = descriptor.fields_by_name[name]
+    if field.type not in _ARRAY_FIELD_TYPES:
+        raise TypeError(f"{descriptor.name}.{name} is not a double or bytes field")
+    return varint((field.number << 3) | _LENGTH_DELIMITED)
 
 
 def with_message(head: Message, field: str, message: bytes) -> Wire:

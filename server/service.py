@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from micrograd import __version__, codec
 from micrograd import ops as _ops
 from micrograd.codec.malformed import clip, shown
-from micrograd.codec.wire import Wire, with_arrays, with_fields
+from micrograd.codec.wire import Wire, after_header, with_arrays, with_fields
 from micrograd.errors import GraphError
 from micrograd.kernels import Kernel
 from micrograd.tape import Tape
@@ -139,6 +139,12 @@ background threads (hashlib and the native kernel release the GIL): a graph's id
 while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
 Smaller calls do everything in line."""
 
+_HEADER_CACHE_ENTRIES = 512
+"""Serialized response headers kept for repeated small calls (the cache empties when full)."""
+_HEADER_CACHE_WIDTH = 1024
+"""Selections wider than this are not worth a header cache entry."""
+_RESPONSE = pb.EvaluateResponse.DESCRIPTOR
+
 _THREAD_CELLS = 1_000_000
 """From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
 (below it, starting threads costs more than it saves)."""
@@ -150,7 +156,10 @@ class Answer(Wire):
     nodes: int = 0
 
 
-Part = tuple[Message, Sequence[tuple[str, np.ndarray]], int]
+Arrays = Sequence[tuple[str, np.ndarray]]
+"""A response's number arrays by field name, row-major."""
+
+Part = tuple[Message, Arrays, int]
 """One response message in the making: its header, its arrays by field, its node evaluations."""
 
 GraphId = str | concurrent.futures.Future[str]
@@ -227,6 +236,7 @@ class GradientService:
             2, thread_name_prefix="micrograd-overlap"
         )
         self._lock = threading.Lock()
+        self._headers: dict[tuple[object, ...], bytes] = {}
         self._in_flight = 0
         self._draining = False
 
@@ -485,22 +495,42 @@ class GradientService:
             )
         return resp
 
+    def header_bytes(self, plan: Plan) -> bytes:
+        """``header(plan)`` serialized; for small graphs kept per graph id, output, rows and
+        selection, so that repeated small calls skip building it (the numbers come after)."""
+        n = len(plan.tape)
+        width = 0 if plan.selection is None else int(plan.selection.shape[0])
+        if n >= _OVERLAP_CELLS or width > _HEADER_CACHE_WIDTH:
+            return self.header(plan).SerializeToString()
+        picked = b"" if plan.selection is None else plan.selection.tobytes()
+        key = (plan.graph_id, plan.output, plan.rows, plan.selection is None, picked)
+        cached = self._headers.get(key)
+        if cached is None:
+            cached = self.header(plan).SerializeToString()
+            if len(self._headers) >= _HEADER_CACHE_ENTRIES:
+                self._headers.clear()
+            self._headers[key] = cached
+        return cached
+
     def evaluate(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
     ) -> pb.EvaluateResponse:
         """The Evaluate rpc as a message (for JSON): the same numbers as ``evaluate_wire``."""
-        head, arrays, _ = self._evaluated(request, deadline)
-        return with_fields(head, arrays)
+        plan, arrays, _ = self._evaluated(request, deadline)
+        return with_fields(self.header(plan), arrays)
 
     def evaluate_wire(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
     ) -> Answer:
         """The Evaluate rpc, serialized: values and gradients of the selected nodes."""
-        head, arrays, nodes = self._evaluated(request, deadline)
-        return Answer(with_arrays(head, arrays).data, nodes)
+        plan, arrays, nodes = self._evaluated(request, deadline)
+        return Answer(after_header(self.header_bytes(plan), _RESPONSE, arrays).data, nodes)
 
-    def _evaluated(self, request: pb.EvaluateRequest, deadline: Deadline) -> Part:
-        """The Evaluate rpc as its header, its arrays by field, and the node evaluations."""
+    def _evaluated(
+        self, request: pb.EvaluateRequest, deadline: Deadline
+    ) -> tuple[Plan, Arrays, int]:
+        """The Evaluate rpc as its plan (the header), its arrays by field, and the node
+        evaluations."""
         plan = self.plan(request)
         numbers = plan.rows * plan.width * (2 if plan.gradients else 1)
         if 8 * numbers + 4 * plan.width > self.settings.max_message_bytes:
@@ -517,7 +547,7 @@ class GradientService:
             if picked[1] is not None:
                 arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
             deadline.check()
-            return self.header(plan), arrays, len(plan.tape) * plan.rows
+            return plan, arrays, len(plan.tape) * plan.rows
         values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
@@ -525,7 +555,7 @@ class GradientService:
             grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
-        return self.header(plan), arrays, len(plan.tape) * plan.rows
+        return plan, arrays, len(plan.tape) * plan.rows
 
     def chunk_size(self, requested: int) -> int:
         """Numbers per stream chunk: the request's or the server default, capped so that a

@@ -97,7 +97,10 @@ def test_seed_local_and_remote_differ_in_one_line() -> None:
     assert changed == ["- g.backward()", "+ client.backward(g)"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "command",
+    [pytest.param(c, marks=pytest.mark.slow) if "train_moons" in c else c for c in COMMANDS],
+)
 def test_tour_command_runs(
     command: str, grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
 ) -> None:
