@@ -819,7 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours_argv = [sys.executable, "-m", "micrograd.server", "serve", "--host", "127.0.0.1",
                      "--port", "0", "--http-port", "0", "--workers", "1",
                      "--port-file", "{port_file}", "--http-port-file", "{port_file}.http",
-                     "--log-level", "WARNING"]
+                     "--log-level", "WARNING",
+                     "--max-batch-cells", "100000000"]  # 1,000 MLP bindings: 68.8M
         echo_argv = [sys.executable, os.path.abspath(__file__), "--echo-server", "{port_file}"]
         with server_process(ours_argv, directory, "ours") as ours, \
                 server_process(echo_argv, directory, "echo") as echo:

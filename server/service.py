@@ -286,6 +286,15 @@ class GradientService:
 
     # -- sizing ------------------------------------------------------------
 
+    def register_cells(self, request: pb.RegisterGraphRequest) -> int:
+        """Work estimate of a RegisterGraph call: the nodes it carries, or more than
+        ``inline_cells`` when the graph store is across the network (so that a slow store
+        never holds up the event loop)."""
+        n = len(request.graph.nodes) + len(request.packed_graph.ops)
+        if self.store is not None and self.store.remote:
+            return max(n, self.settings.inline_cells + 1)
+        return n
+
     def cells(self, request: pb.EvaluateRequest) -> int:
         """Cheap upper estimate of the node-bindings a request evaluates, before decoding it."""
         source = request.WhichOneof("source")

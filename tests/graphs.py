@@ -182,8 +182,7 @@ def random_dag(seed: int, size: int = 40, inputs: int = 3, batch: int = 4) -> Gr
             if all(is_const[a] for a in args):
                 continue
             pairs = [
-                (rows[args[0]][r], rows[args[1]][r] if op.arity == 2 else 0.0)
-                for r in range(batch)
+                (rows[args[0]][r], rows[args[1]][r] if op.arity == 2 else 0.0) for r in range(batch)
             ]
             values = _safe(op, pairs, c)
             if values is not None:

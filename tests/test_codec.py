@@ -92,29 +92,64 @@ def replace_arg(msg: graph_pb2.PackedGraph, position: int, value: int) -> None:
 # node 2 is `a + b`, whose arguments are the first two entries of args.
 BAD_PACKED = {
     "empty": (lambda m: setattr(m, "ops", b""), None, "ops", "no nodes"),
-    "op zero": (lambda m: setattr(m, "ops", m.ops[:2] + b"\x00" + m.ops[3:]), 2, "ops[2]",
-                "unknown op 0"),
-    "op too big": (lambda m: setattr(m, "ops", m.ops[:2] + b"\xc8" + m.ops[3:]), 2, "ops[2]",
-                   "unknown op 200"),
+    "op zero": (
+        lambda m: setattr(m, "ops", m.ops[:2] + b"\x00" + m.ops[3:]),
+        2,
+        "ops[2]",
+        "unknown op 0",
+    ),
+    "op too big": (
+        lambda m: setattr(m, "ops", m.ops[:2] + b"\xc8" + m.ops[3:]),
+        2,
+        "ops[2]",
+        "unknown op 200",
+    ),
     "ragged args": (lambda m: setattr(m, "args", m.args[:-2]), None, "args", "multiple of 4"),
-    "args short": (lambda m: setattr(m, "args", m.args[:-4]), None, "args",
-                   r"args holds \d+ indices but the ops need \d+"),
-    "args long": (lambda m: setattr(m, "args", m.args + b"\0\0\0\0"), None, "args",
-                  r"args holds \d+ indices but the ops need \d+"),
-    "ragged values": (lambda m: setattr(m, "values", m.values[:-3]), None, "values",
-                      "multiple of 8"),
-    "values short": (lambda m: setattr(m, "values", m.values[:-8]), None, "values",
-                     r"values holds \d+ numbers but \d+ nodes use one"),
-    "forward reference": (lambda m: replace_arg(m, 1, 7), 2, "nodes[2].args[1]",
-                          "refers to node 7, which does not come before node 2"),
-    "self reference": (lambda m: replace_arg(m, 0, 2), 2, "nodes[2].args[0]",
-                       "refers to node 2"),
-    "huge reference": (lambda m: replace_arg(m, 0, 0xFFFFFFFF), 2, "nodes[2].args[0]",
-                       "refers to node 4294967295"),
+    "args short": (
+        lambda m: setattr(m, "args", m.args[:-4]),
+        None,
+        "args",
+        r"args holds \d+ indices but the ops need \d+",
+    ),
+    "args long": (
+        lambda m: setattr(m, "args", m.args + b"\0\0\0\0"),
+        None,
+        "args",
+        r"args holds \d+ indices but the ops need \d+",
+    ),
+    "ragged values": (
+        lambda m: setattr(m, "values", m.values[:-3]),
+        None,
+        "values",
+        "multiple of 8",
+    ),
+    "values short": (
+        lambda m: setattr(m, "values", m.values[:-8]),
+        None,
+        "values",
+        r"values holds \d+ numbers but \d+ nodes use one",
+    ),
+    "forward reference": (
+        lambda m: replace_arg(m, 1, 7),
+        2,
+        "nodes[2].args[1]",
+        "refers to node 7, which does not come before node 2",
+    ),
+    "self reference": (lambda m: replace_arg(m, 0, 2), 2, "nodes[2].args[0]", "refers to node 2"),
+    "huge reference": (
+        lambda m: replace_arg(m, 0, 0xFFFFFFFF),
+        2,
+        "nodes[2].args[0]",
+        "refers to node 4294967295",
+    ),
     "empty name": (lambda m: m.names.add(node=0, name=""), None, "names[2]", "must not be empty"),
     "duplicate name": (lambda m: m.names.add(node=3, name="a"), 3, "names[2]", "used twice"),
-    "name out of range": (lambda m: m.names.add(node=999, name="z"), None, "names",
-                          "refers to node 999"),
+    "name out of range": (
+        lambda m: m.names.add(node=999, name="z"),
+        None,
+        "names",
+        "refers to node 999",
+    ),
 }
 
 
@@ -144,9 +179,8 @@ def test_both_decoders_agree_on_a_million_node_graph() -> None:
     tape = Tape.from_arrays(code, arg0, arg1, const)
     msg = codec.pack(tape)
     by_numpy = Tape.from_arrays(
-        np.frombuffer(msg.ops, np.uint8), *codec_graph._unpack_numpy(
-            np.frombuffer(msg.ops, np.uint8), msg.args, msg.values
-        )
+        np.frombuffer(msg.ops, np.uint8),
+        *codec_graph._unpack_numpy(np.frombuffer(msg.ops, np.uint8), msg.args, msg.values),
     )
     assert same_tape(by_numpy, tape)
     assert same_tape(codec.unpack(msg), tape)
@@ -166,13 +200,22 @@ def test_bindings_follow_inputs_then_batch_columns() -> None:
     [
         (pb.EvaluateRequest(inputs={"zeta": 1.0}), "inputs[zeta]", "no input is named 'zeta'"),
         (pb.EvaluateRequest(batch=pb.Batch(columns=["a"], values=[])), "batch.values", "whole"),
-        (pb.EvaluateRequest(batch=pb.Batch(columns=["a", "b"], values=[1.0, 2.0, 3.0])),
-         "batch.values", "3 values for 2 column"),
-        (pb.EvaluateRequest(batch=pb.Batch(columns=["a", "a"], values=[1.0, 2.0])),
-         "batch.columns", "twice"),
+        (
+            pb.EvaluateRequest(batch=pb.Batch(columns=["a", "b"], values=[1.0, 2.0, 3.0])),
+            "batch.values",
+            "3 values for 2 column",
+        ),
+        (
+            pb.EvaluateRequest(batch=pb.Batch(columns=["a", "a"], values=[1.0, 2.0])),
+            "batch.columns",
+            "twice",
+        ),
         (pb.EvaluateRequest(output=99), "output", "out of range"),
-        (pb.EvaluateRequest(selection=pb.SELECTION_LISTED, nodes=[0, 99]), "nodes[1]",
-         "node 99 is out of range"),
+        (
+            pb.EvaluateRequest(selection=pb.SELECTION_LISTED, nodes=[0, 99]),
+            "nodes[1]",
+            "node 99 is out of range",
+        ),
     ],
 )
 def test_request_errors_point_at_the_request_field(

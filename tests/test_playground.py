@@ -138,9 +138,15 @@ def chromium() -> Iterator[str]:
         pytest.skip("Debian's chromium is not installed")
     profile = tempfile.mkdtemp(prefix="playground-profile-")
     argv = [
-        CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-        "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
-        f"--user-data-dir={profile}", "about:blank",
+        CHROMIUM,
+        "--headless",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--remote-debugging-port=0",
+        "--remote-debugging-address=127.0.0.1",
+        f"--user-data-dir={profile}",
+        "about:blank",
     ]
     if os.geteuid() == 0:
         argv.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
@@ -190,10 +196,11 @@ def service_numbers(target: str, a: float, b: float) -> tuple[str, str, str]:
 
 
 OUTPUT = "document.getElementById('output-value').textContent"
-GRADS = ("JSON.stringify([...document.querySelectorAll('#inputs tbody tr')]"
-         ".map(tr => [tr.dataset.input, tr.querySelector('.grad').textContent]))")
-ERROR = ("!document.getElementById('error').hidden && "
-         "document.getElementById('error').textContent")
+GRADS = (
+    "JSON.stringify([...document.querySelectorAll('#inputs tbody tr')]"
+    ".map(tr => [tr.dataset.input, tr.querySelector('.grad').textContent]))"
+)
+ERROR = "!document.getElementById('error').hidden && document.getElementById('error').textContent"
 
 
 @needs_chromium
@@ -245,8 +252,9 @@ def test_the_playground_shows_the_seed_then_follows_an_edited_input(
                     "document.getElementById('program').value = 'a = Value(2.0)\\nb = a.sinh()';"
                     "document.getElementById('evaluate').click()"
                 )
-                message = await page.wait_for(f"({ERROR}) && ({ERROR}).includes('OP_SINH') "
-                                              f"&& ({ERROR})")
+                message = await page.wait_for(
+                    f"({ERROR}) && ({ERROR}).includes('OP_SINH') && ({ERROR})"
+                )
                 assert message.startswith("line 2:") and "micrograd.v1.Op" in message, message
             finally:
                 await page.ws.close()

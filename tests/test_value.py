@@ -110,7 +110,7 @@ def test_value_with_children_or_op_is_rejected_with_a_clear_message() -> None:
 def test_operators_reject_non_numbers(other: object) -> None:
     v = Value(2.0)
     with pytest.raises(TypeError):
-        v ** other  # type: ignore[operator]
+        v**other  # type: ignore[operator]
     with pytest.raises(TypeError):
         v + other  # type: ignore[operator]
     with pytest.raises(TypeError):

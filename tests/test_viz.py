@@ -193,7 +193,11 @@ def draw_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     """Run ``micrograd-rpc draw`` (as ``python -m micrograd.server``) with ``args``."""
     return subprocess.run(
         [sys.executable, "-m", "micrograd.server", "draw", *args],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        input=stdin,
     )
 
 
