@@ -101,6 +101,8 @@ class GraphStore(Protocol):
 
     location: str
     """Where the store is, for messages and logs (a directory or a ``redis://`` URL)."""
+    remote: bool
+    """Whether calls wait on the network (then they never run on the event loop)."""
     counts: StoreCounts
 
     def get(self, graph_id: str) -> Tape | None:
@@ -228,6 +230,7 @@ class HostStore:
         it cannot be created or is writable by others."""
         self.directory = Path(directory)
         self.location = str(self.directory)
+        self.remote = False
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.counts = StoreCounts()
@@ -398,6 +401,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.location = _redacted(url)
+        self.remote = True
         self.ttl = max(1, round(ttl))
         self.backoff = backoff
         self.counts = StoreCounts()
