@@ -131,9 +131,9 @@ def _result_arrays(
         raw_values, raw_grads = result.get("values"), result.get("grads")
         raw_nodes, output = result.get("nodes"), result.get("output")
         # binaryOutput: the numbers as base64 little-endian float64 (proto3 JSON of bytes)
-        if not raw_values and result.get("valuesF64"):
+        if (raw_values is None or len(raw_values) == 0) and result.get("valuesF64"):
             raw_values = np.frombuffer(base64.b64decode(result["valuesF64"]), dtype="<f8")
-        if not raw_grads and result.get("gradsF64"):
+        if (raw_grads is None or len(raw_grads) == 0) and result.get("gradsF64"):
             raw_grads = np.frombuffer(base64.b64decode(result["gradsF64"]), dtype="<f8")
     else:
         raw_values = getattr(result, "values", None)
