@@ -52,6 +52,7 @@ from micrograd import ops as _ops
 from micrograd.client import Client
 from micrograd.codec.wire import with_arrays
 from micrograd.engine import Value
+from micrograd.seed import seed_graph
 from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
@@ -197,18 +198,7 @@ def _channel(target: str) -> grpc.Channel:
 
 def seed_tape() -> Tape:
     """The seed document's graph, inputs named ``a`` and ``b``."""
-    a = Value(-4.0)
-    b = Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
+    a, b, g = seed_graph()
     tape, _ = Tape.from_value(g, {"a": a, "b": b})
     return tape
 

@@ -20,7 +20,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Wire", "after_header", "varint", "with_arrays", "with_message"]
+__all__ = ["Wire", "after_header", "varint", "with_arrays", "with_fields", "with_message"]
 
 _F64 = np.dtype("<f8")
 _LENGTH_DELIMITED = 2
@@ -29,10 +29,9 @@ _ARRAY_FIELD_TYPES = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_BYTES)
 
 @dataclass(frozen=True, slots=True)
 class Wire:
-    """A serialized message, and the node evaluations it reports (for metrics)."""
+    """A serialized message, sent as it is."""
 
     data: bytes
-    nodes: int = 0
 
 
 def varint(n: int) -> bytes:
@@ -45,17 +44,17 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def with_arrays(head: Message, arrays: Iterable[tuple[str, np.ndarray]], nodes: int = 0) -> Wire:
+def with_arrays(head: Message, arrays: Iterable[tuple[str, np.ndarray]]) -> Wire:
     """``head`` serialized, then each ``(field name, array)`` as that field's float64 content.
 
     Each named field must be a ``repeated double`` or a ``bytes`` field left
     empty in ``head``; arrays are written row-major as little-endian float64.
     """
-    return after_header(head.SerializeToString(), head.DESCRIPTOR, arrays, nodes)
+    return after_header(head.SerializeToString(), head.DESCRIPTOR, arrays)
 
 
 def after_header(
-    header: bytes, descriptor: Descriptor, arrays: Iterable[tuple[str, np.ndarray]], nodes: int = 0
+    header: bytes, descriptor: Descriptor, arrays: Iterable[tuple[str, np.ndarray]]
 ) -> Wire:
     """``with_arrays`` for a header already serialized (``descriptor``: its message type)."""
     parts: list[bytes | memoryview] = [header]
@@ -66,7 +65,20 @@ def after_header(
             continue
         parts.append(tag + varint(flat.nbytes))
         parts.append(memoryview(flat).cast("B"))  # type: ignore[arg-type]
-    return Wire(b"".join(parts), nodes)
+    return Wire(b"".join(parts))
+
+
+def with_fields(head: Message, arrays: Iterable[tuple[str, np.ndarray]]) -> Message:
+    """``head`` with each ``(field name, array)`` set in its field, as ``with_arrays`` writes
+    them, for callers that need the message itself (the JSON mapping); returns ``head``."""
+    fields = head.DESCRIPTOR.fields_by_name
+    for name, array in arrays:
+        flat = np.ascontiguousarray(array, dtype=_F64).reshape(-1)
+        if fields[name].type == FieldDescriptor.TYPE_BYTES:
+            setattr(head, name, flat.tobytes())
+        else:
+            getattr(head, name).extend(flat.tolist())
+    return head
 
 
 @functools.cache
@@ -78,7 +90,7 @@ def _array_tag(descriptor: Descriptor, name: str) -> bytes:
     return varint((field.number << 3) | _LENGTH_DELIMITED)
 
 
-def with_message(head: Message, field: str, message: bytes, nodes: int = 0) -> Wire:
+def with_message(head: Message, field: str, message: bytes) -> Wire:
     """``head`` serialized, then ``message`` (already serialized) as its message field ``field``.
 
     Sends a big embedded message (a graph) without copying it into ``head``
@@ -88,4 +100,4 @@ def with_message(head: Message, field: str, message: bytes, nodes: int = 0) -> W
     if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
         raise TypeError(f"{head.DESCRIPTOR.name}.{field} is not a message field")
     tag = varint((descriptor.number << 3) | _LENGTH_DELIMITED)
-    return Wire(b"".join([head.SerializeToString(), tag, varint(len(message)), message]), nodes)
+    return Wire(b"".join([head.SerializeToString(), tag, varint(len(message)), message]))

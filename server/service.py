@@ -16,16 +16,17 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 from micrograd import __version__, codec
 from micrograd import ops as _ops
 from micrograd.codec.malformed import clip, shown
-from micrograd.codec.wire import Wire, after_header, with_arrays
+from micrograd.codec.wire import Wire, after_header, with_arrays, with_fields
 from micrograd.errors import GraphError
 from micrograd.kernels import Kernel
 from micrograd.tape import Tape
@@ -45,6 +46,7 @@ except ImportError:  # pragma: no cover - without the native kernel, sweeps run 
 
 
 __all__ = [
+    "Answer",
     "Code",
     "Deadline",
     "GradientService",
@@ -147,6 +149,19 @@ _THREAD_CELLS = 1_000_000
 """From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
 (below it, starting threads costs more than it saves)."""
 
+@dataclass(frozen=True, slots=True)
+class Answer(Wire):
+    """A serialized response and the node evaluations it reports (what the metrics count)."""
+
+    nodes: int = 0
+
+
+Arrays = Sequence[tuple[str, np.ndarray]]
+"""A response's number arrays by field name, row-major."""
+
+Part = tuple[Message, Arrays, int]
+"""One response message in the making: its header, its arrays by field, its node evaluations."""
+
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
 
@@ -182,6 +197,10 @@ class Plan:
     def width(self) -> int:
         """Numbers reported per row."""
         return len(self.tape) if self.selection is None else int(self.selection.shape[0])
+
+
+def _name_pair(name: graph_pb2.NodeName) -> tuple[int, str]:
+    return name.node, name.name
 
 
 def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
@@ -297,8 +316,7 @@ class GradientService:
         if not request.HasField("batch"):
             return n
         batch = request.batch
-        count = len(batch.values) + len(batch.values_f64) // 8
-        return n * max(1, count // max(1, len(batch.columns)))
+        return n * max(1, codec.batch_rows(batch, max(1, len(batch.columns))))
 
     # -- decoding ----------------------------------------------------------
 
@@ -330,18 +348,21 @@ class GradientService:
                 "the request has no graph: set graph, packed_graph or graph_id",
                 [(field, "one of graph, packed_graph or graph_id is required")],
             )
-        key = None
+        # The node count is checked once, above; the decoders get no second limit.
+        data = msg.graph.SerializeToString() if source == "graph" else b""  # the decoder's input
+        key: Hashable | None = None
         if n <= self.recent.max_nodes:
-            key = source.encode() + getattr(msg, source).SerializeToString()
+            packed = msg.packed_graph  # keyed by what is at hand: nothing serialized for it
+            key = data or (packed.ops, packed.args, packed.values, *map(_name_pair, packed.names))
             known = self.recent.get(key)
             if known is not None:
                 return known
-        max_nodes, max_name = self.settings.max_nodes, self.settings.max_name_bytes
+        max_name = self.settings.max_name_bytes
         try:
             if source == "graph":
-                tape = codec.from_graph(msg.graph, max_nodes, max_name)
+                tape = codec.from_graph_bytes(data, None, max_name)
             else:
-                tape = codec.unpack(msg.packed_graph, max_nodes, max_name)
+                tape = codec.unpack(msg.packed_graph, None, max_name)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
         if n >= _OVERLAP_CELLS:
@@ -358,9 +379,7 @@ class GradientService:
         rows, batched = 1, request.HasField("batch")
         if batched:
             batch = request.batch
-            width = len(batch.columns) or int(tape.inputs.shape[0])
-            count = len(batch.values) + len(batch.values_f64) // 8
-            rows = count // width if width else 0
+            rows = codec.batch_rows(batch, len(batch.columns) or int(tape.inputs.shape[0]))
             if rows > self.settings.max_batch_rows:
                 raise ServiceError(
                     Code.RESOURCE_EXHAUSTED,
@@ -505,13 +524,22 @@ class GradientService:
     def evaluate(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
     ) -> pb.EvaluateResponse:
-        """The Evaluate rpc as a message (parsed from ``evaluate_wire``, which is cheap)."""
-        return pb.EvaluateResponse.FromString(self.evaluate_wire(request, deadline).data)
+        """The Evaluate rpc as a message (for JSON): the same numbers as ``evaluate_wire``."""
+        plan, arrays, _ = self._evaluated(request, deadline)
+        return with_fields(self.header(plan), arrays)
 
     def evaluate_wire(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
-    ) -> Wire:
+    ) -> Answer:
         """The Evaluate rpc, serialized: values and gradients of the selected nodes."""
+        plan, arrays, nodes = self._evaluated(request, deadline)
+        return Answer(after_header(self.header_bytes(plan), _RESPONSE, arrays).data, nodes)
+
+    def _evaluated(
+        self, request: pb.EvaluateRequest, deadline: Deadline
+    ) -> tuple[Plan, Arrays, int]:
+        """The Evaluate rpc as its plan (the header), its arrays by field, and the node
+        evaluations."""
         plan = self.plan(request)
         numbers = plan.rows * plan.width * (2 if plan.gradients else 1)
         if 8 * numbers + 4 * plan.width > self.settings.max_message_bytes:
@@ -528,8 +556,7 @@ class GradientService:
             if picked[1] is not None:
                 arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
             deadline.check()
-            cells = len(plan.tape) * plan.rows
-            return after_header(self.header_bytes(plan), _RESPONSE, arrays, cells)
+            return plan, arrays, len(plan.tape) * plan.rows
         values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
@@ -537,7 +564,7 @@ class GradientService:
             grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
-        return after_header(self.header_bytes(plan), _RESPONSE, arrays, len(plan.tape) * plan.rows)
+        return plan, arrays, len(plan.tape) * plan.rows
 
     def chunk_size(self, requested: int) -> int:
         """Numbers per stream chunk: the request's or the server default, capped so that a
@@ -549,15 +576,22 @@ class GradientService:
     def evaluate_stream(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
     ) -> Iterator[pb.EvaluateStreamResponse]:
-        """The EvaluateStream rpc as messages (parsed from ``evaluate_stream_wire``)."""
-        for wire in self.evaluate_stream_wire(request, deadline):
-            yield pb.EvaluateStreamResponse.FromString(wire.data)
+        """The EvaluateStream rpc as messages (for JSON): the parts of ``evaluate_stream_wire``."""
+        for head, arrays, _ in self._stream_parts(request, deadline):
+            yield with_fields(head, arrays)
 
     def evaluate_stream_wire(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
-    ) -> Iterator[Wire]:
+    ) -> Iterator[Answer]:
         """The EvaluateStream rpc, serialized: the header and value chunks after the forward
-        sweep, then the gradient chunks after the reverse sweep.
+        sweep, then the gradient chunks after the reverse sweep (see ``_stream_parts``)."""
+        for head, arrays, nodes in self._stream_parts(request, deadline):
+            yield Answer(with_arrays(head, arrays).data, nodes)
+
+    def _stream_parts(
+        self, request: pb.EvaluateStreamRequest, deadline: Deadline
+    ) -> Iterator[Part]:
+        """The EvaluateStream rpc's messages, each as its head, arrays and node evaluations.
 
         The first ``next()`` validates and runs the forward sweep; each later
         ``next()`` yields one chunk, so a transport can check for cancellation
@@ -570,7 +604,7 @@ class GradientService:
         picked = self.selected(plan, deadline)
         if picked is not None:
             header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
-            yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+            yield header, (), len(plan.tape) * plan.rows
             deadline.check()
             yield from self._chunks(plan, pb.PART_VALUES, picked[0], size, deadline)
             if picked[1] is not None:
@@ -579,7 +613,7 @@ class GradientService:
         values = self.forward(plan, deadline)  # while a big graph's id is hashed elsewhere
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
-        yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+        yield header, (), len(plan.tape) * plan.rows
         deadline.check()
         overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
         reverse = None
@@ -595,13 +629,13 @@ class GradientService:
     @staticmethod
     def _chunks(
         plan: Plan, part: int, table: np.ndarray, size: int, deadline: Deadline
-    ) -> Iterator[Wire]:
+    ) -> Iterator[Part]:
         """Cut a row-major array into stream messages of at most ``size`` numbers."""
         flat = table.reshape(-1)
         field = "data_f64" if plan.binary else "data"
         for offset in range(0, flat.shape[0], size):
             head = pb.EvaluateStreamResponse(part=part, offset=offset)
-            yield with_arrays(head, [(field, flat[offset : offset + size])])
+            yield head, [(field, flat[offset : offset + size])], 0
             deadline.check()
 
     # -- registration ------------------------------------------------------
@@ -737,7 +771,7 @@ class Upload:
         self.ops = self.args = self.values = bytearray()
         try:
             settings = self.service.settings
-            tape = codec.unpack(packed, settings.max_nodes, settings.max_name_bytes)
+            tape = codec.unpack(packed, None, settings.max_name_bytes)  # add() held max_nodes
         except GraphError as exc:
             raise _graph_violation("piece.", exc) from None
         return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
@@ -745,8 +779,8 @@ class Upload:
 
 def nodes_evaluated(response: Any) -> int:
     """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
-    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
-    if isinstance(response, Wire):
+    given as a message or as a serialized ``Answer`` (which carries the count)."""
+    if isinstance(response, Answer):
         return response.nodes
     if isinstance(response, pb.EvaluateStreamResponse):
         if response.part != pb.PART_HEADER:
