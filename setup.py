@@ -40,6 +40,7 @@ setup(
         Extension(
             "micrograd._kernel",
             sources=["engine/_kernel.c", "engine/_kernel_decode.c", "engine/_kernel_unpack.c"],
+            depends=["engine/_ops_list.h", "engine/_ops_math.h", "engine/_kernel_hvp.h"],
             optional=True,
         )
     ],
