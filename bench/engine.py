@@ -235,7 +235,8 @@ def worker(system: str, graph: str, steps: int, repeats: int) -> dict[str, Any]:
 
 def tape_worker(kernel_name: str, graph: str, steps: int, repeats: int) -> dict[str, Any]:
     """Compile our graph to a tape, then time forward + backward sweeps with one kernel."""
-    from micrograd.tape import Tape, get_kernel
+    from micrograd.kernels import get_kernel
+    from micrograd.tape import Tape
 
     kernel = get_kernel(kernel_name)
     root, _, first = _our_graph(graph, steps)
@@ -266,7 +267,7 @@ def tape_worker(kernel_name: str, graph: str, steps: int, repeats: int) -> dict[
 
 def systems() -> list[str]:
     """The systems to measure, reference systems first, then ours."""
-    from micrograd.tape import available_kernels
+    from micrograd.kernels import available_kernels
 
     return ["micrograd", "torch", "value", *(f"tape:{k}" for k in available_kernels())]
 

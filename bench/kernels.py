@@ -200,7 +200,7 @@ def _row(label: str, times: list[float], work: int | None, **extra: Any) -> Row:
 
 def native_rows(graph: str, quick: bool) -> list[Row]:
     """Our native kernel: ``Tape.evaluate``, sweeps into reused buffers, and (batch) threads."""
-    from micrograd.tape import available_kernels, get_kernel
+    from micrograd.kernels import available_kernels, get_kernel
 
     if "native" not in available_kernels():
         return [{"label": "ours: native kernel", "error": "not built on this machine"}]
@@ -255,7 +255,7 @@ def native_rows(graph: str, quick: bool) -> list[Row]:
 
 def python_rows(graph: str, quick: bool) -> list[Row]:
     """Our portable Python kernel through ``Tape.evaluate``."""
-    from micrograd.tape import get_kernel
+    from micrograd.kernels import get_kernel
 
     kernel = get_kernel("python")
     tape = make_tape(graph, quick)

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from micrograd import ops as _ops
 from micrograd.engine import Value
-from micrograd.tape import ARITY, USES_VALUE, GraphError, Tape
+from micrograd.errors import GraphError
+from micrograd.tape import Tape
 from micrograd.v1 import graph_pb2
 
 try:  # the native decoders, when the C extension is built (they read little-endian hosts' memory)
@@ -60,7 +61,7 @@ def _check_size(n: int, max_nodes: int | None, field: str) -> None:
 
 def pack(tape: Tape) -> graph_pb2.PackedGraph:
     """The tape as a ``PackedGraph``: little-endian byte columns."""
-    arity = ARITY[tape.code]
+    arity = _ops.ARITY[tape.code]
     if tape.arg2 is None:
         both = np.stack((tape.arg0, tape.arg1), axis=1)
         present = np.stack((arity >= 1, arity == 2), axis=1)
@@ -70,7 +71,7 @@ def pack(tape: Tape) -> graph_pb2.PackedGraph:
     return graph_pb2.PackedGraph(
         ops=tape.code.tobytes(),
         args=both[present].astype(_U32).tobytes(),
-        values=tape.const[USES_VALUE[tape.code]].astype(_F64).tobytes(),
+        values=tape.const[_ops.USES_VALUE[tape.code]].astype(_F64).tobytes(),
         names=[
             graph_pb2.NodeName(node=i, name=name)
             for name, i in sorted(tape.names.items(), key=lambda item: item[1])
@@ -112,7 +113,7 @@ def _unpack_numpy(
         raise GraphError(
             i, f"unknown op {int(code[i])}; known ops are 1..{_ops.MAX_CODE}", f"ops[{i}]"
         )
-    arity = ARITY[code].astype(np.int64)
+    arity = _ops.ARITY[code].astype(np.int64)
     args = np.frombuffer(args_bytes, dtype=_U32)
     needed = int(arity.sum())
     if args.shape[0] != needed:
@@ -130,7 +131,7 @@ def _unpack_numpy(
     arg1[two] = args[start[two] + 1]
     arg2[three] = args[start[three] + 2]
     values = np.frombuffer(values_bytes, dtype=_F64)
-    uses = USES_VALUE[code]
+    uses = _ops.USES_VALUE[code]
     if values.shape[0] != int(uses.sum()):
         raise GraphError(
             None,
@@ -220,7 +221,7 @@ def _names(pairs: Iterable[tuple[int, str]], field: str, per_node: bool = False)
 
 def to_graph(tape: Tape) -> graph_pb2.Graph:
     """The tape as a one-message-per-node ``Graph`` (per-node Python: small graphs, tests)."""
-    arity = ARITY.tolist()
+    arity = _ops.ARITY.tolist()
     name_of = {i: name for name, i in tape.names.items()}
     nodes = []
     third = [-1] * len(tape) if tape.arg2 is None else tape.arg2.tolist()

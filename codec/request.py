@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from micrograd.tape import GraphError, Tape
+from micrograd.errors import GraphError
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 
 from .arrays import f64_array

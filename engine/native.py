@@ -1,12 +1,12 @@
 """The native kernel: the tape sweeps in C, and the wire decoder beside them.
 
 ``NativeKernel`` runs the same forward and reverse sweeps as
-``micrograd.tape.PythonKernel`` with the same IEEE results (libm's ``exp``,
+``micrograd.kernels.PythonKernel`` with the same IEEE results (libm's ``exp``,
 ``log``, ``tanh`` and ``pow``; no fast-math), in a tight C loop that
 releases the GIL, so several threads can evaluate tapes at once. A batch
 ``(n, B)`` is swept node by node with a contiguous loop over the B
 bindings. When the extension ``micrograd._kernel`` is built (see
-``setup.py``), ``micrograd.tape`` registers a default ``NativeKernel`` as
+``setup.py``), ``micrograd.kernels`` registers a default ``NativeKernel`` as
 ``"native"`` and uses it first.
 
 Denormals. Gradients that decay through a long chain become subnormal
@@ -25,15 +25,14 @@ straight into tape columns, without building a message object per node.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _kernel
 from . import ops as _ops
-
-if TYPE_CHECKING:
-    from .tape import Tape
+from .columns import Columns
+from .errors import GraphError
 
 __all__ = [
     "FLUSH_DENORMALS_SUPPORTED",
@@ -59,7 +58,7 @@ class NativeKernel:
     def __repr__(self) -> str:
         return f"NativeKernel(flush_denormals={self.flush_denormals})"
 
-    def forward(self, tape: Tape, values: np.ndarray) -> None:
+    def forward(self, tape: Columns, values: np.ndarray) -> None:
         """Fill the non-leaf rows of ``values`` (float64, leaves filled) in place."""
         _check_float64("values", values)
         target = values if values.flags.c_contiguous else np.ascontiguousarray(values)
@@ -75,17 +74,17 @@ class NativeKernel:
         if target is not values:
             values[...] = target
 
-    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+    def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
         """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
         self._reverse(tape, values, grads, output, seeded=False)
 
-    def vjp(self, tape: Tape, values: np.ndarray, cotangents: np.ndarray, output: int) -> None:
+    def vjp(self, tape: Columns, values: np.ndarray, cotangents: np.ndarray, output: int) -> None:
         """One reverse sweep seeded at several nodes: ``cotangents`` holds the weights in rows
         up to ``output`` and becomes the vector-Jacobian product (per column for a batch)."""
         self._reverse(tape, values, cotangents, output, seeded=True)
 
     def _reverse(
-        self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int, seeded: bool
+        self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int, seeded: bool
     ) -> None:
         _check_float64("values", values)
         _check_float64("grads", grads)
@@ -107,7 +106,7 @@ class NativeKernel:
 
     def hvp(
         self,
-        tape: Tape,
+        tape: Columns,
         values: np.ndarray,
         tangents: np.ndarray,
         grads: np.ndarray,
@@ -175,8 +174,6 @@ def decode_graph(data: bytes | bytearray | memoryview) -> DecodedGraph:
     except ValueError as exc:
         if len(exc.args) != 2:
             raise
-        from .tape import GraphError
-
         node, reason = exc.args
         raise GraphError(node, reason) from None
     return DecodedGraph(
@@ -215,8 +212,6 @@ def unpack_columns(
     except ValueError as exc:
         if len(exc.args) != 3:
             raise
-        from .tape import GraphError
-
         node, field, reason = exc.args
         raise GraphError(None if node < 0 else node, reason, field) from None
     return (

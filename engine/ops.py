@@ -45,7 +45,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BY_CODE", "BY_NAME", "CONST", "INPUT", "MAX_ARITY", "MAX_CODE", "OPS", "Op"]
+__all__ = [
+    "ARITY",
+    "BY_CODE",
+    "BY_NAME",
+    "CONST",
+    "INPUT",
+    "MAX_ARITY",
+    "MAX_CODE",
+    "OPS",
+    "USES_VALUE",
+    "Op",
+]
 
 Partials = tuple[float, ...]
 
@@ -760,3 +771,12 @@ INPUT: Op = BY_NAME["input"]
 CONST: Op = BY_NAME["const"]
 
 assert sorted(BY_CODE) == list(range(1, MAX_CODE + 1)), "op codes must be dense"
+
+ARITY: np.ndarray = np.zeros(MAX_CODE + 1, dtype=np.int8)
+"""Arity by wire code, for vectorised checks (index 0, the unused zero value, is 0)."""
+USES_VALUE: np.ndarray = np.zeros(MAX_CODE + 1, dtype=bool)
+"""Whether a node reads its constant ``value``, by wire code."""
+for _op in OPS:
+    ARITY[_op.code] = _op.arity
+    USES_VALUE[_op.code] = _op.uses_value
+del _op

@@ -8,64 +8,27 @@ sweep fills the gradient of one output with respect to every node. Nothing
 here holds a Python object per node, so the same arrays go straight from
 the wire decoder to a kernel and back out into a response.
 
-Kernels do the sweeps. ``PythonKernel`` reads the op table's scalar and
-numpy forms and is the portable reference; the native kernel
-(``micrograd._kernel``, built from C) is used when it is available.
-Every kernel computes the same thing:
-
-* ``forward(tape, values)``: ``values`` (shape ``(n,)``, or ``(n, B)`` for
-  a batch of B input bindings) arrives with leaves filled in; every other
-  row is computed.
-* ``backward(tape, values, grads, output)``: ``grads`` arrives zeroed; the
-  output's row is set to 1 and gradients flow back through the nodes the
-  output depends on (only those: a node outside the output's graph never
-  touches a gradient, even with an infinite local derivative).
+The sweeps themselves are done by a kernel (``micrograd.kernels``); the
+tape validates its columns and hands them over.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from . import engine as _engine
 from . import ops as _ops
 from .engine import Value, graph_order, topological_order
+from .errors import GraphError
+from .kernels import Kernel, get_kernel
 
-__all__ = [
-    "GraphError",
-    "Kernel",
-    "PythonKernel",
-    "Tape",
-    "available_kernels",
-    "get_kernel",
-]
+__all__ = ["Tape"]
 
-# Per-code tables, indexed by wire code (index 0 is the unused zero value).
-ARITY = np.zeros(_ops.MAX_CODE + 1, dtype=np.int8)
 _WHERE = _ops.BY_NAME["where"].code
-USES_VALUE = np.zeros(_ops.MAX_CODE + 1, dtype=bool)
-for _op in _ops.OPS:
-    ARITY[_op.code] = _op.arity
-    USES_VALUE[_op.code] = _op.uses_value
 _INPUT = _ops.INPUT.code
-
-
-class GraphError(ValueError):
-    """A graph that cannot be evaluated, with the index of the first bad node.
-
-    ``field`` is a path to the offending part (``"nodes[17].args[1]"``), for
-    transports that report field violations; ``reason`` says what is wrong.
-    """
-
-    def __init__(self, node: int | None, reason: str, field: str | None = None) -> None:
-        """``node`` is the offending node index (``None`` for the graph as a whole)."""
-        self.node = node
-        self.reason = reason
-        self.field = field or ("graph" if node is None else f"nodes[{node}]")
-        super().__init__(reason if node is None else f"node {node}: {reason}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,9 +318,9 @@ def _validate(
         z = np.full(code.shape[0], -1, dtype=np.int32)
     if a.dtype.kind not in "iu" or b.dtype.kind not in "iu" or z.dtype.kind not in "iu":
         raise GraphError(None, f"argument indices must be integers, got {a.dtype} and {b.dtype}")
-    arity = ARITY[code]
+    arity = _ops.ARITY[code]
     idx = np.arange(code.shape[0], dtype=np.int64)
-    stray = ~USES_VALUE[code] & (const != 0.0)
+    stray = ~_ops.USES_VALUE[code] & (const != 0.0)
     if stray.any():
         i = int(np.flatnonzero(stray)[0])
         op = _ops.BY_CODE[int(code[i])]
@@ -386,152 +349,3 @@ def _validate(
             raise GraphError(
                 i, reason, f"nodes[{i}].args[{slot}]" if not surplus[i] else f"nodes[{i}].args"
             )
-
-
-class Kernel(Protocol):
-    """What evaluates a tape: a forward and a reverse sweep over its arrays."""
-
-    name: str
-
-    def forward(self, tape: Tape, values: np.ndarray) -> None:
-        """Fill the non-leaf rows of ``values`` (``(n,)`` or ``(n, B)``) in place."""
-
-    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
-        """Fill ``grads`` (zeroed, shaped like ``values``) with d(output)/d(node) in place."""
-
-
-class PythonKernel:
-    """The portable reference kernel: the op table's Python and numpy forms, node by node."""
-
-    name = "python"
-
-    def forward(self, tape: Tape, values: np.ndarray) -> None:
-        """Forward sweep; per-node Python floats for one binding, numpy rows for a batch."""
-        if values.ndim == 2:
-            self._forward_batch(tape, values)
-            return
-        fwd = [None] + [op.forward for op in _ops.OPS]
-        v = values.tolist()
-        code = tape.code.tolist()
-        a = tape.arg0.tolist()
-        b = tape.arg1.tolist()
-        c = tape.const.tolist()
-        arity = ARITY.tolist()
-        for i in range(len(code)):
-            k = code[i]
-            n_args = arity[k]
-            if n_args == 2:
-                v[i] = fwd[k](v[a[i]], v[b[i]], c[i])  # type: ignore[misc]
-            elif n_args == 1:
-                v[i] = fwd[k](v[a[i]], 0.0, c[i])  # type: ignore[misc]
-        values[:] = v
-
-    def backward(self, tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
-        """Reverse sweep from ``output`` through the nodes it depends on."""
-        if values.ndim == 2:
-            self._backward_batch(tape, values, grads, output)
-            return
-        part = [None] + [op.partials for op in _ops.OPS]
-        v = values.tolist()
-        g = [0.0] * len(v)
-        g[output] = 1.0
-        reached = bytearray(len(v))
-        reached[output] = 1
-        code = tape.code.tolist()
-        a = tape.arg0.tolist()
-        b = tape.arg1.tolist()
-        c = tape.const.tolist()
-        arity = ARITY.tolist()
-        for i in range(output, -1, -1):
-            if not reached[i]:
-                continue
-            k = code[i]
-            n_args = arity[k]
-            if n_args == 0:
-                continue
-            gi = g[i]
-            ai = a[i]
-            reached[ai] = 1
-            if n_args == 2:
-                bi = b[i]
-                reached[bi] = 1
-                dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-                g[bi] += dy * gi
-            else:
-                dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-        grads[:] = g
-
-    @staticmethod
-    def _forward_batch(tape: Tape, values: np.ndarray) -> None:
-        """Batch forward: one numpy call per node over all bindings."""
-        ops = _ops.BY_CODE
-        with np.errstate(all="ignore"):
-            for i, (k, ai, bi, ci) in enumerate(
-                zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
-            ):
-                op = ops[k]
-                if op.arity == 2:
-                    values[i] = op.vforward(values[ai], values[bi], ci)
-                elif op.arity == 1:
-                    values[i] = op.vforward(values[ai], 0.0, ci)
-
-    @staticmethod
-    def _backward_batch(tape: Tape, values: np.ndarray, grads: np.ndarray, output: int) -> None:
-        """Batch reverse sweep: one numpy call per node over all bindings."""
-        ops = _ops.BY_CODE
-        code, a, b, c = (
-            tape.code.tolist(),
-            tape.arg0.tolist(),
-            tape.arg1.tolist(),
-            tape.const.tolist(),
-        )
-        reached = bytearray(len(code))
-        reached[output] = 1
-        grads[output] = 1.0
-        with np.errstate(all="ignore"):
-            for i in range(output, -1, -1):
-                op = ops[code[i]]
-                if not reached[i] or op.arity == 0:
-                    continue
-                gi = grads[i]
-                ai = a[i]
-                reached[ai] = 1
-                if op.arity == 2:
-                    bi = b[i]
-                    reached[bi] = 1
-                    dx, dy = op.vpartials(values[ai], values[bi], c[i], values[i])
-                    grads[ai] += dx * gi
-                    grads[bi] += dy * gi
-                else:
-                    dx, _ = op.vpartials(values[ai], 0.0, c[i], values[i])
-                    grads[ai] += dx * gi
-
-
-_KERNELS: dict[str, Kernel] = {"python": PythonKernel()}
-
-
-def available_kernels() -> list[str]:
-    """Names of the kernels that can run here, fastest first."""
-    return sorted(_KERNELS, key=lambda name: name == "python")
-
-
-def get_kernel(name: str | None = None) -> Kernel:
-    """The kernel called ``name``; by default the fastest one available."""
-    if name is None:
-        return _KERNELS[available_kernels()[0]]
-    try:
-        return _KERNELS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown kernel {name!r}; available here: {', '.join(available_kernels())}"
-        ) from None
-
-
-try:  # the C kernel is optional: without the built extension, PythonKernel serves alone
-    from .native import NativeKernel
-except ImportError:
-    pass
-else:
-    _KERNELS["native"] = NativeKernel()

@@ -19,13 +19,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from micrograd.tape import Kernel
+from micrograd.kernels import Kernel
 
 from . import logs
-from .config import Settings
+from .config import Settings, resolve_kernel
 from .grpc_server import GrpcServer
 from .http import HttpServer
-from .kernels import resolve_kernel
 from .metrics import Metrics, MetricsInterceptor
 from .service import GradientService
 

@@ -19,7 +19,10 @@ from . import config
 
 __all__ = ["build_parser", "main"]
 
-_PLUGINS = (("micrograd.client.cli", "add_eval_parser"),)
+_PLUGINS = (
+    ("micrograd.client.cli", "add_eval_parser"),
+    ("micrograd.client.draw", "add_draw_parser"),
+)
 """Subcommands defined elsewhere: (module, function that adds its subparser)."""
 
 

@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "KERNELS", "Settings", "SettingsError", "add_arguments", "from_sources"]
+from micrograd.kernels import Kernel, NativeKernel, get_kernel
+
+__all__ = [
+    "ENV_PREFIX",
+    "KERNELS",
+    "Settings",
+    "SettingsError",
+    "add_arguments",
+    "from_sources",
+    "resolve_kernel",
+]
 
 ENV_PREFIX = "MICROGRAD_RPC_"
 """Environment variables ``MICROGRAD_RPC_<FIELD NAME IN UPPER CASE>`` set any setting."""
@@ -67,6 +77,12 @@ class Settings:
         default=64 * _MiB,
         metadata=_help(
             "Largest HTTP request body, in bytes (suffixes allowed); bigger bodies get 413."
+        ),
+    )
+    playground: bool = field(
+        default=True,
+        metadata=_help(
+            "Serve the playground page at GET / on the HTTP port (--no-playground: leave it out)."
         ),
     )
     jsonrpc_max_batch: int = field(
@@ -346,3 +362,19 @@ def from_sources(
     if problems:
         raise SettingsError("; ".join(problems))
     return Settings(**values)
+
+
+def resolve_kernel(name: str, flush_denormals: bool = False) -> Kernel:
+    """The kernel a ``--kernel`` setting names; ``SettingsError`` if it cannot run here."""
+    try:
+        kernel = get_kernel(None if name == "auto" else name)
+    except ValueError as exc:
+        raise SettingsError(f"--kernel {name}: {exc}") from None
+    if flush_denormals:
+        if kernel.name != "native":
+            raise SettingsError(
+                f"--flush-denormals needs the native kernel; the {kernel.name} kernel is exact IEEE"
+            )
+        assert NativeKernel is not None  # the native kernel is registered only when built
+        kernel = NativeKernel(flush_denormals=True)
+    return kernel

@@ -12,6 +12,8 @@ same limits). Its routes:
 * ``GET /healthz``: 200 while the process runs.
 * ``GET /readyz``: 200 while the server takes calls, 503 once it drains.
 * ``GET /metrics``: this process's metrics in the Prometheus text format.
+* ``GET /``: the playground page (``micrograd.server.playground``), unless
+  ``--no-playground``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from . import playground
 from .config import Settings
 from .jsonrpc import JsonRpc
 from .logs import request_id
@@ -163,6 +166,8 @@ class HttpServer:
         """Bind and serve; returns the bound port (useful with ``http_port`` 0)."""
         s = self.settings
         app = build_app(self.rpc, self.metrics, lambda: self.ready, s.http_max_body_bytes)
+        if s.playground:
+            playground.add_routes(app)  # the same app: its middlewares guard the page too
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET

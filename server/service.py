@@ -23,13 +23,14 @@ import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
 from micrograd.codec.wire import Wire, with_arrays
-from micrograd.tape import GraphError, Kernel, Tape
+from micrograd.errors import GraphError
+from micrograd.kernels import Kernel
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
 from .cache import GraphCache, RecentGraphs
-from .config import Settings
-from .kernels import resolve_kernel
+from .config import Settings, resolve_kernel
 
 __all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload"]
 

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from micrograd import codec
+from micrograd import codec, ops
 from micrograd.codec import graph as codec_graph
-from micrograd.tape import GraphError, Tape
+from micrograd.errors import GraphError
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
@@ -37,6 +38,8 @@ def same_tape(a: Tape, b: Tape) -> bool:
         np.array_equal(a.code, b.code)
         and np.array_equal(a.arg0, b.arg0)
         and np.array_equal(a.arg1, b.arg1)
+        and (a.arg2 is None) == (b.arg2 is None)
+        and (a.arg2 is None or np.array_equal(a.arg2, b.arg2))
         and np.array_equal(a.const, b.const)
         and dict(a.names) == dict(b.names)
     )
@@ -66,10 +69,10 @@ def test_packed_and_node_list_forms_decode_to_one_tape_and_one_id(decoder: str) 
 def test_packed_columns_are_sized_by_arity_and_value_use() -> None:
     tape = seed_tape()
     msg = codec.pack(tape)
-    arity = np.array([{0: 0, 1: 1, 2: 2}[int(a)] for a in codec_graph.ARITY[tape.code]])
+    arity = np.array([{0: 0, 1: 1, 2: 2}[int(a)] for a in ops.ARITY[tape.code]])
     assert len(msg.ops) == len(tape)
     assert len(msg.args) == 4 * int(arity.sum())
-    assert len(msg.values) == 8 * int(codec_graph.USES_VALUE[tape.code].sum())
+    assert len(msg.values) == 8 * int(ops.USES_VALUE[tape.code].sum())
     assert {n.name: n.node for n in msg.names} == dict(tape.names)
 
 
@@ -142,11 +145,10 @@ def test_both_decoders_agree_on_a_million_node_graph() -> None:
     const = np.where(code == 1, 0.5, np.where(code == 8, 2.0, 0.0))
     tape = Tape.from_arrays(code, arg0, arg1, const)
     msg = codec.pack(tape)
-    by_numpy = Tape.from_arrays(
-        np.frombuffer(msg.ops, np.uint8), *codec_graph._unpack_numpy(
-            np.frombuffer(msg.ops, np.uint8), msg.args, msg.values
-        )
+    arg0, arg1, arg2, const = codec_graph._unpack_numpy(
+        np.frombuffer(msg.ops, np.uint8), msg.args, msg.values
     )
+    by_numpy = Tape.from_arrays(np.frombuffer(msg.ops, np.uint8), arg0, arg1, const, None, arg2)
     assert same_tape(by_numpy, tape)
     assert same_tape(codec.unpack(msg), tape)
 

@@ -24,11 +24,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from micrograd import __version__, codec, ops
 from micrograd.engine import Value
+from micrograd.kernels import available_kernels, get_kernel
 from micrograd.server import cli, config
 from micrograd.server.cache import GraphCache
 from micrograd.server.grpc_server import PID_METADATA, SERVICE_NAME
 from micrograd.server.service import Code, Deadline, GradientService, ServiceError
-from micrograd.tape import Tape, available_kernels, get_kernel
+from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 from micrograd.v1 import graph_pb2

@@ -23,7 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from micrograd import ops
 from micrograd.engine import Value
-from micrograd.tape import GraphError, PythonKernel, Tape, available_kernels, get_kernel
+from micrograd.errors import GraphError
+from micrograd.kernels import PythonKernel, available_kernels, get_kernel
+from micrograd.tape import Tape
 
 from tests.graphs import deep_chain, mlp_loss, random_dag, to_torch, to_values
 
@@ -76,8 +78,8 @@ BAD_ARRAYS: list[tuple[str, Callable[[], Tape], int | None, str]] = [
         [INPUT, NEG], [-1, 0], [-1, -1], [1, 5]), 1, r"neg does not use a value"),
     ("name past the end", lambda: Tape.from_arrays([INPUT], [-1], [-1], [1], {"x": 3}), None,
      r"name 'x' refers to node 3, but the graph has 1 nodes"),
-    ("unknown op name", lambda: Tape.from_nodes([("input", (), 1.0), ("cosh", (0,), 0.0)]), 1,
-     r"node 1: unknown op 'cosh'; known: input, const, add"),
+    ("unknown op name", lambda: Tape.from_nodes([("input", (), 1.0), ("cotanh", (0,), 0.0)]), 1,
+     r"node 1: unknown op 'cotanh'; known: input, const, add"),
     ("unknown op code in nodes", lambda: Tape.from_nodes([(99, (), 1.0)]), 0, r"unknown op 99"),
     ("wrong arity in nodes", lambda: Tape.from_nodes([("input", (), 1.0), ("add", (0,), 0.0)]), 1,
      r"node 1: add takes 2 argument\(s\), got 1"),
