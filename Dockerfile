@@ -13,6 +13,9 @@ COPY proto proto
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
+# The package's version (micrograd.__version__, checked by tests/test_docs.py).
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="micrograd-rpc" org.opencontainers.image.version="${VERSION}"
 RUN useradd --create-home --uid 10001 micrograd
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels

@@ -39,7 +39,12 @@ setup(
     ext_modules=[
         Extension(
             "micrograd._kernel",
-            sources=["engine/_kernel.c", "engine/_kernel_decode.c", "engine/_kernel_unpack.c"],
+            sources=[
+                "engine/_kernel.c",
+                "engine/_kernel_decode.c",
+                "engine/_kernel_unpack.c",
+                "engine/_kernel_pack.c",
+            ],
             depends=["engine/_ops_list.h", "engine/_ops_math.h", "engine/_kernel_hvp.h"],
             optional=True,
         )

@@ -189,6 +189,39 @@ def ensure_micrograd_pypi() -> Path:
     return MICROGRAD_DIR
 
 
+def micrograd_pypi_beside_ours() -> Any:
+    """micrograd 0.1.0's ``engine`` and ``nn`` loaded under other names, beside our ``micrograd``.
+
+    For workers that run both systems in one process. Its ``nn`` imports
+    ``micrograd.engine``; that one import is pointed at 0.1.0's engine while
+    ``nn`` loads. Returns a namespace with ``engine`` and ``nn``.
+    """
+    import importlib.util
+    import types
+
+    folder = ensure_micrograd_pypi() / "micrograd"
+    loaded = {}
+    for name in ("engine", "nn"):
+        spec = importlib.util.spec_from_file_location(
+            f"micrograd_pypi_{name}", folder / f"{name}.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        saved = sys.modules.get("micrograd.engine")
+        if name == "nn":
+            sys.modules["micrograd.engine"] = loaded["engine"]
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            if name == "nn":
+                if saved is None:
+                    del sys.modules["micrograd.engine"]
+                else:
+                    sys.modules["micrograd.engine"] = saved
+        loaded[name] = module
+    return types.SimpleNamespace(**loaded)
+
+
 def import_micrograd_pypi() -> Any:
     """Import PyPI micrograd 0.1.0 in this worker process, in place of ours; return it."""
     sys.path.insert(0, str(ensure_micrograd_pypi()))

@@ -11,7 +11,9 @@ Two graphs, each run by every system in its own process:
 
 Systems: micrograd 0.1.0 from PyPI, PyTorch scalar autograd (one float64
 0-d tensor per value), our ``Value``, and our tape with every kernel this
-machine has (compile time reported apart from the sweeps). Figures are
+machine has (compile time reported apart from the sweeps). Each runs in its
+own process; then the collected-heap method runs micrograd 0.1.0 and our
+``Value`` in one process, alternating, each run from a collected heap. Figures are
 medians of N runs; "nodes" is always the size of our graph (``len`` of the
 tape), so nodes/s compares the same work across systems.
 """
@@ -210,6 +212,8 @@ def worker(system: str, graph: str, steps: int, repeats: int) -> dict[str, Any]:
     """Measure one system on one graph in this process; return the report."""
     if system.startswith("tape:"):
         return tape_worker(system.split(":", 1)[1], graph, steps, repeats)
+    if system == "heap":
+        return heap_worker(graph, steps, repeats)
     run, check, note = _work(system, graph, steps)
     rss = c.rss_growth(run)
     output, dfirst = check()
@@ -231,6 +235,56 @@ def worker(system: str, graph: str, steps: int, repeats: int) -> dict[str, Any]:
         "dfirst": dfirst,
         "note": note,
     }
+
+
+def heap_worker(graph: str, steps: int, repeats: int) -> dict[str, Any]:
+    """The collected-heap method: micrograd 0.1.0 and our ``Value`` in one process, alternating.
+
+    Every run starts from a collected heap (``gc.collect()`` before it, not
+    timed), so no system pays for the other's garbage, nor for its own from
+    the run before; the order of the two alternates from round to round.
+    """
+    import gc
+    import time
+
+    from micrograd.engine import Value
+    from micrograd.nn import MLP
+
+    mg = c.micrograd_pypi_beside_ours()
+    points = c.moons()
+    runs: dict[str, Callable[[], Any]] = {}
+    for system, value, mlp in (("micrograd", mg.engine.Value, mg.nn.MLP), ("value", Value, MLP)):
+        if graph == "mlp":
+            model = _with_weights(mlp(c.MLP_SIZES[0], c.MLP_SIZES[1]))
+
+            def run(model: Any = model) -> Any:
+                loss = c.svm_loss(model, points)
+                loss.backward()
+                return loss
+
+        else:
+
+            def run(value: Any = value) -> Any:
+                y0, y = c.relu_chain(value, steps)
+                y.backward()
+                return y0, y
+
+        runs[system] = (
+            run
+            if system != "micrograd" or graph == "mlp"
+            else (lambda run=run: _in_deep_thread(run))
+        )
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            gc.collect()
+            start = time.perf_counter()
+            result = runs[name]()
+            times[name].append(time.perf_counter() - start)
+            del result
+    gc.collect()
+    return {"times": times}
 
 
 def tape_worker(kernel_name: str, graph: str, steps: int, repeats: int) -> dict[str, Any]:
@@ -372,6 +426,42 @@ def main() -> None:
                 f"difference between systems {spread:.1e}"
             )
         print("\n" + "\n".join(notes))
+        heap_repeats = 3 if args.quick else REPEATS["value"][graph == "chain"]
+        heap = c.run_worker(
+            here,
+            ["heap", graph, "--steps", str(steps), "--repeats", str(heap_repeats)],
+            timeout=900,
+        )
+        if "error" in heap:
+            print(f"\ncollected-heap method: fails ({heap['error']})")
+        else:
+            mg_ms = 1e3 * c.median(heap["times"]["micrograd"])
+            ours_ms = 1e3 * c.median(heap["times"]["value"])
+            print(
+                "\ncollected-heap method (both in one process, alternating, gc.collect() before "
+                "every run):\n\n"
+                + c.table(
+                    ["system", "N", "median ms", "speed vs micrograd"],
+                    [
+                        [LABELS["micrograd"], str(heap_repeats), c.fixed(mg_ms), "1.00×"],
+                        [
+                            LABELS["value"],
+                            str(heap_repeats),
+                            c.fixed(ours_ms),
+                            f"{c.fixed(mg_ms / ours_ms)}×",
+                        ],
+                    ],
+                )
+            )
+            verdicts.append(
+                c.verdict(
+                    f"Value speed vs micrograd, {graph}, collected heap",
+                    mg_ms / ours_ms,
+                    TARGET_VALUE_SPEEDUP,
+                    True,
+                    "×",
+                )
+            )
         value = results.get("value", {})
         if value.get("ratio"):
             verdicts.append(

@@ -16,6 +16,8 @@ the floor: what gRPC in Python costs for the same bytes. Rows:
    <= 100 ns/node.
 4. ``Evaluate`` calls per second with 8 calls in flight against one server
    process vs the echo; target >= 3,000/s.
+5. seed ``Evaluate`` p50 with TLS and a bearer token (a third server, its
+   certificate made by ``trustme``) vs the plaintext server; target <= 1.3x.
 
 Every figure is a median over the stated repeats. Each measure is a
 function returning ``Row``s listed in ``MEASURES``, so adding a row (say,
@@ -106,6 +108,8 @@ class Servers:
     load_processes: int = 2
     http: str = ""
     """``host:port`` of our server's HTTP (JSON-RPC) endpoint."""
+    argv: Sequence[str] = ()
+    """How our server was started, for measures that start a differently configured one."""
 
 
 # -- the echo server -----------------------------------------------------------------
@@ -489,12 +493,224 @@ def measure_jsonrpc(servers: Servers) -> list[Row]:
     ]
 
 
+@contextmanager
+def secured_server(directory: Path) -> Iterator[tuple[str, str, bytes, str]]:
+    """A server like ours, with TLS and a bearer token on both ports (certificates made now,
+    by ``trustme``); yields its gRPC and HTTP ``host:port``, the CA (PEM) and the token."""
+    import secrets
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    (directory / "server.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(directory / "server.key"))
+    token = secrets.token_hex(32)
+    (directory / "tokens").write_text(token + "\n")
+    argv = [sys.executable, "-m", "micrograd.server", "serve", "--host", "127.0.0.1",
+            "--port", "0", "--http-port", "0", "--workers", "1",
+            "--port-file", "{port_file}", "--http-port-file", "{port_file}.http",
+            "--log-level", "WARNING", "--tls-cert", str(directory / "server.pem"),
+            "--tls-key", str(directory / "server.key"),
+            "--auth-token-file", str(directory / "tokens")]
+    with server_process(argv, directory, "secured") as target:
+        http_port = int((directory / "secured.port.http").read_text())
+        yield target, f"127.0.0.1:{http_port}", ca.cert_pem.bytes(), token
+
+
+def measure_tls(servers: Servers) -> list[Row]:
+    """Seed ``Evaluate`` p50 with TLS + a bearer token vs the same server in plaintext, both
+    ports, interleaved in one run: what the edge security costs a small call."""
+    import http.client
+    import json
+    import ssl
+
+    from google.protobuf import json_format
+
+    request = seed_request()
+    params = {"graph": json_format.MessageToDict(codec.to_graph(seed_tape()))}
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": params})
+    count = 250 if servers.quick else 500
+    blocks = max(servers.repeats, 2)
+    secure: list[float] = []
+    plain: list[float] = []
+    secure_http: list[float] = []
+    plain_http: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, secured_server(Path(tmp)) as (
+        target, http_target, ca, token
+    ):
+        credentials = grpc.ssl_channel_credentials(ca)
+        metadata = (("authorization", f"Bearer {token}"),)
+        context = ssl.create_default_context(cadata=ca.decode())
+        host, port = http_target.rsplit(":", 1)
+        https = http.client.HTTPSConnection(host, int(port), timeout=30, context=context)
+        plain_host, plain_port = servers.http.rsplit(":", 1)
+        http_plain = http.client.HTTPConnection(plain_host, int(plain_port), timeout=30)
+
+        def post(connection: http.client.HTTPConnection, headers: dict[str, str]) -> bytes:
+            connection.request("POST", "/rpc", body, headers)
+            reply = connection.getresponse()
+            data = reply.read()
+            assert reply.status == 200, data
+            return data
+
+        json_headers = {"Content-Type": "application/json"}
+        token_headers = {**json_headers, "Authorization": f"Bearer {token}"}
+        with grpc.secure_channel(target, credentials) as tls_channel, \
+                _channel(servers.ours) as channel:
+            evaluate_tls = tls_channel.unary_unary(EVALUATE)
+            evaluate = channel.unary_unary(EVALUATE)
+            reply = pb.EvaluateResponse.FromString(evaluate_tls(request, metadata=metadata))
+            assert f"{codec.f64_array(reply.values_f64)[-1]:.4f}" == "24.7041"
+            latencies(lambda: evaluate_tls(request, metadata=metadata), 200, 5)
+            latencies(lambda: evaluate(request), 200, 5)
+            latencies(lambda: post(https, token_headers), 100, 5)
+            latencies(lambda: post(http_plain, json_headers), 100, 5)
+            for _ in range(blocks):
+                secure += latencies(lambda: evaluate_tls(request, metadata=metadata), count, 10)
+                plain += latencies(lambda: evaluate(request), count, 10)
+                secure_http += latencies(lambda: post(https, token_headers), count // 2, 10)
+                plain_http += latencies(lambda: post(http_plain, json_headers), count // 2, 10)
+        https.close()
+        http_plain.close()
+    return [
+        Row("seed Evaluate p50, TLS + token", percentile(secure, 50) * 1e6,
+            percentile(plain, 50) * 1e6, "us", "<= 1.3x",
+            f"baseline: the same server in plaintext without a token (not echo); {len(secure)} "
+            f"calls each, {blocks} interleaved blocks; one channel kept open"),
+        Row("seed Evaluate over HTTPS + token p50", percentile(secure_http, 50) * 1e6,
+            percentile(plain_http, 50) * 1e6, "us", "",
+            "baseline: JSON-RPC over plain HTTP to the plaintext server; one keep-alive "
+            "connection each"),
+    ]
+
+
+def measure_batch(servers: Servers) -> list[Row]:
+    """Per-sample gradients: 1,000 bindings of the MLP loss graph, ``selection="inputs"``,
+    through ``Client.evaluate`` (default threads, then a one-thread server) vs CasADi's
+    ``map(1000, "serial")`` of output + input gradients in this process."""
+    import kernels as bench_kernels  # the same tape, bindings and CasADi graph as bench/kernels.py
+
+    tape = bench_kernels.mlp_tape()
+    width = 100 if servers.quick else 1000
+    rows = bench_kernels.batch_bindings(tape, width)
+    expected = tape.evaluate_selected(rows, tape.inputs)
+
+    def through(target: str) -> list[float]:
+        times = []
+        with Client(target) as client:
+            graph_id = client.register(tape)
+            for _ in range(servers.repeats + 1):
+                t0 = time.perf_counter()
+                result = client.evaluate(graph_id, batch=rows, selection="inputs")
+                times.append(time.perf_counter() - t0)
+        assert np.array_equal(result.values, expected[0])
+        assert np.array_equal(result.grads, expected[1])
+        return times[1:]  # the first call warms the connection
+
+    default = statistics.median(through(servers.ours)) * 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [*servers.argv, "--kernel-threads", "1"]
+        with server_process(argv, Path(tmp), "one-thread") as one:
+            single = statistics.median(through(one)) * 1e3
+    casadi: float | None = None
+    casadi_note = ""
+    try:
+        import casadi as ca
+
+        x, everything = bench_kernels.casadi_graph(ca, tape)
+        out = everything[len(tape) - 1]
+        mapped = ca.Function("f", [x], [out, ca.gradient(out, x)]).map(width, "serial")
+        columns = ca.DM(rows.T)
+        casadi = statistics.median(
+            _timed_calls(lambda: mapped(columns), servers.repeats)
+        ) * 1e3
+        casadi_note = f"; CasADi {ca.__version__} map({width}, serial), in this process"
+    except (ImportError, NotImplementedError) as exc:
+        casadi_note = f"; CasADi not measured: {exc}"
+    note = (
+        f"{len(tape):,} nodes x {width:,} bindings, {servers.repeats} repeats, "
+        f"graph registered{casadi_note}"
+    )
+    return [
+        Row(
+            f"per-sample grads, {width:,} bindings, service",
+            default,
+            casadi,
+            "ms",
+            "<= 0.25x",
+            note,
+        ),
+        Row(
+            "same, default threads vs one thread",
+            default,
+            single,
+            "ms",
+            "<= 0.59x",
+            f"server defaults ({os.cpu_count()} CPUs) vs --kernel-threads 1",
+        ),
+    ]
+
+
+def _timed_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_value_backward(servers: Servers) -> list[Row]:
+    """``client.backward(g)`` of a 1,000,001-node ``Value`` graph vs ``g.backward()`` here."""
+    import micrograd.engine as engine
+
+    x = Value(0.5)
+    y = x
+    for _ in range(250_000 if not servers.quick else 25_000):
+        y = y * 1.0001 + 0.001
+    n = 4 * (250_000 if not servers.quick else 25_000) + 1
+    with Client(servers.ours) as client:
+        client.backward(y)  # warm the connection
+        remote = _timed_calls(lambda: client.backward(y), servers.repeats)
+    local = _timed_calls(y.backward, servers.repeats)
+    native = engine._native_backward
+    engine._native_backward = None
+    try:
+        python = _timed_calls(y.backward, servers.repeats)
+    finally:
+        engine._native_backward = native
+    note = f"{n:,} nodes (y = y * 1.0001 + 0.001), {servers.repeats} repeats"
+    return [
+        Row(
+            "client.backward vs local backward()",
+            statistics.median(remote) * 1e3,
+            statistics.median(local) * 1e3,
+            "ms",
+            "<= 1.5x",
+            note + "; local: native reverse sweep",
+        ),
+        Row(
+            "client.backward vs Python backward()",
+            statistics.median(remote) * 1e3,
+            statistics.median(python) * 1e3,
+            "ms",
+            "",
+            "local backward() on the pure-Python path (as before the native walk)",
+        ),
+    ]
+
+
 MEASURES: dict[str, Callable[[Servers], list[Row]]] = {
     "latency": measure_latency,
     "big": measure_big_graph,
     "decode": measure_decode,
     "throughput": measure_throughput,
     "jsonrpc": measure_jsonrpc,
+    "batch": measure_batch,
+    "backward": measure_value_backward,
+    "tls": measure_tls,
 }
 """Every measure, in table order; each returns its rows."""
 
@@ -564,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server_process(echo_argv, directory, "echo") as echo:
             http_port = int((directory / "ours.port.http").read_text())
             servers = Servers(ours, echo, repeats, args.quick, args.load_processes,
-                              f"127.0.0.1:{http_port}")
+                              f"127.0.0.1:{http_port}", ours_argv)
             with Client(ours) as client:
                 info = client.server_info()
             rows: list[Row] = []

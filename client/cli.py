@@ -1,12 +1,19 @@
-"""``micrograd-rpc eval``: evaluate a graph written as JSON on a running server.
+"""``micrograd-rpc eval`` and ``health``: evaluate a graph written as JSON, check health.
 
 The file holds a ``Graph`` (``{"nodes": [...]}``) or a whole
 ``EvaluateRequest`` in the proto3 JSON mapping; ``--inputs`` and
 ``--output`` override what it says. The values and gradients of the
 reported nodes are printed as a table (names shown) or as JSON.
 
-``add_eval_parser`` plugs the subcommand into the ``micrograd-rpc`` parser;
-the parser's dispatcher calls ``args.func(args)`` and exits with its result.
+``micrograd-rpc health`` runs the grpc.health.v1 check (exit 0 when
+SERVING), for container HEALTHCHECKs and probes. Both take the security
+flags of ``add_connection_arguments``: ``--tls``, ``--tls-ca``, a client
+certificate (``--tls-cert``/``--tls-key``) and a bearer token (``--token``,
+``--token-file`` or ``$MICROGRAD_RPC_TOKEN``).
+
+``add_eval_parser`` and ``add_health_parser`` plug the subcommands into the
+``micrograd-rpc`` parser; its dispatcher calls ``args.func(args)`` and exits
+with its result.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +33,22 @@ from micrograd import ops as _ops
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
+from .channel import TOKEN_ENV
 from .client import Client
 from .errors import RemoteError
 from .result import Result
 
-__all__ = ["add_eval_parser", "main", "read_request", "run_eval"]
+__all__ = [
+    "add_connection_arguments",
+    "add_eval_parser",
+    "add_health_parser",
+    "connect",
+    "main",
+    "read_request",
+    "run_eval",
+    "run_health",
+    "security_options",
+]
 
 
 def add_eval_parser(subparsers: Any) -> None:
@@ -37,10 +56,20 @@ def add_eval_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a graph (JSON) on a server and print values and gradients",
-        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+        description=(
+            "Evaluate a graph written as JSON on a running server and print the value and "
+            "gradient of every reported node. The file holds a Graph ({\"nodes\": [...]}) or a "
+            "whole EvaluateRequest in the proto3 JSON mapping (camelCase names, as JSON-RPC "
+            "takes them); --inputs and --output override what it says."
+        ),
     )
-    parser.add_argument("graph", type=Path, help="JSON file: a Graph or an EvaluateRequest")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument(
+        "graph", help="JSON file with a Graph or an EvaluateRequest ('-' reads standard input)"
+    )
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", metavar="HOST:PORT",
+        help="the server's gRPC address (default %(default)s)",
+    )
     parser.add_argument(
         "--inputs",
         default="",
@@ -50,14 +79,93 @@ def add_eval_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--output", type=int, default=None, metavar="N", help="node to differentiate (default last)"
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table",
+        help="table: aligned columns node, name, op, value, grad; json: one object with "
+        "graphId, output, nodeCount, rows and nodes, in JSON-RPC's camelCase (default "
+        "%(default)s)",
+    )
     parser.add_argument(
         "--precision", type=int, default=4, help="decimals shown in the table (default 4)"
     )
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="deadline of the call in seconds"
     )
+    add_connection_arguments(parser)
     parser.set_defaults(func=run_eval)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how to reach a server securely: TLS, client certificate, token."""
+    env = os.environ.get
+    group = parser.add_argument_group("security")
+    group.add_argument(
+        "--tls", action="store_true",
+        help="connect over TLS, verifying the server against the system's roots (or --tls-ca)",
+    )
+    group.add_argument(
+        "--tls-ca", metavar="PATH", default=env("MICROGRAD_RPC_TLS_CA"),
+        help="PEM CA certificate(s) that signed the server's certificate; implies --tls "
+        "[env MICROGRAD_RPC_TLS_CA]",
+    )
+    group.add_argument(
+        "--tls-cert", metavar="PATH", default=env("MICROGRAD_RPC_TLS_CLIENT_CERT"),
+        help="PEM client certificate, for servers that require one (mutual TLS); implies --tls "
+        "[env MICROGRAD_RPC_TLS_CLIENT_CERT]",
+    )
+    group.add_argument(
+        "--tls-key", metavar="PATH", default=env("MICROGRAD_RPC_TLS_CLIENT_KEY"),
+        help="PEM private key of --tls-cert [env MICROGRAD_RPC_TLS_CLIENT_KEY]",
+    )
+    group.add_argument(
+        "--tls-server-name", metavar="NAME", default=None,
+        help="check the server's certificate for NAME instead of the target's host",
+    )
+    group.add_argument(
+        "--token-file", metavar="PATH", default=None,
+        help="file whose first token (# comments skipped) is sent as the bearer token",
+    )
+    group.add_argument(
+        "--token", default=None,
+        help=f"bearer token to send (visible to other local users in the process list; "
+        f"prefer --token-file or ${TOKEN_ENV}) [env {TOKEN_ENV}]",
+    )
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token the flags name: ``--token``, the first of ``--token-file``, or the env."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        for line in Path(args.token_file).read_text().splitlines():
+            token = line.split("#", 1)[0].strip()
+            if token:
+                return token
+        raise ValueError(f"--token-file {args.token_file}: no token in it")
+    return None
+
+
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Client`` keyword arguments the flags of ``add_connection_arguments`` stand for.
+
+    Raises ``ValueError`` (or ``OSError``) for a token file that cannot be read.
+    """
+    return {
+        "tls": bool(args.tls),
+        "root_certificates": args.tls_ca or None,
+        "client_certificate": args.tls_cert or None,
+        "client_key": args.tls_key or None,
+        "server_name": args.tls_server_name,
+        "token": _token(args),
+    }
+
+
+def connect(args: argparse.Namespace, **options: Any) -> Client:
+    """A ``Client`` for ``args.target`` with the security flags of ``add_connection_arguments``.
+
+    Raises ``ValueError`` (or ``OSError``) for a file that cannot be read.
+    """
+    return Client(args.target, **security_options(args), **options)
 
 
 def parse_inputs(text: str) -> dict[str, float]:
@@ -170,9 +278,9 @@ def as_json(result: Result, ops: dict[int, str]) -> str:
             entry["grad"] = None if g is None else _json_number(g)
         nodes.append(entry)
     doc = {
-        "graph_id": result.graph_id,
+        "graphId": result.graph_id,
         "output": result.output,
-        "node_count": result.node_count,
+        "nodeCount": result.node_count,
         "rows": result.rows,
         "nodes": nodes,
     }
@@ -182,17 +290,24 @@ def as_json(result: Result, ops: dict[int, str]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``eval`` with parsed arguments; the exit status (0 ok, 1 call failed, 2 bad input)."""
     try:
-        request = read_request(args.graph.read_text())
+        text = sys.stdin.read() if args.graph == "-" else Path(args.graph).read_text()
+        request = read_request(text)
         for name, value in parse_inputs(args.inputs).items():
             request.inputs[name] = value
     except (OSError, ValueError, json_format.ParseError) as exc:
-        print(f"micrograd-rpc eval: {args.graph}: {exc}", file=sys.stderr)
+        where = "standard input" if args.graph == "-" else args.graph
+        print(f"micrograd-rpc eval: {where}: {exc}", file=sys.stderr)
         return 2
     if args.output is not None:
         request.output = args.output
     request.binary_output = True
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        client = connect(args, timeout=args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"micrograd-rpc eval: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             result = client.send(request)
     except RemoteError as exc:
         print(f"micrograd-rpc eval: {exc}", file=sys.stderr)
@@ -202,10 +317,57 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_health_parser(subparsers: Any) -> None:
+    """Register the ``health`` subcommand: the grpc.health.v1 check, for probes and HEALTHCHECK."""
+    parser = subparsers.add_parser(
+        "health",
+        help="ask a server's grpc.health.v1 service whether it is SERVING (exit 0) or not (1)",
+        description=(
+            "Run the grpc.health.v1 Check against a server and print its status. Exits 0 when "
+            "it is SERVING, 1 when it is not or cannot be reached, 2 for bad arguments: fit for "
+            "a container HEALTHCHECK or a readiness probe. Health needs no token; TLS and client "
+            "certificates are needed when the server requires them."
+        ),
+    )
+    parser.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="server host:port; several, comma-separated, or dns:///name:port are balanced",
+    )
+    parser.add_argument(
+        "--service", default="",
+        help="service to check (default: the whole server; e.g. micrograd.v1.GradientService)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="deadline of the check in seconds"
+    )
+    add_connection_arguments(parser)
+    parser.set_defaults(func=run_health)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Run ``health``: print the status; 0 if SERVING, 1 otherwise, 2 for unreadable files."""
+    try:
+        client = connect(args, timeout=args.timeout, retries=0)
+    except (OSError, ValueError) as exc:
+        print(f"micrograd-rpc health: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client:
+            status = client.health(args.service)
+    except RemoteError as exc:
+        print(f"micrograd-rpc health: {exc}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m micrograd.client.cli eval ...``: the subcommand without the server's CLI."""
+    """``python -m micrograd.client.cli eval|health ...``: the subcommands without the server."""
     parser = argparse.ArgumentParser(prog="micrograd-rpc")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(commands)
+    add_health_parser(commands)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

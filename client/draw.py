@@ -21,8 +21,7 @@ from google.protobuf import json_format
 from micrograd import codec, viz
 from micrograd.v1 import gradient_service_pb2 as pb
 
-from .cli import parse_inputs, read_request
-from .client import Client
+from .cli import add_connection_arguments, connect, parse_inputs, read_request
 from .errors import RemoteError
 
 __all__ = ["FORMATS", "add_draw_parser", "draw_request", "run_draw"]
@@ -71,6 +70,7 @@ def add_draw_parser(subparsers: Any) -> None:
         "--timeout", type=float, default=30.0,
         help="deadline of the call in seconds, with --target (default %(default)s)",
     )
+    add_connection_arguments(parser)
     parser.set_defaults(func=run_draw)
 
 
@@ -86,15 +86,14 @@ def _graph_of(request: pb.EvaluateRequest) -> Any:
 
 def draw_request(
     request: pb.EvaluateRequest,
-    target: str | None = None,
+    client: Any = None,
     max_nodes: int = viz.DEFAULT_MAX_NODES,
     fmt: str = "svg",
     rankdir: str = "LR",
-    timeout: float = 30.0,
 ) -> Any:
-    """The ``graphviz.Digraph`` of the request's graph, evaluated locally or on ``target``."""
+    """The ``graphviz.Digraph`` of the request's graph, evaluated locally or by ``client``."""
     graph = _graph_of(request)
-    if target is None:
+    if client is None:
         tape = (
             codec.from_graph(request.graph)
             if request.WhichOneof("source") == "graph"
@@ -108,8 +107,7 @@ def draw_request(
     else:
         request.selection = pb.SELECTION_ALL
         request.binary_output = True
-        with Client(target, timeout=timeout) as client:
-            result = client.send(request)
+        result = client.send(request)
         pic = viz.picture(graph, result, max_nodes=max_nodes)
     return viz.draw_tape(pic, format=fmt, rankdir=rankdir)
 
@@ -133,10 +131,14 @@ def run_draw(args: argparse.Namespace) -> int:
         request = read_request(text)
         for name, value in parse_inputs(args.inputs).items():
             request.inputs[name] = value
-        dot = draw_request(
-            request, args.target, args.max_nodes, "svg" if fmt == "dot" else fmt,
-            args.rankdir, args.timeout,
-        )
+        client = None if args.target is None else connect(args, timeout=args.timeout)
+        try:
+            dot = draw_request(
+                request, client, args.max_nodes, "svg" if fmt == "dot" else fmt, args.rankdir
+            )
+        finally:
+            if client is not None:
+                client.close()
     except (OSError, ValueError, json_format.ParseError) as exc:
         print(f"micrograd-rpc draw: {where}: {exc}", file=sys.stderr)
         return 2

@@ -1,33 +1,62 @@
-"""Building requests: whatever the caller holds, turned into ``micrograd.v1`` messages.
+"""A request's life, without any I/O: what to send, and when to send it again.
 
-A graph may be given as a ``Graph`` or ``PackedGraph`` message, a ``Tape``,
-a ``Value`` (its whole expression graph) or the ``graph_id`` of a graph
-registered earlier. ``prepare`` brings each to one shape, ``evaluate_request``
-fills in inputs, batch, selection and output, and ``upload_pieces`` cuts a
-large ``PackedGraph`` into ``UploadGraph`` messages.
+Building requests: a graph may be given as a ``Graph`` or ``PackedGraph``
+message, a ``Tape``, a ``Value`` (its whole expression graph) or the
+``graph_id`` of a graph registered earlier. ``prepare`` brings each to one
+shape, ``evaluate_request`` fills in inputs, batch, selection and output, and
+``upload_pieces`` cuts a large ``PackedGraph`` into ``UploadGraph`` messages.
+
+Deciding: every call of ``Client`` and ``AsyncClient`` is one of the step
+generators at the end of this module (``backward``, ``evaluate``, ``send``,
+``register``, ``server_info``, ``health``). A generator yields the I/O it
+needs (``Rpc``: one attempt of an rpc; ``Pause``: a wait before retrying)
+and is sent the reply, or has the ``grpc.RpcError`` thrown in; the clients
+only perform those steps, blocking or awaited. So the retry loop
+(``attempts``), the route of an evaluation (register or upload first? stream
+the result?) and the resend of a graph the server no longer holds
+(``_evaluate``) are written once, here, under a ``CallPolicy``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2
 from micrograd import codec
 from micrograd.engine import Value
 from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
+from .channel import Retry, channel_options
+from .errors import NotFound, RemoteError, remote_error
+from .result import Result, StreamAssembly, apply_backward, result_from_response
+
 __all__ = [
+    "CallPolicy",
     "GraphLike",
+    "Pause",
     "Prepared",
+    "Rpc",
     "SelectionLike",
+    "Steps",
+    "attempts",
+    "backward",
+    "evaluate",
     "evaluate_request",
+    "health",
     "packed",
     "prepare",
+    "register",
     "register_request",
+    "send",
+    "server_info",
     "split_request",
     "stream_request",
     "upload_pieces",
@@ -74,12 +103,30 @@ class Prepared:
         return 0 if message is None else message.ByteSize()
 
 
-def prepare(graph: GraphLike, names: Mapping[str, Value] | None = None) -> Prepared:
-    """Bring any accepted graph form to a ``Prepared``; ``names`` label a ``Value`` graph."""
+def prepare(
+    graph: GraphLike,
+    names: Mapping[str, Value] | None = None,
+    request: pb.EvaluateRequest | None = None,
+) -> Prepared:
+    """Bring any accepted graph form to a ``Prepared``; ``names`` label a ``Value`` graph.
+
+    A ``Value`` graph has no names of its own: inputs that ``request`` binds
+    by a name ``names`` does not give raise ``ValueError`` saying so.
+    """
     if isinstance(graph, str):
         return Prepared(None, graph_id=graph)
     if isinstance(graph, Value):
-        message, _, order = codec.encode_value(graph, names)
+        if request is not None:
+            bound = [*request.inputs, *request.batch.columns]
+            unnamed = sorted({name for name in bound if name not in (names or {})})
+            if unnamed:
+                first = unnamed[0]
+                raise ValueError(
+                    f"no input is named {', '.join(map(repr, unnamed))}: the nodes of a Value "
+                    "graph have no names until you give them with names=, e.g. "
+                    f"evaluate(g, inputs={{{first!r}: 2.0}}, names={{{first!r}: {first}}})"
+                )
+        message, order = codec.pack_value(graph, names)
         return Prepared(message, order=order)
     if names:
         raise TypeError("names= applies to a Value graph; name nodes inside the graph instead")
@@ -223,3 +270,292 @@ def upload_pieces(
         yield pb.UploadGraphRequest(
             piece=graph_pb2.PackedGraph(names=names[start : start + per_piece])
         )
+
+
+# -- the policy of a client's calls --------------------------------------------------------
+
+GraphMessage: TypeAlias = graph_pb2.Graph | graph_pb2.PackedGraph
+
+
+class CallPolicy:
+    """How a client calls: target, deadline, retries, message and upload sizes, and the
+    graphs it remembers in order to resend them."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None,
+        retries: int,
+        retry: Retry | None,
+        max_message_bytes: int,
+        upload_threshold: int,
+        stream_threshold: int,
+        piece_bytes: int,
+        remember: int,
+    ) -> None:
+        """See ``Client`` for the meaning of each argument."""
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or Retry(attempts=retries + 1)
+        self.max_message_bytes = max_message_bytes
+        self.upload_threshold = min(upload_threshold, max_message_bytes)
+        self.stream_threshold = min(stream_threshold, max_message_bytes)
+        self.piece_bytes = min(piece_bytes, max_message_bytes // 2)
+        self.remember = remember
+        self.options = channel_options(max_message_bytes, self.retry)
+        self.known: OrderedDict[str, GraphMessage] = OrderedDict()
+
+    def deadline(self, timeout: float | None) -> float | None:
+        """Monotonic time by which a call (all its attempts) must end, or ``None``."""
+        t = self.timeout if timeout is None else timeout
+        return None if t is None else time.monotonic() + t
+
+    def remaining(self, deadline: float | None) -> float | None:
+        """Seconds left until ``deadline`` for the next attempt (never negative)."""
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def next_delay(self, delays: Iterator[float], deadline: float | None) -> float | None:
+        """The wait before the next try, or ``None`` if the tries or the deadline are used up."""
+        delay = next(delays, None)
+        if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+            return None
+        return delay
+
+    def remember_graph(self, graph_id: str, message: GraphMessage) -> None:
+        """Keep the last few graphs this client registered, to resend one the server dropped."""
+        self.known[graph_id] = message
+        self.known.move_to_end(graph_id)
+        while len(self.known) > self.remember:
+            self.known.popitem(last=False)
+
+    def route(
+        self, prepared: Prepared, request: pb.EvaluateRequest, stream: bool | None
+    ) -> tuple[bool, bool]:
+        """``(upload, stream)``: whether to register the graph first, and to stream the result.
+
+        A graph whose message exceeds ``upload_threshold`` is uploaded and
+        evaluated by id; a result that may exceed ``stream_threshold`` (nodes
+        x rows x 16 bytes) is streamed.
+        """
+        upload = prepared.message is not None and prepared.byte_size() > self.upload_threshold
+        if stream is not None:
+            return upload, stream
+        message = prepared.message
+        if message is None and prepared.graph_id is not None:
+            message = self.known.get(prepared.graph_id)
+        if message is None:
+            return upload, upload
+        n = Prepared(message).node_count or 0
+        rows = 1
+        if request.HasField("batch"):
+            width = max(len(request.batch.columns), 1)
+            rows = max(len(request.batch.values_f64) // 8, len(request.batch.values)) // width
+        return upload, upload or n * max(rows, 1) * 16 > self.stream_threshold
+
+    def uploads(self, message: GraphMessage) -> bool:
+        """Whether ``message`` is big enough to go through UploadGraph rather than RegisterGraph."""
+        return Prepared(message).byte_size() > self.upload_threshold
+
+    def resend(self, prepared: Prepared, graph_id: str, error: NotFound) -> GraphMessage:
+        """The graph to register again when the server lacks ``graph_id``, or raise ``NotFound``."""
+        message = prepared.message or self.known.get(graph_id)
+        if message is None:
+            raise self.not_found(graph_id, error) from error
+        return message
+
+    def not_found(self, graph_id: str, error: RemoteError) -> NotFound:
+        """The ``NotFound`` for a graph_id the server lacks and this client cannot resend."""
+        return NotFound(
+            f"graph {graph_id} is not registered on {self.target} and this client does not "
+            f"hold it (server said: {error.message})",
+            grpc.StatusCode.NOT_FOUND,
+            target=self.target,
+        )
+
+
+# -- the steps of a call -------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Rpc:
+    """One attempt of an rpc, for a client to perform and answer with the reply.
+
+    ``method`` is a ``GradientService`` method (or ``Check`` of the health
+    service when ``health``), ``request`` its request (an iterator for
+    UploadGraph), ``timeout`` the seconds left. A streamed response is fed
+    message by message into ``into``, which is then the reply.
+    """
+
+    method: str
+    request: Any
+    timeout: float | None
+    into: StreamAssembly | None = None
+    health: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait ``seconds`` before the next attempt."""
+
+    seconds: float
+
+
+Steps: TypeAlias = Generator[Rpc | Pause, Any, T]
+"""What a call does, as steps: yields ``Rpc`` and ``Pause``, returns the call's answer."""
+
+
+def attempts(
+    policy: CallPolicy, attempt: Callable[[float | None], Rpc], timeout: float | None
+) -> Steps[Any]:
+    """``attempt(seconds_left)`` until it answers, retrying ``UNAVAILABLE`` with backoff within
+    one deadline; any other failure (or the last) raises ``RemoteError``."""
+    deadline = policy.deadline(timeout)
+    delays = policy.retry.delays()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return (yield attempt(policy.remaining(deadline)))
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                delay = policy.next_delay(delays, deadline)
+                if delay is not None:
+                    yield Pause(delay)
+                    continue
+            raise remote_error(error, policy.target, tries) from error
+
+
+def backward(
+    policy: CallPolicy, v: Value, names: Mapping[str, Value] | None, timeout: float | None
+) -> Steps[Result]:
+    """Remote ``v.backward()``: evaluate ``v``'s graph and set every node's data and grad."""
+    prepared = prepare(v, names)
+    result = yield from _evaluate(policy, prepared, evaluate_request(), False, None, timeout)
+    assert prepared.order is not None and result.grads is not None
+    apply_backward(prepared.order, result.values, result.grads)
+    return result
+
+
+def evaluate(
+    policy: CallPolicy,
+    graph: GraphLike,
+    *,
+    inputs: Mapping[str, float] | None,
+    output: int | None,
+    selection: SelectionLike,
+    batch: Mapping[str, Sequence[float]] | np.ndarray | None,
+    gradients: bool,
+    stream: bool | None,
+    names: Mapping[str, Value] | None,
+    timeout: float | None,
+) -> Steps[Result]:
+    """Evaluate and differentiate ``graph`` (see ``Client.evaluate`` for the arguments)."""
+    request = evaluate_request(
+        inputs=inputs, output=output, selection=selection, batch=batch, gradients=gradients
+    )
+    prepared = prepare(graph, names, request)
+    return (yield from _evaluate(policy, prepared, request, batch is not None, stream, timeout))
+
+
+def send(
+    policy: CallPolicy, request: pb.EvaluateRequest, stream: bool | None, timeout: float | None
+) -> Steps[Result]:
+    """Evaluate a ready-made ``EvaluateRequest`` as ``evaluate`` would."""
+    prepared, rest = split_request(request)
+    batched = request.HasField("batch")
+    return (yield from _evaluate(policy, prepared, rest, batched, stream, timeout))
+
+
+def register(
+    policy: CallPolicy, graph: GraphLike, names: Mapping[str, Value] | None, timeout: float | None
+) -> Steps[str]:
+    """Store ``graph`` in the server's cache and return its ``graph_id``."""
+    prepared = prepare(graph, names)
+    if prepared.message is None:
+        raise TypeError("register() needs a graph, not a graph_id")
+    return (yield from _register(policy, prepared.message, timeout))
+
+
+def server_info(policy: CallPolicy, timeout: float | None) -> Steps[pb.GetServerInfoResponse]:
+    """The server's version, operations, limits, kernel and worker count."""
+    request = pb.GetServerInfoRequest()
+    reply = yield from attempts(policy, lambda t: Rpc("GetServerInfo", request, t), timeout)
+    return reply  # type: ignore[no-any-return]
+
+
+def health(policy: CallPolicy, service: str, timeout: float | None) -> Steps[str]:
+    """The grpc.health.v1 status name of ``service`` (``""``: the whole server)."""
+    request = health_pb2.HealthCheckRequest(service=service)
+    reply = yield from attempts(policy, lambda t: Rpc("Check", request, t, health=True), timeout)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _register(policy: CallPolicy, message: GraphMessage, timeout: float | None) -> Steps[str]:
+    """RegisterGraph, or UploadGraph in pieces for a large message; remembers the graph."""
+    if policy.uploads(message):
+        whole = packed(message)
+
+        def attempt(t: float | None) -> Rpc:
+            return Rpc("UploadGraph", upload_pieces(whole, policy.piece_bytes), t)
+    else:
+        request = register_request(message)
+
+        def attempt(t: float | None) -> Rpc:
+            return Rpc("RegisterGraph", request, t)
+
+    reply = yield from attempts(policy, attempt, timeout)
+    policy.remember_graph(reply.graph_id, message)
+    return str(reply.graph_id)
+
+
+def _evaluate(
+    policy: CallPolicy,
+    prepared: Prepared,
+    request: pb.EvaluateRequest,
+    batched: bool,
+    stream: bool | None,
+    timeout: float | None,
+) -> Steps[Result]:
+    """Route one evaluation (inline or by id, unary or streamed); resend an evicted graph."""
+    upload, streamed = policy.route(prepared, request, stream)
+    graph_id = prepared.graph_id
+    if upload:
+        assert prepared.message is not None
+        graph_id = yield from _register(policy, prepared.message, timeout)
+    source = graph_id if graph_id is not None else prepared.message
+    assert source is not None
+    full = with_source(request, source)
+    gradients = not request.skip_gradients
+    try:
+        result = yield from _evaluate_once(policy, full, batched, gradients, streamed, timeout)
+    except NotFound as error:
+        if graph_id is None:
+            raise
+        yield from _register(policy, policy.resend(prepared, graph_id, error), timeout)
+        return (yield from _evaluate_once(policy, full, batched, gradients, streamed, timeout))
+    if graph_id is None and prepared.message is not None and result.graph_id:
+        policy.remember_graph(result.graph_id, prepared.message)
+    return result
+
+
+def _evaluate_once(
+    policy: CallPolicy,
+    request: pb.EvaluateRequest | codec.Wire,
+    batched: bool,
+    gradients: bool,
+    streamed: bool,
+    timeout: float | None,
+) -> Steps[Result]:
+    """One Evaluate or EvaluateStream call (with retries) turned into a ``Result``."""
+    if not streamed:
+        response = yield from attempts(policy, lambda t: Rpc("Evaluate", request, t), timeout)
+        return result_from_response(response, batched, gradients)
+
+    def attempt(t: float | None) -> Rpc:
+        assembly = StreamAssembly(batched, gradients)
+        return Rpc("EvaluateStream", stream_request(request), t, into=assembly)
+
+    assembly = yield from attempts(policy, attempt, timeout)
+    return assembly.result()  # type: ignore[no-any-return]

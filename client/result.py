@@ -18,6 +18,11 @@ from micrograd.v1 import gradient_service_pb2 as pb
 
 from .errors import RemoteError
 
+try:  # the C write-back onto Value nodes, when the extension is built
+    from micrograd.native import assign_values as _native_assign_values
+except ImportError:  # pragma: no cover - pure-Python installs
+    _native_assign_values = None  # type: ignore[assignment]
+
 __all__ = ["Result", "StreamAssembly", "apply_backward", "result_from_response"]
 
 
@@ -144,8 +149,16 @@ def apply_backward(order: Sequence[Value], values: np.ndarray, grads: np.ndarray
     """Write a remote backward pass onto the ``Value`` nodes (tape order) as ``backward()`` would.
 
     Every node takes its value; interior nodes take this pass's gradient and
-    leaves (inputs and constants) add it to what they hold.
+    leaves (inputs and constants) add it to what they hold. In C when the
+    extension is built.
     """
+    if (
+        _native_assign_values is not None
+        and isinstance(order, list)
+        and values.shape == grads.shape == (len(order),)
+        and _native_assign_values(order, values, grads)
+    ):
+        return
     for v, x, g in zip(order, values.tolist(), grads.tolist()):
         v.data = x
         if v.op.arity:

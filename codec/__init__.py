@@ -12,6 +12,7 @@ from .graph import (
     from_graph_bytes,
     graph_id,
     pack,
+    pack_value,
     to_graph,
     unpack,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "graph_id",
     "output_index",
     "pack",
+    "pack_value",
     "response_arrays",
     "selection_indices",
     "to_graph",

@@ -19,8 +19,11 @@ from micrograd.errors import GraphError
 from micrograd.tape import Tape
 from micrograd.v1 import graph_pb2
 
+from .malformed import shown
+
 try:  # the native decoders, when the C extension is built (they read little-endian hosts' memory)
     from micrograd.native import decode_graph as _native_decode_graph
+    from micrograd.native import pack_value as _native_pack_value
     from micrograd.native import unpack_columns as _native_unpack_columns
 
     if sys.byteorder != "little":  # pragma: no cover
@@ -28,6 +31,7 @@ try:  # the native decoders, when the C extension is built (they read little-end
 except ImportError:  # pragma: no cover - exercised on machines without a compiler
     _native_decode_graph = None  # type: ignore[assignment]
     _native_unpack_columns = None  # type: ignore[assignment]
+    _native_pack_value = None  # type: ignore[assignment]
 
 __all__ = [
     "GraphTooLarge",
@@ -36,6 +40,7 @@ __all__ = [
     "from_graph_bytes",
     "graph_id",
     "pack",
+    "pack_value",
     "to_graph",
     "unpack",
 ]
@@ -79,8 +84,12 @@ def pack(tape: Tape) -> graph_pb2.PackedGraph:
     )
 
 
-def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
-    """Decode and validate a ``PackedGraph`` (one C pass, or numpy); raises ``GraphError``."""
+def unpack(
+    msg: graph_pb2.PackedGraph, max_nodes: int | None = None, max_name_bytes: int | None = None
+) -> Tape:
+    """Decode and validate a ``PackedGraph`` (one C pass, or numpy); raises ``GraphError``.
+
+    ``max_nodes`` and ``max_name_bytes`` (UTF-8 bytes of one node name) are the limits."""
     ops, args, values = msg.ops, msg.args, msg.values
     n = len(ops)
     if n == 0:
@@ -95,7 +104,7 @@ def unpack(msg: graph_pb2.PackedGraph, max_nodes: int | None = None) -> Tape:
             None, f"values has {len(values)} bytes, not a multiple of 8 (float64 each)", "values"
         )
     code = np.frombuffer(ops, dtype=np.uint8)
-    names = _names(((nn.node, nn.name) for nn in msg.names), "names")
+    names = _names(((nn.node, nn.name) for nn in msg.names), "names", max_name_bytes)
     if _native_unpack_columns is not None:
         arg0, arg1, arg2, const = _native_unpack_columns(ops, args, values)
         return Tape.from_checked_columns(code, arg0, arg1, const, names, arg2)
@@ -144,10 +153,12 @@ def _unpack_numpy(
     return arg0, arg1, arg2, const
 
 
-def from_graph(msg: graph_pb2.Graph, max_nodes: int | None = None) -> Tape:
+def from_graph(
+    msg: graph_pb2.Graph, max_nodes: int | None = None, max_name_bytes: int | None = None
+) -> Tape:
     """Decode and validate a one-message-per-node ``Graph``; raises ``GraphError``."""
     if _native_decode_graph is not None:
-        return from_graph_bytes(msg.SerializeToString(), max_nodes)
+        return from_graph_bytes(msg.SerializeToString(), max_nodes, max_name_bytes)
     n = len(msg.nodes)
     if n == 0:
         raise GraphError(None, "the graph has no nodes", "nodes")
@@ -172,19 +183,21 @@ def from_graph(msg: graph_pb2.Graph, max_nodes: int | None = None) -> Tape:
         const[i] = node.value
         if node.name:
             named.append((i, node.name))
-    return _tape_from_columns(code, arg0, arg1, arg2, const, named)
+    return _tape_from_columns(code, arg0, arg1, arg2, const, named, max_name_bytes)
 
 
-def from_graph_bytes(data: bytes, max_nodes: int | None = None) -> Tape:
+def from_graph_bytes(
+    data: bytes, max_nodes: int | None = None, max_name_bytes: int | None = None
+) -> Tape:
     """Decode a serialized ``Graph`` straight from its wire bytes (native decoder if built)."""
     if _native_decode_graph is None:
-        return from_graph(graph_pb2.Graph.FromString(data), max_nodes)
+        return from_graph(graph_pb2.Graph.FromString(data), max_nodes, max_name_bytes)
     code, arg0, arg1, arg2, const, named = _native_decode_graph(data)  # GraphError if malformed
     n = len(code)
     if n == 0:
         raise GraphError(None, "the graph has no nodes", "nodes")
     _check_size(n, max_nodes, "nodes")
-    return _tape_from_columns(code, arg0, arg1, arg2, const, named)
+    return _tape_from_columns(code, arg0, arg1, arg2, const, named, max_name_bytes)
 
 
 def _tape_from_columns(
@@ -194,6 +207,7 @@ def _tape_from_columns(
     arg2: np.ndarray | None,
     const: np.ndarray,
     named: list[tuple[int, str]],
+    max_name_bytes: int | None = None,
 ) -> Tape:
     """Shared tail of both ``Graph`` decoders: check ops with wire field names, build the tape."""
     bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
@@ -201,19 +215,35 @@ def _tape_from_columns(
         i = int(bad[0])
         what = "OP_UNSPECIFIED (0) is not an op" if code[i] == 0 else f"unknown op {int(code[i])}"
         raise GraphError(i, f"{what}; known ops are 1..{_ops.MAX_CODE}", f"nodes[{i}].op")
-    return Tape.from_arrays(code, arg0, arg1, const, _names(named, "nodes", per_node=True), arg2)
+    names = _names(named, "nodes", max_name_bytes, per_node=True)
+    return Tape.from_arrays(code, arg0, arg1, const, names, arg2)
 
 
-def _names(pairs: Iterable[tuple[int, str]], field: str, per_node: bool = False) -> dict[str, int]:
-    """Collect ``(node, name)`` pairs into a dict, rejecting empty and duplicate names."""
+def _names(
+    pairs: Iterable[tuple[int, str]],
+    field: str,
+    max_name_bytes: int | None = None,
+    per_node: bool = False,
+) -> dict[str, int]:
+    """Collect ``(node, name)`` pairs into a dict, rejecting empty, duplicate and (beyond
+    ``max_name_bytes`` of UTF-8) overlong names."""
     names: dict[str, int] = {}
     for j, (node, name) in enumerate(pairs):
         where = f"{field}[{node}].name" if per_node else f"{field}[{j}]"
         if not name:
             raise GraphError(None, "a name must not be empty", where)
+        if max_name_bytes is not None and len(name) * 4 > max_name_bytes:
+            size = len(name.encode("utf-8", "surrogatepass"))
+            if size > max_name_bytes:
+                raise GraphError(
+                    None,
+                    f"the name {shown(name)} is {size} bytes long; this server accepts names "
+                    f"of at most {max_name_bytes} bytes (max_name_bytes)",
+                    where,
+                )
         if name in names:
             raise GraphError(
-                node, f"name {name!r} is used twice (nodes {names[name]} and {node})", where
+                node, f"name {shown(name)} is used twice (nodes {names[name]} and {node})", where
             )
         names[name] = int(node)
     return names
@@ -239,12 +269,14 @@ def graph_id(tape: Tape) -> str:
     """Content hash of a graph, the same whichever wire form it arrived in."""
     h = hashlib.sha256(b"micrograd.v1 graph\0")
     h.update(len(tape).to_bytes(8, "little"))
-    h.update(tape.code.tobytes())
-    h.update(tape.arg0.astype("<i4").tobytes())
-    h.update(tape.arg1.astype("<i4").tobytes())
+    # Each column hashed in place (no copy when it already has the hashed dtype).
+    h.update(np.ascontiguousarray(tape.code).data)
+    h.update(np.ascontiguousarray(tape.arg0, dtype="<i4").data)
+    h.update(np.ascontiguousarray(tape.arg1, dtype="<i4").data)
     if tape.arg2 is not None:  # only graphs with a ternary node: older ids stay as they were
-        h.update(b"arg2\0" + tape.arg2.astype("<i4").tobytes())
-    h.update(tape.const.astype(_F64).tobytes())
+        h.update(b"arg2\0")
+        h.update(np.ascontiguousarray(tape.arg2, dtype="<i4").data)
+    h.update(np.ascontiguousarray(tape.const, dtype=_F64).data)
     for name, i in sorted(tape.names.items()):
         h.update(f"{i}\0{name}\0".encode())
     return "sha256:" + h.hexdigest()
@@ -256,3 +288,35 @@ def encode_value(
     """Compile ``root``'s graph; return the packed message, the tape and the nodes in tape order."""
     tape, order = Tape.from_value(root, names)
     return pack(tape), tape, order
+
+
+def pack_value(
+    root: Value, names: Mapping[str, Value] | None = None
+) -> tuple[graph_pb2.PackedGraph, list[Value]]:
+    """``root``'s graph as a ``PackedGraph`` and its nodes in tape order, without a tape.
+
+    The native walk writes the wire columns directly (no Python per node);
+    without the extension this is ``encode_value`` minus the tape. The message
+    is the one ``pack(Tape.from_value(root, names)[0])`` gives.
+    """
+    targets = list((names or {}).values())
+    walked = _native_pack_value(root, targets) if _native_pack_value is not None else None
+    if walked is None:
+        message, _, order = encode_value(root, names)
+        return message, order
+    order, ops, args, values, found = walked
+    labels: list[tuple[int, str]] = []
+    for name, i in zip((names or {}), found, strict=True):
+        if i < 0:
+            raise GraphError(None, f"input {name!r} is not part of the graph")
+        labels.append((i, name))
+    labels.sort(key=lambda item: item[0])
+    return (
+        graph_pb2.PackedGraph(
+            ops=ops,
+            args=args,
+            values=values,
+            names=[graph_pb2.NodeName(node=i, name=name) for i, name in labels],
+        ),
+        order,
+    )

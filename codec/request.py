@@ -8,6 +8,7 @@ from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 
 from .arrays import f64_array
+from .malformed import clip, shown
 
 __all__ = ["bindings", "output_index", "selection_indices"]
 
@@ -54,15 +55,14 @@ def _input_position(tape: Tape, name: str, field: str) -> int:
     """Position of the input called ``name`` among the tape's inputs."""
     node = tape.names.get(name)
     if node is None:
-        known = ", ".join(
-            sorted(n for n, i in tape.names.items() if i in set(tape.inputs.tolist()))
-        )
+        inputs = set(tape.inputs.tolist())
+        known = clip(", ".join(sorted(n for n, i in tape.names.items() if i in inputs)))
         raise GraphError(
-            None, f"no input is named {name!r} (named inputs: {known or 'none'})", field
+            None, f"no input is named {shown(name)} (named inputs: {known or 'none'})", field
         )
     pos = int(np.searchsorted(tape.inputs, node))
     if pos >= tape.inputs.shape[0] or tape.inputs[pos] != node:
-        raise GraphError(node, f"{name!r} names node {node}, which is not an input", field)
+        raise GraphError(node, f"{shown(name)} names node {node}, which is not an input", field)
     return pos
 
 
@@ -73,7 +73,7 @@ def bindings(tape: Tape, request: pb.EvaluateRequest) -> np.ndarray | None:
         return None
     base = tape.const[tape.inputs].copy()
     for name, value in request.inputs.items():
-        base[_input_position(tape, name, f"inputs[{name}]")] = value
+        base[_input_position(tape, name, f"inputs[{clip(name)}]")] = value
     if not has_batch:
         return base
     batch = request.batch
@@ -89,6 +89,13 @@ def bindings(tape: Tape, request: pb.EvaluateRequest) -> np.ndarray | None:
     if batch.values and batch.values_f64:
         raise GraphError(
             None, "give batch values either as values or as values_f64, not both", "batch"
+        )
+    if len(batch.values_f64) % 8:
+        raise GraphError(
+            None,
+            f"{len(batch.values_f64)} bytes is not a multiple of 8 "
+            "(little-endian float64 each)",
+            "batch.values_f64",
         )
     data = (
         f64_array(batch.values_f64)

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(_M_X64) || (defined(__i386__) && defined(__SSE2__))
 #include <xmmintrin.h>
@@ -36,6 +37,10 @@
 
 PyObject *mg_decode_graph(PyObject *module, PyObject *arg); /* _kernel_decode.c */
 PyObject *mg_unpack_columns(PyObject *module, PyObject *args); /* _kernel_unpack.c */
+PyObject *mg_value_columns(PyObject *module, PyObject *args); /* _kernel_pack.c */
+PyObject *mg_pack_value(PyObject *module, PyObject *args);
+PyObject *mg_assign_values(PyObject *module, PyObject *args);
+PyObject *mg_value_backward(PyObject *module, PyObject *args);
 
 /* ---- the ops ------------------------------------------------------------ */
 /* Each op's math (value, partials, second derivatives) is in _ops_math.h;
@@ -66,7 +71,59 @@ typedef struct {
 /* The third argument of node i: -1 (never valid) when the tape has none. */
 #define THIRD(t, i) ((t)->z != NULL ? (Py_ssize_t)(t)->z[i] : (Py_ssize_t)-1)
 
-/* A sweep returns -1, or the index of the first node it could not evaluate. */
+/* A sweep returns -1, or the index of the first node it could not evaluate,
+ * or MG_STOPPED when told to stop part-way. */
+#define MG_STOPPED (-2)
+
+/* When a sweep must stop early: a flag another thread may set (a byte of a
+ * Python buffer), and/or a CLOCK_MONOTONIC time (time.monotonic() on Linux;
+ * 0 for none). Sweeps look at it every `block` nodes, so a cancelled or
+ * timed-out call lets go of its thread within microseconds, not at the end
+ * of a million-node sweep. A NULL Stop is never looked at. */
+typedef struct {
+    const volatile uint8_t *flag;
+    double expires;
+    Py_ssize_t block;
+} Stop;
+
+static MG_NOINLINE int stop_due(const Stop *s)
+{
+    if (s->flag != NULL && *s->flag)
+        return 1;
+    if (s->expires > 0.0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec >= s->expires)
+            return 1;
+    }
+    return 0;
+}
+
+/* The next node at which an upward (forward) sweep looks at `s`: n if never. */
+static inline Py_ssize_t check_up(const Stop *s, Py_ssize_t i, Py_ssize_t n)
+{
+    return (s == NULL || n - i <= s->block) ? n : i + s->block;
+}
+
+/* The next node at which a downward (reverse) sweep looks at `s`: -1 if never. */
+static inline Py_ssize_t check_down(const Stop *s, Py_ssize_t i)
+{
+    return (s == NULL || i - s->block < -1) ? -1 : i - s->block;
+}
+
+/* At the top of a loop over nodes: stop if due at this block boundary. */
+#define STOP_POINT_UP                                                \
+    if (MG_UNLIKELY(i == lim)) {                                     \
+        if (stop_due(stop))                                          \
+            return MG_STOPPED;                                       \
+        lim = check_up(stop, i, n);                                  \
+    }
+#define STOP_POINT_DOWN                                              \
+    if (MG_UNLIKELY(i == lim)) {                                     \
+        if (stop_due(stop))                                          \
+            return MG_STOPPED;                                       \
+        lim = check_down(stop, i);                                   \
+    }
 
 /* ---- one binding -------------------------------------------------------- */
 
@@ -148,16 +205,22 @@ static int node_ok(const Columns *t, Py_ssize_t i)
 #define FWD1_HANDLERS(code_, name, arity)                            \
     even_##name:                                                     \
     FWD1_##arity(name, r_even, r_odd)                                \
-    if (MG_UNLIKELY(++i == n))                                       \
-        return -1;                                                   \
-    goto *odd[code[i]];                                              \
+    FWD1_NEXT(odd)                                                   \
     odd_##name:                                                      \
     FWD1_##arity(name, r_odd, r_even)                                \
-    if (MG_UNLIKELY(++i == n))                                       \
-        return -1;                                                   \
-    goto *even[code[i]];
+    FWD1_NEXT(even)
+/* Step to the next node (a block boundary: the end, or a look at `stop`). */
+#define FWD1_NEXT(table)                                             \
+    if (MG_UNLIKELY(++i == lim)) {                                   \
+        if (i == n)                                                  \
+            return -1;                                               \
+        if (stop_due(stop))                                          \
+            return MG_STOPPED;                                       \
+        lim = check_up(stop, i, n);                                  \
+    }                                                                \
+    goto *table[code[i]];
 
-static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
+static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, const Stop *stop)
 {
     static const void *const even[256] = {[0 ... 255] = &&unknown, MG_OPS(FWD1_EVEN_LABEL)};
     static const void *const odd[256] = {[0 ... 255] = &&unknown, MG_OPS(FWD1_ODD_LABEL)};
@@ -166,7 +229,7 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
     const double *C = t->c;
     const Py_ssize_t n = t->n;
     double r_even = 0.0, r_odd = 0.0;
-    Py_ssize_t i;
+    Py_ssize_t i, lim = check_up(stop, 0, n);
     /* Nodes 0 and 1 have no (or only one) real predecessor in the registers. */
     for (i = 0; i < n && i < 2; i++)
         if (!node_ok(t, i))
@@ -198,13 +261,15 @@ unknown:
 #define FWD1_CASE(code_, name, arity) \
     case code_: { FWD1_##arity(name) } break;
 
-static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
+static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, const Stop *stop)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     const Py_ssize_t n = t->n;
+    Py_ssize_t lim = check_up(stop, 0, n);
     for (Py_ssize_t i = 0; i < n; i++) {
+        STOP_POINT_UP
         const Py_ssize_t ai = A[i], bi = B[i];
         (void)ai; (void)bi;
         switch (code[i]) {
@@ -280,8 +345,13 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
 #define BWD1_NEXT                                                    \
     g[i] = G0;                                                       \
     for (;;) {                                                       \
-        if (MG_UNLIKELY(--i < 0))                                    \
-            return -1;                                               \
+        if (MG_UNLIKELY(--i == lim)) {                               \
+            if (i < 0)                                               \
+                return -1;                                           \
+            if (stop_due(stop))                                      \
+                return MG_STOPPED;                                   \
+            lim = check_down(stop, i);                               \
+        }                                                            \
         G0 = G1;                                                     \
         G1 = G2;                                                     \
         G2 = i >= 2 ? g[i - 2] : 0.0;                                \
@@ -295,13 +365,14 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v)
     BWD1_NEXT
 
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
-                                           uint8_t *restrict reached, Py_ssize_t out, int seeded)
+                                           uint8_t *restrict reached, Py_ssize_t out,
+                                           const Stop *stop, int seeded)
 {
     static const void *const labels[256] = {[0 ... 255] = &&unknown, MG_OPS(BWD1_LABEL)};
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
-    Py_ssize_t i = out;
+    Py_ssize_t i = out, lim = check_down(stop, out);
     double G0 = seeded ? g[out] : 1.0, G1 = out >= 1 ? g[out - 1] : 0.0,
            G2 = out >= 2 ? g[out - 2] : 0.0;
     reached[out] = 1;
@@ -350,15 +421,18 @@ unknown:
     case code_: { BWD1_##arity(name) } break;
 
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
-                                           uint8_t *restrict reached, Py_ssize_t out, int seeded)
+                                           uint8_t *restrict reached, Py_ssize_t out,
+                                           const Stop *stop, int seeded)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
+    Py_ssize_t lim = check_down(stop, out);
     if (!seeded)
         g[out] = 1.0;
     reached[out] = 1;
     for (Py_ssize_t i = out; i >= 0; i--) {
+        STOP_POINT_DOWN
         if (!reached[i])
             continue;
         const Py_ssize_t ai = A[i], bi = B[i];
@@ -443,13 +517,16 @@ MG_OPS(ROW_FWD_IF_NOT_LEAF)
 #define FWDB_CASE(code_, name, arity) \
     case code_: { FWDB_##arity(name) } break;
 
-static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssize_t m)
+static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssize_t m,
+                                            const Stop *stop)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     const Py_ssize_t n = t->n;
+    Py_ssize_t lim = check_up(stop, 0, n);
     for (Py_ssize_t i = 0; i < n; i++) {
+        STOP_POINT_UP
         const Py_ssize_t ai = A[i], bi = B[i];
         (void)ai; (void)bi;
         switch (code[i]) {
@@ -497,15 +574,18 @@ static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssiz
 
 static MG_NOINLINE Py_ssize_t backward_batch(const Columns *t, const double *v, double *g,
                                              uint8_t *restrict reached, Py_ssize_t out,
-                                             Py_ssize_t m, double *scratch, int seeded)
+                                             Py_ssize_t m, double *scratch, const Stop *stop,
+                                             int seeded)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
+    Py_ssize_t lim = check_down(stop, out);
     for (Py_ssize_t j = 0; j < m && !seeded; j++)
         g[out * m + j] = 1.0;
     reached[out] = 1;
     for (Py_ssize_t i = out; i >= 0; i--) {
+        STOP_POINT_DOWN
         if (!reached[i])
             continue;
         const Py_ssize_t ai = A[i], bi = B[i];
@@ -586,12 +666,14 @@ static int format_is(const char *fmt, char want, Py_ssize_t itemsize, Py_ssize_t
         return 0;
     if (want == 'i')
         return fmt[0] == 'i' || (fmt[0] == 'l' && size == 4);
+    if (want == 'q')
+        return fmt[0] == 'q' || (fmt[0] == 'l' && size == 8);
     return fmt[0] == want;
 }
 
 static const char *dtype_name(char want)
 {
-    return want == 'B' ? "uint8" : want == 'i' ? "int32" : "float64";
+    return want == 'B' ? "uint8" : want == 'i' ? "int32" : want == 'q' ? "int64" : "float64";
 }
 
 /* Acquire `obj` as a C-contiguous, aligned array of `want` items with 1 or
@@ -738,23 +820,419 @@ static void raise_bad_node(const Columns *t, Py_ssize_t i)
     PyErr_Format(PyExc_ValueError, "node %zd: the tape changed during the sweep", i);
 }
 
+/* ---- for _kernel_pack.c -------------------------------------------------- */
+
+/* The one-binding reverse sweep over plain columns (Value.backward's). */
+Py_ssize_t mg_backward_columns(const uint8_t *code, const int32_t *a, const int32_t *b,
+                               const double *c, Py_ssize_t n, const double *v, double *g,
+                               uint8_t *reached, Py_ssize_t out)
+{
+    Columns t = {code, a, b, NULL, c, n};
+    return backward_one(&t, v, g, reached, out, NULL, 0);
+}
+
+/* The arity of an op these sweeps implement, -1 for any other code. */
+int mg_native_arity(unsigned code)
+{
+    return code < 256 ? (int)ARITY_PLUS_1[code] - 1 : -1;
+}
+
+/* Cells (node x binding) a sweep evaluates between two looks at its Stop. */
+#define MG_STOP_CELLS 16384
+
+/* The Stop of a sweep from its `stop` (None, or a buffer whose first byte is
+ * the flag) and `expires` arguments; *use is 0 when neither is given. The
+ * flag's buffer is held in `view` (release with release_stop). */
+static int get_stop(PyObject *flag, double expires, Py_ssize_t m, Stop *s, Py_buffer *view,
+                    int *use)
+{
+    s->flag = NULL;
+    s->expires = expires > 0.0 && isfinite(expires) ? expires : 0.0;
+    s->block = MG_STOP_CELLS / (m > 1 ? m : 1);
+    if (s->block < 1)
+        s->block = 1;
+    view->obj = NULL;
+    if (flag != NULL && flag != Py_None) {
+        if (PyObject_GetBuffer(flag, view, PyBUF_SIMPLE) < 0)
+            return -1;
+        if (view->len < 1) {
+            PyBuffer_Release(view);
+            view->obj = NULL;
+            PyErr_SetString(PyExc_ValueError, "stop must be a buffer of at least one byte");
+            return -1;
+        }
+        s->flag = (const volatile uint8_t *)view->buf;
+    }
+    *use = s->flag != NULL || s->expires > 0.0;
+    return 0;
+}
+
+static void release_stop(Py_buffer *view)
+{
+    if (view->obj != NULL)
+        PyBuffer_Release(view);
+}
+
+/* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
+
+/* A batch is swept MG_TILE bindings at a time: every node's value and
+ * gradient for those bindings sit next to each other (v[i * MG_TILE + j]),
+ * so one dispatch per node serves a whole tile and the loop over j has a
+ * constant trip count the compiler unrolls and vectorises. A tile's values
+ * and gradients (16 * MG_TILE bytes per node) stay in the caches instead of
+ * the (nodes x bindings) arrays of a whole batch, and only the selected
+ * nodes are copied out. Each binding gets the same operations in the same
+ * order as the one-binding sweeps, so the numbers are bit-identical. */
+#ifndef MG_TILE
+#define MG_TILE 8
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MG_NO_CLONES)
+/* Built for the baseline and again for AVX2, picked at load time (no FMA:
+ * -ffp-contract=off holds in both, so both give the same bits). */
+#define MG_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MG_CLONES
+#endif
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#define MG_HAVE_PTHREADS 1
+#else
+#define MG_HAVE_PTHREADS 0
+#endif
+
+/* One node of a pre-decoded, validated program: the sweeps read only these
+ * private copies, so no change to the caller's arrays can take a sweep out
+ * of bounds. For a leaf, a is its column in the bindings (-1: not bound). */
+typedef struct {
+    int32_t node, a, b;
+    uint8_t code;
+    uint8_t first; /* reverse: bit 0 (1) argument a's gradient starts here, bit 1 (2) b's */
+    double c;
+} Step;
+
+/* Gradient rows of one op where both arguments are the same node (x * x):
+ * the two contributions land on one row one after the other, as in the
+ * one-binding sweep. */
+#define TILE_SAME(code_, name, arity)                                                    \
+    static inline void name##_tile_same(double *g, const double *x, const double *o,     \
+                                        const double *go, double c)                      \
+    {                                                                                    \
+        for (int j = 0; j < MG_TILE; j++) {                                              \
+            double dx, dy;                                                               \
+            name##_d(x[j], (arity) == 2 ? x[j] : 0.0, c, o[j], &dx, &dy);                \
+            g[j] += dx * go[j];                                                          \
+            if ((arity) == 2)                                                            \
+                g[j] += dy * go[j];                                                      \
+        }                                                                                \
+    }
+#define TILE_SAME_IF_BINARY(code_, name, arity) TILE_SAME_##arity(code_, name, arity)
+#define TILE_SAME_0(code_, name, arity)
+#define TILE_SAME_1(code_, name, arity)
+#define TILE_SAME_2(code_, name, arity) TILE_SAME(code_, name, arity)
+#define TILE_SAME_3(code_, name, arity)
+MG_OPS(TILE_SAME_IF_BINARY)
+
+static inline void tile_zero(double *row)
+{
+    for (int j = 0; j < MG_TILE; j++)
+        row[j] = 0.0;
+}
+
+#define TF_0(name)                                                  \
+    if (s->a < 0)                                                   \
+        for (int j = 0; j < MG_TILE; j++)                           \
+            o[j] = s->c;                                            \
+    else                                                            \
+        for (int j = 0; j < MG_TILE; j++)                           \
+            o[j] = bind[row[j] + s->a];
+#define TF_1(name) name##_row_f(o, v + (Py_ssize_t)s->a * MG_TILE, NULL, s->c, MG_TILE);
+#define TF_2(name)                                                  \
+    name##_row_f(o, v + (Py_ssize_t)s->a * MG_TILE, v + (Py_ssize_t)s->b * MG_TILE, s->c, MG_TILE);
+/* Ternary ops never reach a tile: tapes with a third argument column are
+ * swept whole (compile_steps sees no arg2 and refuses them). */
+#define TF_3(name)
+#define TF_CASE(code_, name, arity) \
+    case code_: { TF_##arity(name) } break;
+
+/* Forward over one tile; row[j] is the offset of binding j's row in bind. */
+static MG_CLONES int forward_tile(const Step *prog, Py_ssize_t n, const double *bind,
+                                  const Py_ssize_t *row, double *restrict v, const Stop *stop)
+{
+    Py_ssize_t lim = check_up(stop, 0, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        STOP_POINT_UP
+        const Step *s = prog + i;
+        double *o = v + i * MG_TILE;
+        switch (s->code) {
+            MG_OPS(TF_CASE)
+        default:
+            break; /* not reached: the program was validated */
+        }
+    }
+    return 0;
+}
+
+#define TB_0(name)
+#define TB_1(name)                                                  \
+    {                                                               \
+        double *ga = g + (Py_ssize_t)s->a * MG_TILE;                \
+        if (s->first & 1)                                           \
+            tile_zero(ga);                                          \
+        name##_row_d(ga, NULL, v + (Py_ssize_t)s->a * MG_TILE, NULL, o, go, s->c, MG_TILE); \
+    }
+#define TB_2(name)                                                  \
+    {                                                               \
+        double *ga = g + (Py_ssize_t)s->a * MG_TILE;                \
+        const double *x = v + (Py_ssize_t)s->a * MG_TILE;           \
+        if (s->first & 1)                                           \
+            tile_zero(ga);                                          \
+        if (s->a == s->b) {                                         \
+            name##_tile_same(ga, x, o, go, s->c);                   \
+        } else {                                                    \
+            double *gb = g + (Py_ssize_t)s->b * MG_TILE;            \
+            if (s->first & 2)                                       \
+                tile_zero(gb);                                      \
+            name##_row_d(ga, gb, x, v + (Py_ssize_t)s->b * MG_TILE, o, go, s->c, MG_TILE); \
+        }                                                           \
+    }
+#define TB_3(name)
+#define TB_CASE(code_, name, arity) \
+    case code_: { TB_##arity(name) } break;
+
+/* Reverse over one tile, along the reached non-leaf nodes (descending). A
+ * gradient row is zeroed when its first contribution arrives, so rows the
+ * output never reaches are never touched (the caller reports them as 0). */
+static MG_CLONES int backward_tile(const Step *rev, Py_ssize_t nrev, const double *v, double *g,
+                                   Py_ssize_t out, const Stop *stop)
+{
+    for (int j = 0; j < MG_TILE; j++)
+        g[out * MG_TILE + j] = 1.0;
+    Py_ssize_t lim = check_up(stop, 0, nrev);
+    for (Py_ssize_t k = 0; k < nrev; k++) {
+        if (MG_UNLIKELY(k == lim)) {
+            if (stop_due(stop))
+                return MG_STOPPED;
+            lim = check_up(stop, k, nrev);
+        }
+        const Step *s = rev + k;
+        const double *o = v + (Py_ssize_t)s->node * MG_TILE;
+        const double *go = g + (Py_ssize_t)s->node * MG_TILE;
+        switch (s->code) {
+            MG_OPS(TB_CASE)
+        default:
+            break;
+        }
+    }
+    return 0;
+}
+
+/* Everything a tiled evaluation needs; threads share it read-only and each
+ * writes the rows of its own tiles. */
+typedef struct {
+    const Step *prog, *rev;
+    Py_ssize_t n, nrev, out;
+    const double *bind;
+    Py_ssize_t k, rows;
+    const int64_t *sel;
+    const int32_t *gsel; /* per selected node: its gradient row, or -1 (gradient 0) */
+    Py_ssize_t s;
+    double *vout, *gout; /* (rows, s); gout NULL for no gradients */
+    int flush;
+    const Stop *stop; /* NULL: run to the end */
+} TileJob;
+
+typedef struct {
+    const TileJob *job;
+    Py_ssize_t first, last; /* tiles [first, last) */
+    int failed;             /* no memory */
+    int stopped;            /* told to stop part-way */
+} TileSlice;
+
+static void *aligned_rows(Py_ssize_t n, void **base)
+{
+    *base = PyMem_RawMalloc((size_t)n * MG_TILE * sizeof(double) + 64);
+    if (*base == NULL)
+        return NULL;
+    return (void *)(((uintptr_t)*base + 63) & ~(uintptr_t)63);
+}
+
+static void run_tiles(TileSlice *slice)
+{
+    const TileJob *job = slice->job;
+    void *vbase = NULL, *gbase = NULL;
+    double *v = aligned_rows(job->n, &vbase);
+    double *g = job->gout ? aligned_rows(job->out + 1, &gbase) : NULL;
+    if (v == NULL || (job->gout && g == NULL)) {
+        slice->failed = 1;
+        PyMem_RawFree(vbase);
+        PyMem_RawFree(gbase);
+        return;
+    }
+    unsigned int saved = flush_enter(job->flush);
+    const Py_ssize_t s = job->s;
+    for (Py_ssize_t t = slice->first; t < slice->last; t++) {
+        const Py_ssize_t b0 = t * MG_TILE;
+        const Py_ssize_t r = job->rows - b0 < MG_TILE ? job->rows - b0 : MG_TILE;
+        Py_ssize_t row[MG_TILE];
+        for (int j = 0; j < MG_TILE; j++) /* a short last tile repeats its last binding */
+            row[j] = (b0 + (j < r ? j : r - 1)) * job->k;
+        if (forward_tile(job->prog, job->n, job->bind, row, v, job->stop)) {
+            slice->stopped = 1;
+            break;
+        }
+        double *vo = job->vout + b0 * s;
+        for (Py_ssize_t col = 0; col < s; col++) {
+            const double *src = v + job->sel[col] * MG_TILE;
+            for (Py_ssize_t j = 0; j < r; j++)
+                vo[j * s + col] = src[j];
+        }
+        if (g == NULL)
+            continue;
+        if (backward_tile(job->rev, job->nrev, v, g, job->out, job->stop)) {
+            slice->stopped = 1;
+            break;
+        }
+        double *go = job->gout + b0 * s;
+        for (Py_ssize_t col = 0; col < s; col++) {
+            const int32_t node = job->gsel[col];
+            if (node < 0) {
+                for (Py_ssize_t j = 0; j < r; j++)
+                    go[j * s + col] = 0.0;
+            } else {
+                const double *src = g + (Py_ssize_t)node * MG_TILE;
+                for (Py_ssize_t j = 0; j < r; j++)
+                    go[j * s + col] = src[j];
+            }
+        }
+    }
+    flush_leave(job->flush, saved);
+    PyMem_RawFree(vbase);
+    PyMem_RawFree(gbase);
+}
+
+#if MG_HAVE_PTHREADS
+static void *run_tiles_thread(void *arg)
+{
+    run_tiles((TileSlice *)arg);
+    return NULL;
+}
+#endif
+
+/* Spread the tiles over up to `threads` threads (this one included);
+ * returns 0, -1 when memory ran out, or MG_STOPPED when told to stop. */
+static int run_tile_job(const TileJob *job, Py_ssize_t threads)
+{
+    const Py_ssize_t tiles = (job->rows + MG_TILE - 1) / MG_TILE;
+    if (threads > tiles)
+        threads = tiles;
+    if (threads < 1)
+        threads = 1;
+#if !MG_HAVE_PTHREADS
+    threads = 1;
+#endif
+    TileSlice slices[64];
+    if (threads > 64)
+        threads = 64;
+    for (Py_ssize_t t = 0; t < threads; t++) {
+        slices[t].job = job;
+        slices[t].first = tiles * t / threads;
+        slices[t].last = tiles * (t + 1) / threads;
+        slices[t].failed = 0;
+        slices[t].stopped = 0;
+    }
+#if MG_HAVE_PTHREADS
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (Py_ssize_t t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, run_tiles_thread, &slices[t]) == 0;
+    /* A thread that could not start leaves its tiles to this one. */
+    run_tiles(&slices[0]);
+    for (Py_ssize_t t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_tiles(&slices[t]);
+    }
+#else
+    run_tiles(&slices[0]);
+#endif
+    int stopped = 0;
+    for (Py_ssize_t t = 0; t < threads; t++) {
+        if (slices[t].failed)
+            return -1;
+        stopped |= slices[t].stopped;
+    }
+    return stopped ? MG_STOPPED : 0;
+}
+
+/* Decode and check the tape into a forward program and, from `out`, the
+ * reverse program of the reached non-leaf nodes with their first-
+ * contribution flags; `touched` (zeroed, n) ends up marking every node that
+ * receives a gradient. Returns -1, or the first bad node. */
+static Py_ssize_t compile_steps(const Columns *t, Py_ssize_t out, Step *prog, Step *rev,
+                                Py_ssize_t *nrev, uint8_t *touched)
+{
+    const Py_ssize_t n = t->n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!node_ok(t, i))
+            return i;
+        const int arity = ARITY_PLUS_1[t->code[i]] - 1;
+        prog[i].node = (int32_t)i;
+        prog[i].code = t->code[i];
+        prog[i].a = arity >= 1 ? t->a[i] : -1;
+        prog[i].b = arity == 2 ? t->b[i] : -1;
+        prog[i].c = t->c[i];
+        prog[i].first = 0;
+    }
+    Py_ssize_t m = 0;
+    if (rev == NULL)
+        return -1;
+    for (Py_ssize_t i = out; i >= 0; i--) {
+        if (i != out && !touched[i])
+            continue;
+        Step s = prog[i];
+        const int arity = ARITY_PLUS_1[s.code] - 1;
+        if (arity == 0)
+            continue;
+        s.first = 0;
+        if (!touched[s.a])
+            s.first |= 1;
+        touched[s.a] = 1;
+        if (arity == 2) {
+            if (!touched[s.b])
+                s.first |= 2;
+            touched[s.b] = 1;
+        }
+        rev[m++] = s;
+    }
+    *nrev = m;
+    return -1;
+}
+
 /* ---- Python entry points ------------------------------------------------ */
 
 PyDoc_STRVAR(forward_doc,
-"forward(code, arg0, arg1, const, values, flush_denormals=False, arg2=None)\n--\n\n"
+"forward(code, arg0, arg1, const, values, flush_denormals=False, stop=None, expires=0.0,\n"
+"        arg2=None)\n--\n\n"
 "Forward sweep: fill the non-leaf rows of values ((n,) or (n, B) float64,\n"
-"C-contiguous, leaf rows already filled) in place. arg2 holds the third\n"
-"arguments (int32, -1 where none), None when no node has one.");
+"C-contiguous, leaf rows already filled) in place. Returns True, or False\n"
+"if it stopped early: when the first byte of the buffer stop became non-zero\n"
+"or time.monotonic() passed expires (looked at every few thousand cells).\n"
+"arg2 holds the third arguments (int32, -1 where none), None when no node\n"
+"has one.");
 
 static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "flush_denormals",
-                               "arg2", NULL};
-    PyObject *code, *a, *b, *c, *values, *z = Py_None;
-    int flush = 0;
+                               "stop", "expires", "arg2", NULL};
+    PyObject *code, *a, *b, *c, *values, *stop_flag = NULL, *z = Py_None;
+    int flush = 0, use_stop = 0;
+    double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|pO:forward", keywords, &code, &a, &b, &c,
-                                     &values, &flush, &z))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|pOdO:forward", keywords, &code, &a, &b,
+                                     &c, &values, &flush, &stop_flag, &expires, &z))
         return NULL;
     TapeBuffers tb;
     if (get_tape(code, a, b, z, c, &tb) < 0)
@@ -765,29 +1243,39 @@ static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwar
         release_tape(&tb);
         return NULL;
     }
+    Stop stop;
+    Py_buffer sv;
+    if (get_stop(stop_flag, expires, m, &stop, &sv, &use_stop) < 0) {
+        PyBuffer_Release(&vv);
+        release_tape(&tb);
+        return NULL;
+    }
+    const Stop *sp = use_stop ? &stop : NULL;
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
     if (vv.ndim == 1)
-        bad = forward_one(&tb.cols, (double *)vv.buf);
+        bad = forward_one(&tb.cols, (double *)vv.buf, sp);
     else
-        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m);
+        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m, sp);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
         raise_bad_node(&tb.cols, bad);
+    release_stop(&sv);
     PyBuffer_Release(&vv);
     release_tape(&tb);
     if (bad >= 0)
         return NULL;
-    Py_RETURN_NONE;
+    return PyBool_FromLong(bad != MG_STOPPED);
 }
 
 PyDoc_STRVAR(backward_doc,
-"backward(code, arg0, arg1, const, values, grads, output, flush_denormals=False,\n"
-"         arg2=None, seeded=False)\n--\n\n"
+"backward(code, arg0, arg1, const, values, grads, output, flush_denormals=False, stop=None,\n"
+"         expires=0.0, arg2=None, seeded=False)\n--\n\n"
 "Reverse sweep: add d(output)/d(node) into grads (zeroed, shaped like the\n"
-"forward-filled values) for every node the output depends on. seeded:\n"
+"forward-filled values) for every node the output depends on. Returns True,\n"
+"or False if it stopped early (stop and expires as in forward). seeded:\n"
 "grads arrives holding cotangent weights in any rows up to output, and one\n"
 "sweep from output propagates all of them (a vector-Jacobian product; in\n"
 "a batch, each column its own seeds).");
@@ -795,13 +1283,15 @@ PyDoc_STRVAR(backward_doc,
 static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "grads", "output",
-                               "flush_denormals", "arg2", "seeded", NULL};
-    PyObject *code, *a, *b, *c, *values, *grads, *z = Py_None;
+                               "flush_denormals", "stop", "expires", "arg2", "seeded", NULL};
+    PyObject *code, *a, *b, *c, *values, *grads, *stop_flag = NULL, *z = Py_None;
     Py_ssize_t out;
-    int flush = 0, seeded = 0;
+    int flush = 0, use_stop = 0, seeded = 0;
+    double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|pOp:backward", keywords, &code, &a, &b,
-                                     &c, &values, &grads, &out, &flush, &z, &seeded))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|pOdOp:backward", keywords, &code, &a,
+                                     &b, &c, &values, &grads, &out, &flush, &stop_flag, &expires,
+                                     &z, &seeded))
         return NULL;
     TapeBuffers tb;
     if (get_tape(code, a, b, z, c, &tb) < 0)
@@ -812,6 +1302,9 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
     uint8_t *reached = NULL;
     double *scratch = NULL;
     PyObject *result = NULL;
+    Stop stop;
+    Py_buffer sv;
+    sv.obj = NULL;
     if (get_rows(values, "values", n, &vv, &m) < 0)
         goto done_tape;
     if (get_rows(grads, "grads", n, &gv, &mg) < 0)
@@ -828,6 +1321,8 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
         PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
         goto done;
     }
+    if (get_stop(stop_flag, expires, m, &stop, &sv, &use_stop) < 0)
+        goto done;
     reached = PyMem_RawCalloc((size_t)out + 1, 1);
     if (vv.ndim == 2 && m > 0)
         scratch = PyMem_RawMalloc((size_t)m * sizeof(double));
@@ -835,25 +1330,27 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
         PyErr_NoMemory();
         goto done;
     }
+    const Stop *sp = use_stop ? &stop : NULL;
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
     if (seeded)
         mark_seeds((const double *)gv.buf, reached, out, vv.ndim == 1 ? 1 : m);
     if (vv.ndim == 1)
-        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out,
+        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out, sp,
                            seeded);
     else
         bad = m == 0 ? -1
                      : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached,
-                                      out, m, scratch, seeded);
+                                      out, m, scratch, sp, seeded);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
         raise_bad_node(&tb.cols, bad);
     else
-        result = Py_NewRef(Py_None);
+        result = PyBool_FromLong(bad != MG_STOPPED);
 done:
+    release_stop(&sv);
     PyMem_RawFree(reached);
     PyMem_RawFree(scratch);
     PyBuffer_Release(&gv);
@@ -940,6 +1437,144 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(evaluate_tiles_doc,
+"evaluate_tiles(code, arg0, arg1, const, inputs, bindings, output, selection, values_out,\n"
+"               grads_out=None, threads=1, flush_denormals=False)\n--\n\n"
+"Evaluate a batch tile by tile, keeping only the selected nodes: bindings is\n"
+"(B, k) float64 for the k input nodes listed in inputs (int64); values_out and\n"
+"grads_out (or None: no reverse sweep) are (B, s) float64 for the s nodes in\n"
+"selection (int64), filled in place. The tiles are spread over up to\n"
+"`threads` threads. TILE is the number of bindings per tile. Returns True, or\n"
+"False if it stopped early (stop and expires as in forward).");
+
+static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "inputs", "bindings", "output",
+                               "selection", "values_out", "grads_out", "threads",
+                               "flush_denormals", "stop", "expires", NULL};
+    PyObject *code, *a, *b, *c, *inputs, *bindings, *selection, *values_out;
+    PyObject *grads_out = Py_None, *stop_flag = NULL;
+    Py_ssize_t out, threads = 1;
+    int flush = 0, use_stop = 0;
+    double expires = 0.0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOnOO|OnpOd:evaluate_tiles", keywords,
+                                     &code, &a, &b, &c, &inputs, &bindings, &out, &selection,
+                                     &values_out, &grads_out, &threads, &flush, &stop_flag,
+                                     &expires))
+        return NULL;
+    TapeBuffers tb;
+    if (get_tape(code, a, b, NULL, c, &tb) < 0)
+        return NULL;
+    const Py_ssize_t n = tb.cols.n;
+    Py_buffer iv, bv, sv, vo, go;
+    int held = 0; /* how many of iv, bv, sv, vo, go are held */
+    PyObject *result = NULL;
+    Step *prog = NULL, *rev = NULL;
+    uint8_t *touched = NULL;
+    int32_t *gsel = NULL;
+    const int grads = grads_out != Py_None;
+    Stop stop;
+    Py_buffer stop_view;
+    stop_view.obj = NULL;
+    if (get_array(inputs, "inputs", 'q', 8, 0, 1, &iv) < 0)
+        goto done;
+    held = 1;
+    if (get_array(bindings, "bindings", 'd', 8, 0, 2, &bv) < 0)
+        goto done;
+    held = 2;
+    if (get_array(selection, "selection", 'q', 8, 0, 1, &sv) < 0)
+        goto done;
+    held = 3;
+    if (get_array(values_out, "values_out", 'd', 8, 1, 2, &vo) < 0)
+        goto done;
+    held = 4;
+    if (grads) {
+        if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &go) < 0)
+            goto done;
+        held = 5;
+    }
+    const Py_ssize_t k = iv.shape[0], s = sv.shape[0];
+    const Py_ssize_t rows = bv.ndim == 2 ? bv.shape[0] : 0;
+    if (bv.ndim != 2 || bv.shape[1] != k) {
+        PyErr_Format(PyExc_ValueError, "bindings must have shape (B, %zd)", k);
+        goto done;
+    }
+    if (vo.ndim != 2 || vo.shape[0] != rows || vo.shape[1] != s ||
+        (grads && (go.ndim != 2 || go.shape[0] != rows || go.shape[1] != s))) {
+        PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
+                     s);
+        goto done;
+    }
+    if (out < 0 || out >= n) {
+        PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
+        goto done;
+    }
+    const int64_t *in = (const int64_t *)iv.buf, *sel = (const int64_t *)sv.buf;
+    for (Py_ssize_t j = 0; j < s; j++)
+        if (sel[j] < 0 || sel[j] >= n) {
+            PyErr_Format(PyExc_ValueError, "selection[%zd] is %lld, not a node of %zd", j,
+                         (long long)sel[j], n);
+            goto done;
+        }
+    if (get_stop(stop_flag, expires, MG_TILE, &stop, &stop_view, &use_stop) < 0)
+        goto done;
+    prog = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(Step));
+    rev = grads ? PyMem_RawMalloc((size_t)(out + 1) * sizeof(Step)) : NULL;
+    touched = PyMem_RawCalloc((size_t)(n ? n : 1), 1);
+    gsel = PyMem_RawMalloc((size_t)(s ? s : 1) * sizeof(int32_t));
+    if (prog == NULL || touched == NULL || gsel == NULL || (grads && rev == NULL)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t bad, nrev = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    bad = compile_steps(&tb.cols, out, prog, rev, &nrev, touched);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0) {
+        raise_bad_node(&tb.cols, bad);
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (in[j] < 0 || in[j] >= n || ARITY_PLUS_1[prog[in[j]].code] != 1) {
+            PyErr_Format(PyExc_ValueError, "inputs[%zd] is %lld, not a leaf node", j,
+                         (long long)in[j]);
+            goto done;
+        }
+        prog[in[j]].a = (int32_t)j;
+    }
+    for (Py_ssize_t j = 0; j < s; j++)
+        gsel[j] = (sel[j] == out || (sel[j] < out && touched[sel[j]])) ? (int32_t)sel[j] : -1;
+    if (rows > 0) {
+        TileJob job = {
+            .prog = prog, .rev = rev, .n = n, .nrev = nrev, .out = out,
+            .bind = (const double *)bv.buf, .k = k, .rows = rows,
+            .sel = sel, .gsel = gsel, .s = s,
+            .vout = (double *)vo.buf, .gout = grads ? (double *)go.buf : NULL,
+            .flush = flush, .stop = use_stop ? &stop : NULL,
+        };
+        Py_BEGIN_ALLOW_THREADS
+        failed = run_tile_job(&job, threads);
+        Py_END_ALLOW_THREADS
+    }
+    if (failed == -1)
+        PyErr_NoMemory();
+    else
+        result = PyBool_FromLong(failed != MG_STOPPED);
+done:
+    release_stop(&stop_view);
+    PyMem_RawFree(prog);
+    PyMem_RawFree(rev);
+    PyMem_RawFree(touched);
+    PyMem_RawFree(gsel);
+    Py_buffer *views[5] = {&iv, &bv, &sv, &vo, &go};
+    for (int j = 0; j < held; j++)
+        PyBuffer_Release(views[j]);
+    release_tape(&tb);
+    return result;
+}
+
 PyDoc_STRVAR(decode_graph_doc,
 "decode_graph(buf)\n--\n\n"
 "Decode the protobuf wire bytes of a micrograd.v1.Graph into columns:\n"
@@ -963,7 +1598,21 @@ static PyMethodDef kernel_methods[] = {
     {"backward", (PyCFunction)(void (*)(void))kernel_backward, METH_VARARGS | METH_KEYWORDS,
      backward_doc},
     {"hvp", (PyCFunction)(void (*)(void))kernel_hvp, METH_VARARGS | METH_KEYWORDS, hvp_doc},
+    {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
+     METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
+    {"value_columns", mg_value_columns, METH_VARARGS,
+     "value_columns(root, targets, arity)\n--\n\nTape columns of the Value graph behind root:\n"
+     "(order, code, arg0, arg1, const, target indices), or None for the Python path."},
+    {"pack_value", mg_pack_value, METH_VARARGS,
+     "pack_value(root, targets, arity, uses_value)\n--\n\nPackedGraph columns of the Value\n"
+     "graph behind root: (order, ops, args, values, target indices), or None."},
+    {"assign_values", mg_assign_values, METH_VARARGS,
+     "assign_values(order, values, grads, arity)\n--\n\nWrite values and gradients onto the\n"
+     "nodes as Value.backward would; False (nothing written) if a node is not plain."},
+    {"value_backward", mg_value_backward, METH_VARARGS,
+     "value_backward(root, arity)\n--\n\nValue.backward() on the C reverse sweep; False\n"
+     "(nothing changed) where the Python path must run."},
     {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -992,6 +1641,8 @@ static int kernel_exec(PyObject *module)
     int failed = PyModule_AddObjectRef(module, "OPS", table) < 0;
     Py_DECREF(table);
     if (failed)
+        return -1;
+    if (PyModule_AddIntConstant(module, "TILE", MG_TILE) < 0)
         return -1;
     return PyModule_AddObjectRef(module, "FLUSH_DENORMALS_SUPPORTED",
                                  MG_HAVE_FLUSH ? Py_True : Py_False);

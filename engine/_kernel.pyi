@@ -6,6 +6,8 @@ OPS: tuple[tuple[int, str, int], ...]
 """``(code, name, arity)`` of every op the native sweeps implement."""
 FLUSH_DENORMALS_SUPPORTED: bool
 """Whether ``flush_denormals=True`` sets the processor's FTZ/DAZ modes here."""
+TILE: int
+"""Bindings per tile of ``evaluate_tiles``."""
 
 def forward(
     code: Any,
@@ -15,8 +17,11 @@ def forward(
     values: Any,
     flush_denormals: bool = False,
     arg2: Any = None,
-) -> None:
-    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place."""
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill the non-leaf rows of ``values`` ((n,) or (n, B) float64) in place; False if it
+    stopped early (``stop[0]`` set, or ``time.monotonic()`` past ``expires``)."""
 
 def backward(
     code: Any,
@@ -29,8 +34,11 @@ def backward(
     flush_denormals: bool = False,
     arg2: Any = None,
     seeded: bool = False,
-) -> None:
-    """Add d(output)/d(node) into ``grads`` (zeroed, or holding cotangent seeds) in place."""
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Add d(output)/d(node) into ``grads`` (zeroed, or holding cotangent seeds) in place;
+    False if it stopped early (as ``forward``)."""
 
 def hvp(
     code: Any,
@@ -58,3 +66,38 @@ def unpack_columns(
     ops: bytes, args: bytes, values: bytes, arity: bytes, uses_value: bytes
 ) -> tuple[bytearray, bytearray, bytearray | None, bytearray]:
     """Validated ``(arg0, arg1, arg2, const)`` of a PackedGraph's columns (arg2 None if unused)."""
+
+def evaluate_tiles(
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    inputs: Any,
+    bindings: Any,
+    output: int,
+    selection: Any,
+    values_out: Any,
+    grads_out: Any = None,
+    threads: int = 1,
+    flush_denormals: bool = False,
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles;
+    False if it stopped early (as ``forward``)."""
+
+def value_columns(
+    root: Any, targets: Any, arity: bytes
+) -> tuple[list[Any], bytearray, bytearray, bytearray, bytearray, list[int]] | None:
+    """Tape columns of the ``Value`` graph behind ``root`` (None: take the Python path)."""
+
+def pack_value(
+    root: Any, targets: Any, arity: bytes, uses_value: bytes
+) -> tuple[list[Any], bytes, bytes, bytes, list[int]] | None:
+    """``PackedGraph`` columns of the ``Value`` graph behind ``root`` (None: Python path)."""
+
+def assign_values(order: list[Any], values: Any, grads: Any, arity: bytes) -> bool:
+    """Write values and gradients onto the nodes as ``Value.backward`` would."""
+
+def value_backward(root: Any, arity: bytes) -> bool:
+    """``Value.backward()`` on the C reverse sweep; False where Python must run it."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from . import ops as _ops
@@ -47,7 +48,9 @@ __all__ = ["Value", "hvp", "jacobian", "strict", "topological_order", "where"]
 
 Number = int | float
 
-_STRICT = False
+_STRICT: ContextVar[bool] = ContextVar("micrograd_strict", default=False)
+"""Whether strict mode is on in this thread or asyncio task (a context variable, so a block
+in one thread or task never changes what another computes)."""
 _WIDE = False
 """Whether this process has made a ``where`` or a custom node (more than two arguments or a
 closure): from then on traversals take the general path, which knows their arguments."""
@@ -55,13 +58,15 @@ closure): from then on traversals take the general path, which knows their argum
 
 @contextmanager
 def strict() -> Iterator[None]:
-    """Within this block, a non-finite forward value or gradient raises ``FloatingPointError``."""
-    global _STRICT
-    previous, _STRICT = _STRICT, True
+    """Within this block, a non-finite forward value or gradient raises ``FloatingPointError``.
+
+    Only this thread (or asyncio task) is affected: others keep IEEE semantics.
+    """
+    token = _STRICT.set(True)
     try:
         yield
     finally:
-        _STRICT = previous
+        _STRICT.reset(token)
 
 
 def _check(op: _ops.Op, out: float, x: float, y: float, c: float) -> None:
@@ -74,6 +79,15 @@ def _check(op: _ops.Op, out: float, x: float, y: float, c: float) -> None:
 
 
 # Per-code lookups, read on every node.
+try:  # the C reverse sweep, when the extension is built (same operations, same order)
+    from ._kernel import value_backward as _native_backward
+except ImportError:  # pragma: no cover - pure-Python installs
+    _native_backward = None  # type: ignore[assignment]
+_ARITY_BYTES = bytes(
+    _ops.BY_CODE[k].arity if k in _ops.BY_CODE else 255 for k in range(_ops.MAX_CODE + 1)
+)
+"""Per-code arity (255: no op), the table the native walks check nodes against."""
+
 _FORWARD = {op.code: op.forward for op in _ops.OPS}
 _PARTIALS = {op.code: op.partials for op in _ops.OPS}
 _INPUT = _ops.INPUT.code
@@ -360,7 +374,12 @@ class Value:
 
         Interior nodes get this pass's gradient; leaves (inputs, constants)
         accumulate into what they held, so call ``zero_grad`` between steps.
+        Runs on the native reverse sweep when the extension is built (outside
+        ``strict()``), with the same operations in the same order.
         """
+        native = _native_backward is not None and not _STRICT.get()
+        if native and _native_backward(self, _ARITY_BYTES):
+            return  # (a where or custom node makes the native walk decline)
         if _WIDE:
             _backward_general(self)
             return
@@ -383,7 +402,7 @@ class Value:
                 da, db = partials[v._code](a.data, b.data, v._c, v.data)
                 a.grad += da * g
                 b.grad += db * g
-        if _STRICT:
+        if _STRICT.get():
             _check_gradients(order)
 
 
@@ -396,7 +415,7 @@ def _backward_general(root: Value) -> None:
     root.grad = 1.0 if (root._a is not None or root._code == _CUSTOM) else root.grad + 1.0
     for v in reversed(order):
         _local_step(v)
-    if _STRICT:
+    if _STRICT.get():
         _check_gradients(order)
 
 
@@ -517,11 +536,11 @@ def _node(code: int, a: Value, b: Value | None, c: float = 0.0) -> Value:
     v = Value.__new__(Value)
     if b is None:
         v.data = _FORWARD[code](a.data, 0.0, c)
-        if _STRICT:
+        if _STRICT.get():
             _check(_ops.BY_CODE[code], v.data, a.data, 0.0, c)
     else:
         v.data = _FORWARD[code](a.data, b.data, c)
-        if _STRICT:
+        if _STRICT.get():
             _check(_ops.BY_CODE[code], v.data, a.data, b.data, c)
     v.grad = 0.0
     v._a = a

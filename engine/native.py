@@ -25,7 +25,8 @@ straight into tape columns, without building a message object per node.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,20 +37,40 @@ from .errors import GraphError
 
 __all__ = [
     "FLUSH_DENORMALS_SUPPORTED",
+    "TILE",
     "DecodedGraph",
     "NativeKernel",
+    "SweepStopped",
+    "assign_values",
     "decode_graph",
+    "pack_value",
     "unpack_columns",
+    "value_columns",
 ]
 
 FLUSH_DENORMALS_SUPPORTED: bool = bool(_kernel.FLUSH_DENORMALS_SUPPORTED)
 """Whether ``flush_denormals=True`` changes anything on this processor."""
 
+TILE: int = int(_kernel.TILE)
+"""Bindings per tile of ``NativeKernel.evaluate_selected``."""
+
+
+class SweepStopped(Exception):
+    """A sweep that stopped part-way because its ``stop`` flag was set or ``expires`` passed."""
+
 
 class NativeKernel:
-    """The C sweeps over a tape: one binding ``(n,)`` or a node-major batch ``(n, B)``."""
+    """The C sweeps over a tape: one binding ``(n,)`` or a node-major batch ``(n, B)``.
+
+    ``forward`` and ``backward`` also take ``stop`` (a buffer whose first byte,
+    once non-zero, stops the sweep) and ``expires`` (a ``time.monotonic()``
+    instant); the sweep looks at both every 16,384 cells and raises
+    ``SweepStopped``, so a cancelled call lets go of its thread at once.
+    """
 
     name = "native"
+    stoppable = True
+    """Whether ``forward``/``backward`` take ``stop`` and ``expires``."""
 
     def __init__(self, flush_denormals: bool = False) -> None:
         """``flush_denormals``: treat subnormal numbers as 0 during sweeps (faster, not exact)."""
@@ -58,11 +79,17 @@ class NativeKernel:
     def __repr__(self) -> str:
         return f"NativeKernel(flush_denormals={self.flush_denormals})"
 
-    def forward(self, tape: Columns, values: np.ndarray) -> None:
+    def forward(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> None:
         """Fill the non-leaf rows of ``values`` (float64, leaves filled) in place."""
         _check_float64("values", values)
         target = values if values.flags.c_contiguous else np.ascontiguousarray(values)
-        _kernel.forward(
+        done = _kernel.forward(
             tape.code,
             tape.arg0,
             tape.arg1,
@@ -70,26 +97,53 @@ class NativeKernel:
             target,
             flush_denormals=self.flush_denormals,
             arg2=tape.arg2,
+            stop=stop,
+            expires=expires or 0.0,
         )
+        if not done:
+            raise SweepStopped("the forward sweep was stopped")
         if target is not values:
             values[...] = target
 
-    def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+    def backward(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        grads: np.ndarray,
+        output: int,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> None:
         """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
-        self._reverse(tape, values, grads, output, seeded=False)
+        self._reverse(tape, values, grads, output, False, stop, expires)
 
-    def vjp(self, tape: Columns, values: np.ndarray, cotangents: np.ndarray, output: int) -> None:
+    def vjp(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        cotangents: np.ndarray,
+        output: int,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> None:
         """One reverse sweep seeded at several nodes: ``cotangents`` holds the weights in rows
         up to ``output`` and becomes the vector-Jacobian product (per column for a batch)."""
-        self._reverse(tape, values, cotangents, output, seeded=True)
+        self._reverse(tape, values, cotangents, output, True, stop, expires)
 
     def _reverse(
-        self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int, seeded: bool
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        grads: np.ndarray,
+        output: int,
+        seeded: bool,
+        stop: np.ndarray | None,
+        expires: float | None,
     ) -> None:
         _check_float64("values", values)
         _check_float64("grads", grads)
         target = grads if grads.flags.c_contiguous else np.ascontiguousarray(grads)
-        _kernel.backward(
+        done = _kernel.backward(
             tape.code,
             tape.arg0,
             tape.arg1,
@@ -100,7 +154,11 @@ class NativeKernel:
             flush_denormals=self.flush_denormals,
             arg2=tape.arg2,
             seeded=seeded,
+            stop=stop,
+            expires=expires or 0.0,
         )
+        if not done:
+            raise SweepStopped("the reverse sweep was stopped")
         if target is not grads:
             grads[...] = target
 
@@ -135,6 +193,61 @@ class NativeKernel:
         for given, used in zip(arrays, work):
             if used is not given:
                 given[...] = used
+
+    def evaluate_selected(
+        self,
+        tape: Columns,
+        inputs: np.ndarray,
+        bindings: np.ndarray,
+        output: int,
+        selection: np.ndarray,
+        gradients: bool = True,
+        threads: int = 1,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Values and gradients of the ``selection`` nodes for every row of ``bindings``.
+
+        ``bindings`` is ``(B, k)`` over the ``inputs`` nodes, ``selection``
+        node indices; returns ``(B, s)`` arrays (gradients ``None`` unless
+        asked). The batch is swept ``TILE`` bindings at a time in cache-sized
+        buffers spread over up to ``threads`` threads; a batch smaller than a
+        tile goes through the full sweeps instead. Bit-identical to them.
+        """
+        bind = np.ascontiguousarray(bindings, dtype=np.float64)
+        sel = np.ascontiguousarray(selection, dtype=np.int64)
+        rows = int(bind.shape[0])
+        if rows < TILE or tape.arg2 is not None:  # the tiles sweep unary and binary ops only
+            values = np.repeat(tape.const[:, None], rows, axis=1)
+            values[inputs, :] = bind.T
+            self.forward(tape, values, stop, expires)
+            picked = np.ascontiguousarray(values[sel].T)
+            if not gradients:
+                return picked, None
+            grads = np.zeros_like(values)
+            self.backward(tape, values, grads, output, stop, expires)
+            return picked, np.ascontiguousarray(grads[sel].T)
+        values_out = np.empty((rows, sel.shape[0]))
+        grads_out = np.empty((rows, sel.shape[0])) if gradients else None
+        done = _kernel.evaluate_tiles(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            np.ascontiguousarray(inputs, dtype=np.int64),
+            bind,
+            output,
+            sel,
+            values_out,
+            grads_out,
+            threads=max(1, min(int(threads), rows // TILE)),
+            flush_denormals=self.flush_denormals,
+            stop=stop,
+            expires=expires or 0.0,
+        )
+        if not done:
+            raise SweepStopped("the tiled sweeps were stopped")
+        return values_out, grads_out
 
 
 def _check_float64(what: str, array: np.ndarray) -> None:
@@ -220,3 +333,56 @@ def unpack_columns(
         None if arg2 is None else np.frombuffer(arg2, dtype=np.int32),
         np.frombuffer(const, dtype=np.float64),
     )
+
+
+def value_columns(
+    root: object, targets: Sequence[object]
+) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]] | None:
+    """The tape columns of the ``Value`` graph behind ``root``, walked in C.
+
+    Returns ``(order, code, arg0, arg1, const, indices)`` in the order of
+    ``micrograd.engine.topological_order``, ``indices`` giving each of
+    ``targets``' node index (-1: not in the graph); ``None`` when the graph
+    holds anything but plain ``Value`` nodes of known ops (use the Python path).
+    """
+    walked = _kernel.value_columns(root, targets, _ARITY)
+    if walked is None:
+        return None
+    order, code, arg0, arg1, const, indices = walked
+    return (
+        order,
+        np.frombuffer(code, dtype=np.uint8),
+        np.frombuffer(arg0, dtype=np.int32),
+        np.frombuffer(arg1, dtype=np.int32),
+        np.frombuffer(const, dtype=np.float64),
+        indices,
+    )
+
+
+def pack_value(
+    root: object, targets: Sequence[object]
+) -> tuple[list[Any], bytes, bytes, bytes, list[int]] | None:
+    """The ``PackedGraph`` columns ``(order, ops, args, values, indices)`` of ``root``'s graph.
+
+    As ``value_columns``, but straight into the wire's little-endian byte columns.
+    """
+    packed: tuple[list[Any], bytes, bytes, bytes, list[int]] | None = _kernel.pack_value(
+        root, targets, _ARITY, _USES_VALUE
+    )
+    return packed
+
+
+def assign_values(order: list[Any], values: np.ndarray, grads: np.ndarray) -> bool:
+    """Write values and gradients onto ``Value`` nodes in tape order, as ``backward()`` would.
+
+    Interior nodes take their gradient, leaves add it to theirs. ``False``
+    (nothing written) when a node is not a plain ``Value``.
+    """
+    done: bool = _kernel.assign_values(
+        order,
+        np.ascontiguousarray(values, dtype=np.float64),
+        np.ascontiguousarray(grads, dtype=np.float64),
+        _ARITY,
+    )
+    return done
+

@@ -39,7 +39,7 @@ its scalar math is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ __all__ = [
     "OPS",
     "USES_VALUE",
     "Op",
+    "check_table",
 ]
 
 Partials = tuple[float, ...]
@@ -770,7 +771,22 @@ MAX_ARITY: int = max(op.arity for op in OPS)
 INPUT: Op = BY_NAME["input"]
 CONST: Op = BY_NAME["const"]
 
-assert sorted(BY_CODE) == list(range(1, MAX_CODE + 1)), "op codes must be dense"
+
+def check_table(table: Sequence[Op]) -> None:
+    """Raise ``ValueError`` unless ``table`` has codes 1..n in order and unique names.
+
+    Kernels index arrays by code, so a gap or a repeat would silently misread ops.
+    """
+    codes = [op.code for op in table]
+    if codes != list(range(1, len(table) + 1)):
+        raise ValueError(f"op codes must run 1..{len(table)} in order, got {codes}")
+    names = [op.name for op in table]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"op names must be unique; repeated: {', '.join(repeated)}")
+
+
+check_table(OPS)
 
 ARITY: np.ndarray = np.zeros(MAX_CODE + 1, dtype=np.int8)
 """Arity by wire code, for vectorised checks (index 0, the unused zero value, is 0)."""

@@ -25,6 +25,11 @@ from .engine import Value, graph_order, topological_order
 from .errors import GraphError
 from .kernels import Kernel, get_kernel
 
+try:  # the C walk of a Value graph, when the extension is built
+    from .native import value_columns as _native_columns
+except ImportError:  # pragma: no cover - pure-Python installs
+    _native_columns = None  # type: ignore[assignment]
+
 __all__ = ["Tape"]
 
 _WHERE = _ops.BY_NAME["where"].code
@@ -153,8 +158,20 @@ class Tape:
         """Compile the graph behind ``root`` (its last node); also return the nodes in order.
 
         Raises ``GraphError`` naming the op of a custom node (micrograd's
-        ``Value(data, children, op)``): it has no wire code.
+        ``Value(data, children, op)``): it has no wire code. The walk runs in C
+        when the extension is built (same order as ``topological_order``; it
+        declines graphs with ``where`` or custom nodes), in Python otherwise.
         """
+        targets = list((names or {}).values())
+        walked = _native_columns(root, targets) if _native_columns is not None else None
+        if walked is not None:
+            order, code, a, b, const, found = walked
+            name_index: dict[str, int] = {}
+            for name, i in zip((names or {}), found, strict=True):
+                if i < 0:
+                    raise GraphError(None, f"input {name!r} is not part of the graph")
+                name_index[name] = i
+            return cls(code, a, b, const, name_index), order
         if _engine._WIDE:
             return cls.from_values([root], names)
         order = topological_order(root)
@@ -170,7 +187,7 @@ class Tape:
         const = np.fromiter(
             (v.data if v._a is None else v._c for v in order), dtype=np.float64, count=n
         )
-        name_index: dict[str, int] = {}
+        name_index = {}
         for name, v in (names or {}).items():
             if v not in index:
                 raise GraphError(None, f"input {name!r} is not part of the graph")
@@ -273,6 +290,47 @@ class Tape:
         if values.ndim == 1:
             return values, grads
         return values.T, grads.T
+
+    def evaluate_selected(
+        self,
+        bindings: np.ndarray | Sequence[Sequence[float]],
+        selection: np.ndarray | Sequence[int],
+        output: int = -1,
+        gradients: bool = True,
+        kernel: Kernel | None = None,
+        threads: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch's values and gradients at the ``selection`` nodes only: ``(B, s)`` each.
+
+        ``bindings`` is ``(B, k)`` over the inputs. A kernel with a tiled
+        sweep (the native one) never holds the full ``(n, B)`` arrays and may
+        use up to ``threads`` threads; any other kernel runs the full sweeps
+        and picks the columns. Gradients are ``None`` unless asked for.
+        """
+        kern = kernel or get_kernel()
+        out = self.check_output(output)
+        n = len(self)
+        sel = np.asarray(selection, dtype=np.int64).reshape(-1)
+        if sel.size and (int(sel.min()) < 0 or int(sel.max()) >= n):
+            raise GraphError(None, f"a selected node is out of range for {n} nodes", "selection")
+        bind = np.asarray(bindings, dtype=np.float64)
+        k = self.inputs.shape[0]
+        if bind.ndim != 2 or bind.shape[1] != k:
+            raise GraphError(None, f"a batch must have shape (B, {k}), got {bind.shape}", "inputs")
+        tiled = getattr(kern, "evaluate_selected", None)
+        if tiled is not None:
+            picked: tuple[np.ndarray, np.ndarray | None] = tiled(
+                self, self.inputs, bind, out, sel, gradients, threads
+            )
+            return picked
+        values = self.leaf_values(bind)
+        kern.forward(self, values)
+        chosen = np.ascontiguousarray(values[sel].T)
+        if not gradients:
+            return chosen, None
+        grads = np.zeros(values.shape)
+        kern.backward(self, values, grads, out)
+        return chosen, np.ascontiguousarray(grads[sel].T)
 
     def check_output(self, output: int) -> int:
         """Resolve a possibly negative output index, or raise ``GraphError``."""

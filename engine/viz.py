@@ -288,6 +288,7 @@ def draw_dot(
     result: Any = None,
     max_nodes: int = DEFAULT_MAX_NODES,
     focus: Iterable[Any] | None = None,
+    names: Mapping[str, Value] | None = None,
 ) -> Any:
     """micrograd's ``draw_dot``: the ``graphviz.Digraph`` of ``root``'s graph with data and grad.
 
@@ -295,10 +296,11 @@ def draw_dot(
     ``Graph``/``PackedGraph`` message (numbers from ``result``: a client
     ``Result`` or a JSON-RPC result dict). Above ``max_nodes`` only the
     neighbourhood of the output, or of the ``focus`` nodes (indices, or
-    ``Value`` objects of ``root``'s graph), is drawn.
+    ``Value`` objects of ``root``'s graph), is drawn. ``names`` labels
+    ``Value`` nodes (``{"a": a}``) in their records.
     """
     if isinstance(root, Value):
-        tape, order = Tape.from_value(root)
+        tape, order = Tape.from_value(root, names)
         seeds: list[int] | None = None
         if focus is not None:
             index = {id(v): i for i, v in enumerate(order)}

@@ -5,9 +5,11 @@ plus L2) is built once from ``Value`` objects whose parameters and data
 points are named inputs, and registered on the server. Each step then sends
 only the graph_id and the current parameters by name, gets back their
 gradients (and the scores, for the accuracy), and takes an SGD step locally.
+A progress bar runs on standard error; ``--plot moons_remote.png`` saves the
+decision boundary, its scores computed by the server as one batch.
 
-    micrograd-rpc serve --port 50051 &
-    python examples/train_moons_remote.py --target 127.0.0.1:50051
+    ./scripts/serve &
+    python examples/train_moons_remote.py --target 127.0.0.1:50051 --plot moons_remote.png
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from micrograd.nn import MLP
 from micrograd.tape import Tape
 
 Point = tuple[float, float, float]
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moons_plot import plot_boundary, progress, score_graph  # noqa: E402
 
 
 def local_recipe() -> tuple[Callable[[int], list[Point]], int]:
@@ -69,6 +75,7 @@ def main() -> int:
     parser.add_argument(
         "--seed", type=int, default=weight_seed, help="seed of the initial weights"
     )
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="save the decision boundary")
     args = parser.parse_args()
 
     points = moons(100)
@@ -95,12 +102,28 @@ def main() -> int:
             lr = 1.0 - 0.9 * step / args.steps
             theta -= lr * result.grads[:k]
             if step % 10 == 0:
-                print(f"step {step:3d}  loss {result.values[-1]:.6f}  accuracy {accuracy:.0%}")
+                print(f"step {step:3d}  loss {result.values[-1]:.6f}  accuracy {accuracy:.0%}",
+                      flush=True)
+            progress(step + 1, args.steps, f"loss {result.values[-1]:.4f}")
         final = client.evaluate(
             graph_id, inputs=dict(zip(params, theta.tolist())), selection=selection,
             gradients=False,
         )
         accuracy = float(np.mean((final.values[k:-1] > 0) == (labels > 0)))
+        if args.plot is not None:
+            for p, value in zip(model.parameters(), theta.tolist()):
+                p.data = value
+            score, point = score_graph(model)
+
+            def remote_scores(xy: np.ndarray) -> np.ndarray:
+                r = client.evaluate(
+                    score, names=point, batch={"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist()},
+                    selection="output", gradients=False,
+                )
+                return np.asarray(r.values).reshape(-1)
+
+            plot_boundary(remote_scores, points, args.plot,
+                          f"trained through the service: accuracy {accuracy:.0%}")
     print(f"after {args.steps} steps: loss {final.values[-1]:.6f}  accuracy {accuracy:.0%}")
     return 0 if accuracy == 1.0 else 1
 

@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 
 _PLUGINS = (
     ("micrograd.client.cli", "add_eval_parser"),
+    ("micrograd.client.cli", "add_health_parser"),
     ("micrograd.client.draw", "add_draw_parser"),
 )
 """Subcommands defined elsewhere: (module, function that adds its subparser)."""

@@ -36,6 +36,8 @@ ENV_PREFIX = "MICROGRAD_RPC_"
 KERNELS = ("auto", "native", "python", "value")
 """Kernel choices: the fastest available, the C kernel, the numpy/Python kernel, or ``Value``."""
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""URL schemes ``--graph-store`` accepts for a Redis server (TCP, TLS, a Unix socket)."""
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _MiB = 1 << 20
 _GiB = 1 << 30
@@ -89,11 +91,32 @@ class Settings:
         default=100,
         metadata=_help("Most calls in one JSON-RPC batch; longer batches get error -32600."),
     )
+    jsonrpc_max_depth: int = field(
+        default=64,
+        metadata=_help(
+            "Deepest nesting of arrays and objects in a JSON-RPC body; deeper bodies get "
+            "error -32700 before they are parsed."
+        ),
+    )
+    http_idle_timeout: float = field(
+        default=30.0,
+        metadata=_help(
+            "Seconds an HTTP request body may go without a byte arriving; a slower body gets "
+            "408 and the connection is closed."
+        ),
+    )
     workers: int = field(
         default_factory=lambda: os.cpu_count() or 1,
         metadata=_help(
             "Server processes sharing the port (SO_REUSEPORT); default: the number of CPUs. "
             "1 serves in this process."
+        ),
+    )
+    kernel_threads: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata=_help(
+            "Threads one big batch call may spread its tiles over (the native kernel; calls of "
+            "at least 1,000,000 node-bindings); default: the number of CPUs."
         ),
     )
     kernel: str = field(
@@ -106,6 +129,13 @@ class Settings:
     max_nodes: int = field(
         default=5_000_000,
         metadata=_help("Most nodes in one graph; larger graphs get RESOURCE_EXHAUSTED."),
+    )
+    max_name_bytes: int = field(
+        default=1024,
+        metadata=_help(
+            "Longest node name, in UTF-8 bytes (suffixes allowed), in either graph form; "
+            "longer names get INVALID_ARGUMENT."
+        ),
     )
     max_message_bytes: int = field(
         default=256 * _MiB,
@@ -144,6 +174,54 @@ class Settings:
             "Largest total size of the cached graphs' arrays, in bytes (suffixes allowed)."
         ),
     )
+    graph_store: str = field(
+        default="host",
+        metadata=_help(
+            "Where registered graphs are shared beyond one process: host (files under "
+            "--graph-store-dir, shared by every worker of this machine), redis://HOST:PORT/DB "
+            "(a Redis server shared by every replica) or none (each process keeps only its "
+            "own cache). The in-process cache stays in front of either."
+        ),
+    )
+    graph_store_dir: str = field(
+        default="",
+        metadata=_help(
+            "Directory of the host graph store; empty: micrograd-rpc-<uid>/graphs in /dev/shm "
+            "(memory) where it is writable, else in the temporary directory."
+        ),
+    )
+    graph_store_bytes: int = field(
+        default=1 * _GiB,
+        metadata=_help(
+            "Largest total size of the host graph store's files, in bytes (suffixes allowed); "
+            "the least recently used are removed first."
+        ),
+    )
+    graph_store_entries: int = field(
+        default=1024,
+        metadata=_help("Most graphs in the host graph store (least recently used removed first)."),
+    )
+    graph_store_ttl: float = field(
+        default=3600.0,
+        metadata=_help(
+            "Seconds a graph lives in the Redis graph store after it was last registered or "
+            "used; bound its memory with Redis's own maxmemory and an LRU maxmemory-policy."
+        ),
+    )
+    graph_store_timeout: float = field(
+        default=0.25,
+        metadata=_help(
+            "Seconds one Redis graph store command (and connecting) may take; past it the call "
+            "answers as if the graph were missing (NOT_FOUND) instead of waiting."
+        ),
+    )
+    graph_store_backoff: float = field(
+        default=1.0,
+        metadata=_help(
+            "Seconds the Redis graph store is not tried again after a failure (calls answer at "
+            "once meanwhile)."
+        ),
+    )
     max_chunk_size: int = field(
         default=1_000_000,
         metadata=_help(
@@ -162,9 +240,31 @@ class Settings:
             "and cancellation is noticed between phases."
         ),
     )
+    upload_idle_timeout: float = field(
+        default=30.0,
+        metadata=_help(
+            "Seconds an UploadGraph stream may go without a piece arriving; an idle upload is "
+            "ended with DEADLINE_EXCEEDED and its call slot freed."
+        ),
+    )
     grace_period: float = field(
         default=10.0,
-        metadata=_help("Seconds that calls in flight get to finish after SIGTERM or SIGINT."),
+        metadata=_help(
+            "Seconds that calls in flight get to finish after SIGTERM or SIGINT; the process "
+            "exits as soon as they have."
+        ),
+    )
+    max_worker_deaths: int = field(
+        default=5,
+        metadata=_help(
+            "With --workers > 1, a worker that dies is restarted (after a backoff of 0.1 s "
+            "doubling up to 5 s); this many deaths within --worker-death-window seconds make "
+            "the server give up and exit 1."
+        ),
+    )
+    worker_death_window: float = field(
+        default=60.0,
+        metadata=_help("Seconds over which worker deaths are counted (see --max-worker-deaths)."),
     )
     log_level: str = field(
         default="INFO",
@@ -177,6 +277,37 @@ class Settings:
         metadata=_help(
             "Treat subnormal floats as zero in the native kernel (faster on some CPUs, "
             "slightly different numbers); needs a kernel that supports it."
+        ),
+    )
+    tls_cert: str = field(
+        default="",
+        metadata=_help(
+            "PEM certificate chain of the server; with --tls-key, the gRPC port serves only TLS "
+            "and the HTTP port only HTTPS."
+        ),
+    )
+    tls_key: str = field(
+        default="", metadata=_help("PEM private key of --tls-cert (unencrypted).")
+    )
+    tls_client_ca: str = field(
+        default="",
+        metadata=_help(
+            "PEM CA certificate(s): require client certificates signed by them on both ports "
+            "(mutual TLS); needs --tls-cert."
+        ),
+    )
+    auth_token_file: str = field(
+        default="",
+        metadata=_help(
+            "File of accepted bearer tokens, one a line (# comments), re-read on SIGHUP; calls "
+            "must then send 'authorization: Bearer <token>' (health and readiness stay open)."
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=_help(
+            "Allow listening on a non-loopback address with neither TLS nor tokens "
+            "(otherwise the server refuses to start)."
         ),
     )
     port_file: str = field(
@@ -203,6 +334,7 @@ class Settings:
                 )
         for name in (
             "workers",
+            "kernel_threads",
             "max_nodes",
             "max_message_bytes",
             "max_batch_rows",
@@ -212,10 +344,19 @@ class Settings:
             "default_chunk_size",
             "http_max_body_bytes",
             "jsonrpc_max_batch",
+            "jsonrpc_max_depth",
+            "max_name_bytes",
+            "max_worker_deaths",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{label(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("graph_cache_entries", "graph_cache_bytes", "inline_cells"):
+        for name in (
+            "graph_cache_entries",
+            "graph_cache_bytes",
+            "graph_store_entries",
+            "graph_store_bytes",
+            "inline_cells",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{label(name)} must not be negative, got {getattr(self, name)}")
         if self.max_message_bytes >= 1 << 31:
@@ -226,6 +367,27 @@ class Settings:
             problems.append(
                 f"{label('default_chunk_size')} ({self.default_chunk_size}) exceeds "
                 f"{label('max_chunk_size')} ({self.max_chunk_size})"
+            )
+        if self.graph_store not in ("host", "none") and not self.graph_store.startswith(
+            _REDIS_SCHEMES
+        ):
+            problems.append(
+                f"{label('graph_store')} must be host, none or redis://HOST:PORT/DB, "
+                f"got {self.graph_store!r}"
+            )
+        if not self.graph_store_ttl >= 1:
+            problems.append(
+                f"{label('graph_store_ttl')} must be at least 1 second, got {self.graph_store_ttl}"
+            )
+        if not self.graph_store_timeout > 0:
+            problems.append(
+                f"{label('graph_store_timeout')} must be above 0 seconds, "
+                f"got {self.graph_store_timeout}"
+            )
+        if not self.graph_store_backoff >= 0:
+            problems.append(
+                f"{label('graph_store_backoff')} must be at least 0 seconds, "
+                f"got {self.graph_store_backoff}"
             )
         if self.kernel not in KERNELS:
             problems.append(
@@ -240,6 +402,11 @@ class Settings:
             problems.append(
                 f"{label('grace_period')} must be at least 0 seconds, got {self.grace_period}"
             )
+        for name in ("http_idle_timeout", "upload_idle_timeout", "worker_death_window"):
+            if not 0 < getattr(self, name) < float("inf"):
+                problems.append(
+                    f"{label(name)} must be a positive number of seconds, got {getattr(self, name)}"
+                )
         if self.port == 0 and self.workers > 1:
             problems.append(
                 f"{label('port')} 0 (a free port) needs {label('workers')} 1: "

@@ -1,11 +1,10 @@
 """The gRPC transport: a thin ``grpc.aio`` servicer over the core, plus health and reflection.
 
-The servicer only translates: messages go to the core unchanged and a
-``ServiceError`` comes back as a gRPC status (INVALID_ARGUMENT with a
-``google.rpc.BadRequest`` detail naming the offending fields). Small calls
-run right on the event loop, where latency is lowest; big ones run on a
-thread pool so the loop keeps serving, and a cancelled or timed-out call
-stops at the next phase boundary (decode, forward, backward, encode).
+The servicer only translates: messages go to the core unchanged, through
+the call runner (``server/calls.py``: slot, deadline, inline or pool,
+cancellation), and a ``ServiceError`` comes back as a gRPC status, mapped
+once for every method where the handlers are registered
+(``server/handlers.py``).
 """
 
 from __future__ import annotations
@@ -15,23 +14,23 @@ import concurrent.futures
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_status import rpc_status
-from micrograd.codec.wire import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
+from .calls import CallRunner
 from .config import Settings
-from .handlers import rebuilt
-from .service import Deadline, GradientService, ServiceError
+from .decoding import tolerant
+from .handlers import HandlerWrapper, Registrar, ServiceErrors, status_of
+from .reflection import add_reflection
+from .service import GradientService
+from .streams import OpenStreams
 
-__all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer", "status_of"]
+__all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 """``micrograd.v1.GradientService``: the name health checks and reflection use."""
@@ -41,139 +40,66 @@ PID_METADATA = "micrograd-pid"
 
 log = logging.getLogger("micrograd.server")
 
-T = TypeVar("T")
-
-
-def status_of(error: ServiceError) -> grpc.Status:
-    """The gRPC status for a ``ServiceError``, with a ``BadRequest`` detail for its violations."""
-    code = grpc.StatusCode[error.code.value]
-    detail = status_pb2.Status(code=code.value[0], message=error.message)
-    if error.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
-                for field, text in error.violations
-            ]
-        )
-        detail.details.add().Pack(bad)
-    return rpc_status.to_status(detail)
-
-
 def _bracketed(host: str) -> str:
     """An IPv6 literal in brackets, as gRPC addresses want it; other hosts unchanged."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-class _Call:
-    """One admitted call: its concurrency slot, its deadline, and the work it has on a thread."""
-
-    def __init__(
-        self,
-        service: GradientService,
-        pool: concurrent.futures.Executor,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        service.acquire()
-        self.service = service
-        self.pool = pool
-        self.deadline = Deadline(context.time_remaining())
-        self.pending: concurrent.futures.Future[Any] | None = None
-
-    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the pool; if the call is cancelled, tell the work to stop."""
-        self.pending = self.pool.submit(fn, *args)
-        try:
-            return await asyncio.wrap_future(self.pending)
-        except asyncio.CancelledError:
-            self.deadline.cancel()
-            raise
-
-    def close(self) -> None:
-        """Free the slot, once any work still running on a thread has noticed and stopped."""
-        pending = self.pending
-        if pending is not None and not pending.done():
-            pending.add_done_callback(lambda _: self.service.release())
-        else:
-            self.service.release()
-
-
 class GradientServicer(pb_grpc.GradientServiceServicer):
-    """``micrograd.v1.GradientService`` on ``grpc.aio``: translation only, logic in the core."""
+    """``micrograd.v1.GradientService`` on ``grpc.aio``: translation only, logic in the core.
+
+    Each rpc hands its request to the call runner (``server/calls.py``); what
+    it raises becomes a status where the handlers are registered
+    (``handlers.ServiceErrors``).
+    """
 
     def __init__(self, service: GradientService, pool: concurrent.futures.Executor) -> None:
         """Serve ``service``, running big calls on ``pool``."""
         self.service = service
-        self.pool = pool
-        self.inline_cells = service.settings.inline_cells
-
-    async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
-        """End the call with the status for ``error`` (raises, as ``abort`` does)."""
-        if isinstance(error, ServiceError):
-            if error.violations:
-                await context.abort_with_status(status_of(error))
-            await context.abort(grpc.StatusCode[error.code.value], error.message)
-        log.exception("internal error while serving a call")
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
-
-    async def _answer(
-        self,
-        context: grpc.aio.ServicerContext,
-        work: Callable[..., T],
-        request: Any,
-        inline: bool,
-    ) -> T:
-        """``work(request[, deadline])`` for a unary call: in line when ``inline`` (small),
-        else on the pool where cancellation and the deadline can stop it; errors end the call
-        with their status."""
-        call = None
-        try:
-            if inline:
-                with self.service.admit():
-                    return work(request)
-            call = _Call(self.service, self.pool, context)
-            return await call.offload(work, request, call.deadline)
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise AssertionError("unreachable") from exc
-        finally:
-            if call is not None:
-                call.close()
+        self.calls = CallRunner(service, pool)
+        self._sizes = self.calls.sizes
 
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
         """Evaluate rpc (answered with the serialized response, ``codec.Wire``)."""
-        inline = self.service.cells(request) <= self.inline_cells
-        wire = await self._answer(context, self.service.evaluate_wire, request, inline)
+        calls = self.calls
+        wire = await calls.unary(
+            calls.inline(self._sizes["Evaluate"](request)),
+            self.service.evaluate_wire,
+            request,
+            context.time_remaining(),
+        )
         return wire  # type: ignore[return-value]
 
     async def EvaluateStream(
         self, request: pb.EvaluateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EvaluateStreamResponse]:
         """EvaluateStream rpc: every step of the core's generator runs where its size says."""
-        call = None
+        call = self.calls.admit(context.time_remaining())
         try:
-            call = _Call(self.service, self.pool, context)
             messages = self.service.evaluate_stream_wire(request, call.deadline)
-            inline = self.service.cells(request.request) <= self.inline_cells
+            inline = self.calls.inline(self._sizes["EvaluateStream"](request))
             done = object()
             while True:
-                msg = next(messages, done) if inline else await call.offload(next, messages, done)
+                msg = await call.run(inline, next, messages, done)
                 if msg is done:
                     break
                 yield msg  # type: ignore[misc]
-        except Exception as exc:
-            await self._fail(context, exc)
         finally:
-            if call is not None:
-                call.close()
+            call.close()
 
     async def RegisterGraph(
         self, request: pb.RegisterGraphRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterGraphResponse:
         """RegisterGraph rpc."""
-        inline = len(request.graph.nodes) + len(request.packed_graph.ops) <= self.inline_cells
-        return await self._answer(context, self.service.register_graph, request, inline)
+        calls = self.calls
+        return await calls.unary(
+            calls.inline(self._sizes["RegisterGraph"](request)),
+            self.service.register_graph,
+            request,
+            context.time_remaining(),
+        )
 
     async def UploadGraph(
         self,
@@ -181,20 +107,15 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.UploadGraphResponse:
         """UploadGraph rpc: append pieces as they arrive, then decode and register off the loop."""
-        call = None
+        call = self.calls.admit(context.time_remaining())
         try:
-            call = _Call(self.service, self.pool, context)
             upload = self.service.upload()
             async for piece in request_iterator:
                 upload.add(piece)
                 call.deadline.check()
-            return await call.offload(upload.finish)
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise AssertionError("unreachable") from exc
+            return await call.run(False, upload.finish)
         finally:
-            if call is not None:
-                call.close()
+            call.close()
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -204,74 +125,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return self.service.server_info(request)
 
 
-class HandlerWrapper(Protocol):
-    """Something that wraps a method handler, once, when its service is registered."""
+class _Tolerant:
+    """Answers requests that do not parse with INVALID_ARGUMENT (``decoding.tolerant``)."""
 
     def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler to serve ``path`` (``/pkg.Service/Method``) with instead of ``handler``."""
-        ...
-
-
-class _WrappedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose method handlers are wrapped on first use, then reused."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, wrappers: Sequence[HandlerWrapper]) -> None:
-        self.inner = inner
-        self.wrappers = wrappers
-        self.done: dict[str, grpc.RpcMethodHandler | None] = {}
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        path = details.method  # type: ignore[attr-defined]
-        if path not in self.done:
-            handler = self.inner.service(details)
-            self.done[path] = None if handler is None else _wrapped(path, handler, self.wrappers)
-        return self.done[path]
-
-
-def _wrapped(
-    path: str, handler: grpc.RpcMethodHandler, wrappers: Sequence[HandlerWrapper]
-) -> grpc.RpcMethodHandler:
-    """``handler`` wrapped by every wrapper (the first outermost), sending bytes as they are."""
-    for wrapper in reversed(wrappers):
-        handler = wrapper.wrap(path, handler)
-    return rebuilt(
-        handler, response_serializer=_serializer_passing_wire(handler.response_serializer)
-    )
-
-
-def _serializer_passing_wire(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
-    """A response serializer that sends serialized responses (``codec.Wire``) as they are."""
-
-    def serializer(response: Any) -> bytes:
-        if isinstance(response, Wire):
-            return response.data
-        return serialize(response) if serialize is not None else response
-
-    return serializer
-
-
-class _Registrar:
-    """Stands in for the server while generated ``add_*_to_server`` functions register
-    services, so that every handler is wrapped once, at registration."""
-
-    def __init__(self, server: grpc.aio.Server, wrappers: Sequence[HandlerWrapper]) -> None:
-        self.server = server
-        self.wrappers = wrappers
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        """Register generic handlers, wrapped."""
-        self.server.add_generic_rpc_handlers(
-            tuple(_WrappedGeneric(h, self.wrappers) for h in handlers)
-        )
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        """Register a service's method handlers, wrapped."""
-        self.server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service,
-            {m: _wrapped(f"/{service}/{m}", h, self.wrappers) for m, h in handlers.items()},
-        )
+        """``handler``, its request deserializer made tolerant."""
+        return tolerant(handler, status_of)
 
 
 class GrpcServer:
@@ -282,11 +141,15 @@ class GrpcServer:
         settings: Settings,
         service: GradientService | None = None,
         interceptors: Sequence[HandlerWrapper] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         """A server for ``settings``; ``interceptors`` wrap every method (once, at
-        registration, which costs nothing per call); idle until ``start``."""
+        registration, which costs nothing per call); TLS with ``credentials``; idle until
+        ``start``."""
         self.settings = settings
-        self.interceptors = tuple(interceptors)
+        self.streams = OpenStreams()
+        self.interceptors = (*interceptors, self.streams)
+        self.credentials = credentials
         self.service = service or GradientService(settings)
         self.health = health.aio.HealthServicer()
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -310,20 +173,21 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        registrar: Any = _Registrar(server, self.interceptors)
+        wrappers = (*self.interceptors, ServiceErrors(f"/{SERVICE_NAME}/"), _Tolerant())
+        registrar: Any = Registrar(server, wrappers)
         pb_grpc.add_GradientServiceServicer_to_server(
             GradientServicer(self.service, self.pool), registrar
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-            ),
-            registrar,
+        add_reflection(
+            registrar, (SERVICE_NAME, health.SERVICE_NAME), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
         )
         host = _bracketed(s.host)
         try:
-            port = server.add_insecure_port(f"{host}:{s.port}")
+            if self.credentials is not None:
+                port = server.add_secure_port(f"{host}:{s.port}", self.credentials)
+            else:
+                port = server.add_insecure_port(f"{host}:{s.port}")
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {host}:{s.port}: {exc}") from None
         if port == 0:
@@ -353,6 +217,9 @@ class GrpcServer:
             await asyncio.sleep(0.02)
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d call(s)", self.service.in_flight)
+        if self.streams.count:
+            log.info("ending %d open health/reflection stream(s)", self.streams.count)
+        self.streams.end()
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -12,6 +12,10 @@ same limits). Its routes:
 * ``GET /healthz``: 200 while the process runs.
 * ``GET /readyz``: 200 while the server takes calls, 503 once it drains.
 * ``GET /metrics``: this process's metrics in the Prometheus text format.
+
+With TLS settings the port serves HTTPS only (``ssl_context``); with tokens
+every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer``
+(the ``guards`` middlewares of ``server/security.py``).
 * ``GET /``: the playground page (``micrograd.server.playground``), unless
   ``--no-playground``.
 """
@@ -22,9 +26,12 @@ import concurrent.futures
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
+from micrograd.codec.malformed import shown
 
 from . import playground
 from .config import Settings
@@ -56,8 +63,10 @@ def build_app(
     metrics: Metrics,
     ready: Callable[[], bool],
     max_body_bytes: int,
+    guards: Sequence[Any] = (),
 ) -> web.Application:
-    """The aiohttp application of the four routes; ``ready()`` decides ``/readyz``."""
+    """The aiohttp application of the four routes; ``ready()`` decides ``/readyz``;
+    ``guards`` are middlewares run after counting, before the routes (the token check)."""
 
     @web.middleware
     async def count(request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -93,7 +102,7 @@ def build_app(
                 timeout = math.nan
             if not timeout > 0 or math.isinf(timeout):
                 return _plain(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, "
-                                   f"got {given!r}")
+                                   f"got {shown(given)}")
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         answer = await rpc.handle(body, rid, timeout)
         headers = {REQUEST_ID_HEADER: rid}
@@ -115,7 +124,7 @@ def build_app(
         return response
 
     # aiohttp's own limit backs up the Content-Length check for chunked bodies.
-    app = web.Application(middlewares=[count], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[count, *guards], client_max_size=max_body_bytes)
     app.router.add_post("/rpc", rpc_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -138,13 +147,22 @@ class HttpServer:
         service: GradientService,
         metrics: Metrics,
         pool: concurrent.futures.Executor | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        guards: Sequence[Any] = (),
     ) -> None:
-        """An endpoint for ``settings.http_port``; nothing listens until ``start``."""
+        """An endpoint for ``settings.http_port`` (HTTPS with ``ssl_context``; ``guards`` as
+        in ``build_app``); nothing listens until ``start``."""
         self.settings = settings
+        self.ssl_context = ssl_context
+        self.guards = tuple(guards)
         self.service = service
         self.metrics = metrics
         self.rpc = JsonRpc(
-            service, pool=pool, metrics=metrics, max_batch=settings.jsonrpc_max_batch
+            service,
+            pool=pool,
+            metrics=metrics,
+            max_batch=settings.jsonrpc_max_batch,
+            max_depth=settings.jsonrpc_max_depth,
         )
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -165,7 +183,9 @@ class HttpServer:
     async def start(self) -> int:
         """Bind and serve; returns the bound port (useful with ``http_port`` 0)."""
         s = self.settings
-        app = build_app(self.rpc, self.metrics, lambda: self.ready, s.http_max_body_bytes)
+        app = build_app(
+            self.rpc, self.metrics, lambda: self.ready, s.http_max_body_bytes, self.guards
+        )
         if s.playground:
             playground.add_routes(app)  # the same app: its middlewares guard the page too
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -181,7 +201,7 @@ class HttpServer:
             sock.close()
             await runner.cleanup()
             raise OSError(f"cannot listen for HTTP on {s.host}:{s.http_port}: {exc}") from None
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
         await site.start()
         self.port = int(sock.getsockname()[1])
         self._runner = runner

@@ -19,18 +19,23 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from micrograd.codec.malformed import clip, shown
 from micrograd.v1 import gradient_service_pb2 as pb
 
-from .metrics import Metrics, nodes_evaluated
-from .service import Deadline, GradientService, ServiceError
+from .calls import CallRunner
+from .metrics import Metrics
+from .proto_json import nesting_depth, type_problem
+from .service import Deadline, GradientService, ServiceError, nodes_evaluated
 
 __all__ = [
     "ERROR_CODES",
@@ -122,6 +127,11 @@ class RpcError(Exception):
             error["data"] = self.data
         return error
 
+    @classmethod
+    def from_service_error(cls, error: ServiceError) -> RpcError:
+        """The error for a ``ServiceError``: its status through ``ERROR_CODES``, its violations."""
+        return cls.from_status(error.code.value, error.message, error.violations)
+
     @property
     def status(self) -> str:
         """The gRPC status name this error counts as in metrics and logs."""
@@ -144,7 +154,8 @@ class Method:
 
 
 def _parse_params(method: Method, params: Any) -> Message:
-    """The request message from ``params`` in the proto3 JSON mapping; -32602 if it is not."""
+    """The request message from ``params`` in the proto3 JSON mapping, its types held strictly
+    (``proto_json.type_problem``); -32602 if it is not one."""
     message = method.request()
     if params is None:
         return message
@@ -154,10 +165,18 @@ def _parse_params(method: Method, params: Any) -> Message:
             "params must be an object: the request message in the proto3 JSON mapping",
             [("params", f"expected an object, got {type(params).__name__}")],
         )
+    problem = type_problem(params, message.DESCRIPTOR)
+    if problem is not None:
+        field, reason = clip(problem[0]), clip(problem[1])
+        raise RpcError.from_status(
+            "INVALID_ARGUMENT",
+            f"params is not a valid {message.DESCRIPTOR.name}: {field}: {reason}",
+            [(field, reason)],
+        )
     try:
         json_format.ParseDict(params, message, ignore_unknown_fields=False)
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
-        text = str(exc).strip().rstrip(".")
+        text = clip(str(exc).strip().rstrip("."), 500)
         found = _PARSE_PATH.search(text)
         field = found.group(1) if found and found.group(1) else "params"
         raise RpcError.from_status(
@@ -191,7 +210,18 @@ def _answer(method: Method, message: Message, deadline: Deadline) -> tuple[bytes
     return _dumps(_to_json(result)), _nodes(result)
 
 
-def _loads(body: bytes) -> Any:
+class TooDeep(ValueError):
+    """A body whose arrays and objects nest deeper than the server parses."""
+
+
+def _loads(body: bytes, max_depth: int = 64) -> Any:
+    """The parsed body; ``TooDeep`` beyond ``max_depth`` levels, ``ValueError`` if not JSON."""
+    depth = nesting_depth(body)
+    if depth > max_depth:
+        raise TooDeep(
+            f"the body nests arrays and objects {depth} deep; this server parses at most "
+            f"{max_depth} levels (jsonrpc_max_depth)"
+        )
     return json.loads(body, parse_constant=_reject_constant)
 
 
@@ -203,7 +233,20 @@ def _reject_constant(name: str) -> Any:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")  # a lone surrogate stays a JSON escape
+
+
+def _echoable(id_: Any) -> bool:
+    """Whether ``id_`` (a string, a number or null) can be sent back exactly as it came."""
+    if isinstance(id_, float):
+        return math.isfinite(id_)
+    if isinstance(id_, str):
+        try:
+            id_.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 def _error(id_: Any, error: RpcError) -> dict[str, Any]:
@@ -220,29 +263,29 @@ class JsonRpc:
         pool: concurrent.futures.Executor | None = None,
         metrics: Metrics | None = None,
         max_batch: int = 100,
+        max_depth: int = 64,
     ) -> None:
         """Serve ``service``; big calls run on ``pool`` (inline when ``None``), batches of at
-        most ``max_batch`` calls."""
+        most ``max_batch`` calls, bodies nested at most ``max_depth`` deep."""
         self.service = service
+        self.max_depth = max_depth
         self.pool = pool
+        self.calls = CallRunner(service, pool)
         self.metrics = metrics or Metrics()
         self.max_batch = max_batch
-        self.inline_cells = service.settings.inline_cells
-        s = service
+        s, size = service, self.calls.sizes
         self.methods: dict[str, Method] = {
-            "Evaluate": Method(pb.EvaluateRequest, s.evaluate, s.cells),
+            "Evaluate": Method(pb.EvaluateRequest, s.evaluate, size["Evaluate"]),
             "EvaluateStream": Method(
                 pb.EvaluateStreamRequest,
                 lambda r, d: list(s.evaluate_stream(r, d)),
-                lambda r: s.cells(r.request),
+                size["EvaluateStream"],
             ),
             "RegisterGraph": Method(
-                pb.RegisterGraphRequest,
-                lambda r, d: s.register_graph(r),
-                lambda r: len(r.graph.nodes) + len(r.packed_graph.ops),
+                pb.RegisterGraphRequest, lambda r, d: s.register_graph(r), size["RegisterGraph"]
             ),
             "GetServerInfo": Method(
-                pb.GetServerInfoRequest, lambda r, d: s.server_info(r), lambda r: 0
+                pb.GetServerInfoRequest, lambda r, d: s.server_info(r), size["GetServerInfo"]
             ),
         }
 
@@ -257,10 +300,13 @@ class JsonRpc:
         """
         big = len(body) >= _BIG_BODY
         try:
-            document = await self._off(big, _loads, body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            document = await self._off(big, _loads, body, self.max_depth)
+        except TooDeep as exc:
+            return self._protocol_error(request_id, RpcError(PARSE_ERROR, f"parse error: {exc}"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return self._protocol_error(
-                request_id, RpcError(PARSE_ERROR, f"parse error: the body is not JSON ({exc})")
+                request_id,
+                RpcError(PARSE_ERROR, f"parse error: the body is not JSON ({clip(str(exc))})"),
             )
         if isinstance(document, list):
             if not document:
@@ -311,8 +357,9 @@ class JsonRpc:
         valid_id = id_ is _NO_ID or id_ is None or (
             isinstance(id_, str | int | float) and not isinstance(id_, bool)
         )
-        reply_id = id_ if valid_id and id_ is not _NO_ID else None
-        problem = self._shape_problem(item, valid_id)
+        echoable = valid_id and _echoable(id_)
+        reply_id = id_ if echoable and id_ is not _NO_ID else None
+        problem = self._shape_problem(item, valid_id, echoable)
         if problem is not None:
             return _dumps(_error(reply_id, self._record_protocol(request_id, problem)))
         name = item["method"]
@@ -323,7 +370,7 @@ class JsonRpc:
                 if method is None:
                     raise RpcError(
                         METHOD_NOT_FOUND,
-                        f"method not found: {name!r}; the methods are "
+                        f"method not found: {shown(name)}; the methods are "
                         f"{', '.join(self.methods)} (UploadGraph is gRPC-only)",
                     )
                 message = await self._off(big, _parse_params, method, item.get("params"))
@@ -343,7 +390,7 @@ class JsonRpc:
         return error
 
     @staticmethod
-    def _shape_problem(item: Any, valid_id: bool) -> RpcError | None:
+    def _shape_problem(item: Any, valid_id: bool, echoable: bool = True) -> RpcError | None:
         """Why ``item`` is not a valid request object (-32600), or ``None`` if it is."""
         if not isinstance(item, dict):
             return RpcError(
@@ -358,6 +405,12 @@ class JsonRpc:
             return RpcError(
                 INVALID_REQUEST, 'invalid request: "id" must be a string, a number or null'
             )
+        if not echoable:
+            return RpcError(
+                INVALID_REQUEST,
+                'invalid request: the "id" cannot be sent back exactly as it came (a number '
+                "beyond the float64 range, or a string with an unpaired surrogate)",
+            )
         if "params" in item and not isinstance(item["params"], dict | list):
             return RpcError(
                 INVALID_REQUEST, 'invalid request: "params" must be an object or an array'
@@ -369,32 +422,19 @@ class JsonRpc:
     async def _run(
         self, method: Method, message: Message, timeout: float | None
     ) -> tuple[bytes, int]:
-        """Run ``method`` under a call slot, inline or on the pool: the serialized result and
+        """Run ``method`` as one admitted call (``server/calls.py``): the serialized result and
         the node evaluations; errors become ``RpcError``."""
-        deadline = Deadline(timeout)
-        pending: concurrent.futures.Future[Any] | None = None
+        calls = self.calls
         try:
-            self.service.acquire()
+            return await calls.unary(
+                calls.inline(method.size(message)), partial(_answer, method), message, timeout
+            )
         except ServiceError as exc:
-            raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
-        try:
-            if self.pool is None or method.size(message) <= self.inline_cells:
-                return _answer(method, message, deadline)
-            pending = self.pool.submit(_answer, method, message, deadline)
-            try:
-                return await asyncio.wrap_future(pending)
-            except asyncio.CancelledError:
-                deadline.cancel()
-                raise
-        except ServiceError as exc:
-            raise RpcError.from_status(exc.code.value, exc.message, exc.violations) from None
+            raise RpcError.from_service_error(exc) from None
         except RpcError:
             raise
         except Exception as exc:
             log.exception("internal error in a JSON-RPC call")
-            raise RpcError.from_status("INTERNAL", f"internal error: {exc!r}") from None
-        finally:
-            if pending is not None and not pending.done():
-                pending.add_done_callback(lambda _: self.service.release())
-            else:
-                self.service.release()
+            # The type only: a repr can carry server paths; the log above has the traceback.
+            message = f"internal error ({type(exc).__name__}); the server's log has the details"
+            raise RpcError.from_status("INTERNAL", message) from None

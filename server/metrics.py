@@ -3,30 +3,24 @@
 Each server owns a ``Metrics`` with its own registry (several servers in one
 process, as in the tests, never mix their counts). ``Call`` times one call
 and records it in both the metrics and the request log; the gRPC side gets
-it from ``MetricsInterceptor`` (wrapped around every method handler), the
-JSON-RPC side calls it per method call.
+it from ``handlers.MetricsInterceptor`` (wrapped around every method handler),
+the JSON-RPC side calls it per method call. Nothing here knows gRPC.
 With ``--workers N`` every process keeps its own registry, so a scrape of
 ``/metrics`` reports the process that answered it (see docs/API.md).
 """
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
-import grpc
-import grpc.aio
-from micrograd.codec.wire import Wire
-from micrograd.v1 import gradient_service_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import logs
-from .handlers import rebuilt
 from .logs import log_request, request_id
 
 __all__ = [
@@ -34,8 +28,7 @@ __all__ = [
     "CacheCounts",
     "Call",
     "Metrics",
-    "MetricsInterceptor",
-    "nodes_evaluated",
+    "StoreCounters",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -105,6 +98,41 @@ class _CacheCollector(Collector):
         )
 
 
+class StoreCounters(Protocol):
+    """What the metrics read from a graph store: where it is and what it counted."""
+
+    location: str
+
+    @property
+    def counts(self) -> Any:
+        """An object with ``hits``, ``misses``, ``errors``, ``corrupt`` and ``writes``."""
+        ...
+
+
+class _StoreCollector(Collector):
+    """Reads a graph store's counters at scrape time."""
+
+    _COUNTERS = (
+        ("hits", "graph store lookups that found a verified graph"),
+        ("misses", "graph store lookups that found nothing (or a corrupt entry)"),
+        ("errors", "graph store reads and writes that failed: unreachable or unwritable store"),
+        ("corrupt", "graph store entries that failed verification and were dropped"),
+        ("writes", "graphs written to the graph store"),
+    )
+
+    def __init__(self, store: StoreCounters) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Metric]:
+        """The store's counters, labelled with its kind (host or redis), as of now."""
+        kind = "host" if "://" not in self.store.location else "redis"
+        counts = self.store.counts
+        for name, text in self._COUNTERS:
+            family = CounterMetricFamily(f"micrograd_graph_store_{name}", text, labels=["store"])
+            family.add_metric([kind], getattr(counts, name))
+            yield family
+
+
 class Metrics:
     """The metrics of one server: calls by transport, method and status; latency; work done."""
 
@@ -151,6 +179,11 @@ class Metrics:
     def watch_cache(self, cache: CacheCounts) -> None:
         """Export ``cache``'s hit and miss counters, entries and bytes at every scrape."""
         self.registry.register(_CacheCollector(cache))
+
+    def watch_store(self, store: StoreCounters | None) -> None:
+        """Export a graph store's counters at every scrape (nothing when there is no store)."""
+        if store is not None:
+            self.registry.register(_StoreCollector(store))
 
     def exposition(self) -> bytes:
         """Everything in the Prometheus text format (``CONTENT_TYPE``)."""
@@ -268,113 +301,3 @@ class Call:
                 seconds,
                 **log_fields,
             )
-
-
-def nodes_evaluated(response: Any) -> int:
-    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
-    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
-    if isinstance(response, Wire):
-        return response.nodes
-    if isinstance(response, pb.EvaluateStreamResponse):
-        if response.part != pb.PART_HEADER:
-            return 0
-        response = response.header
-    if isinstance(response, pb.EvaluateResponse):
-        return int(response.node_count) * max(int(response.rows), 1)
-    return 0
-
-
-def _status_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    """The status a finished gRPC call ends with, as a code name (``OK``, ``NOT_FOUND``…)."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if isinstance(code, int) and not isinstance(code, bool):
-        for candidate in grpc.StatusCode:
-            if candidate.value[0] == code:
-                return str(candidate.name)
-    if error is None:
-        return "OK"
-    if isinstance(error, grpc.aio.AbortError):
-        return "UNKNOWN"
-    if type(error).__name__ == "CancelledError":
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return "DEADLINE_EXCEEDED"
-        return "CANCELLED"
-    return "UNKNOWN"
-
-
-def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
-    """The ``x-request-id`` the caller sent as metadata, if any."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str):
-            return value
-    return None
-
-
-class MetricsInterceptor:
-    """Counts, times and logs every gRPC call of the server it is installed in.
-
-    It wraps each method's handler once, when the services are registered
-    (``GrpcServer`` calls ``wrap``), rather than per call as a
-    ``grpc.aio.ServerInterceptor`` would: grpc.aio's per-call interceptor
-    path costs about 75 us a call, a quarter of a small Evaluate.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        """Record into ``metrics`` with transport ``grpc``."""
-        self.metrics = metrics
-
-    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler of the method at ``path`` (``/pkg.Service/Method``), recording each call."""
-        method = path.rsplit("/", 1)[-1]
-        if handler.response_streaming:
-            inner = handler.unary_stream or handler.stream_stream
-            return rebuilt(handler, self._streaming(method, inner))
-        inner = handler.unary_unary or handler.stream_unary
-        return rebuilt(handler, self._unary(method, inner))
-
-    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        """``behavior`` (one response) recorded as a call of ``method``."""
-        metrics = self.metrics
-
-        async def recorded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with metrics.call("grpc", method, _metadata_request_id(context)) as call:
-                try:
-                    response = behavior(request, context)
-                    if inspect.isawaitable(response):
-                        response = await response
-                except BaseException as exc:
-                    call.finish(_status_name(context, exc))
-                    raise
-                call.finish(_status_name(context, None), nodes_evaluated(response))
-                return response
-
-        return recorded
-
-    def _streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        """``behavior`` (a response stream) recorded as a call of ``method``."""
-        metrics = self.metrics
-
-        async def recorded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with metrics.call("grpc", method, _metadata_request_id(context)) as call:
-                nodes = 0
-                try:
-                    responses = behavior(request, context)
-                    if hasattr(responses, "__aiter__"):
-                        async for response in responses:
-                            nodes += nodes_evaluated(response)
-                            yield response
-                    elif inspect.isawaitable(responses):
-                        await responses
-                    else:
-                        for response in responses:
-                            nodes += nodes_evaluated(response)
-                            yield response
-                except BaseException as exc:
-                    call.finish(_status_name(context, exc))
-                    raise
-                call.finish(_status_name(context, None), nodes)
-
-        return recorded

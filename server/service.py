@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from micrograd import __version__, codec
 from micrograd import ops as _ops
+from micrograd.codec.malformed import clip, shown
 from micrograd.codec.wire import Wire, with_arrays
 from micrograd.errors import GraphError
 from micrograd.kernels import Kernel
@@ -31,8 +34,30 @@ from micrograd.v1 import graph_pb2
 
 from .cache import GraphCache, RecentGraphs
 from .config import Settings, resolve_kernel
+from .store import GraphStore, StoreUnavailable, open_store
 
-__all__ = ["Code", "Deadline", "GradientService", "Plan", "ServiceError", "Upload"]
+try:
+    from micrograd.native import SweepStopped
+except ImportError:  # pragma: no cover - without the native kernel, sweeps run to the end
+
+    class SweepStopped(Exception):  # type: ignore[no-redef]
+        """Never raised: no kernel here can stop part-way."""
+
+
+__all__ = [
+    "Code",
+    "Deadline",
+    "GradientService",
+    "Plan",
+    "ServiceError",
+    "Upload",
+    "nodes_evaluated",
+]
+
+log = logging.getLogger("micrograd.server")
+
+_STORE_WARNING_INTERVAL = 10.0
+"""Seconds between two log lines about a failing graph store (each failure is still counted)."""
 
 
 class Code(enum.Enum):
@@ -46,6 +71,11 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+_MESSAGE_LIMIT = 1000
+"""Characters an error message may have (beyond: cut with an ellipsis); echoed client input
+within it is already cut to ``codec.malformed.ECHO_LIMIT``."""
+
+
 class ServiceError(Exception):
     """A call that cannot be answered: a ``Code``, a message, and ``(field, description)`` pairs."""
 
@@ -53,37 +83,44 @@ class ServiceError(Exception):
         self, code: Code, message: str, violations: Sequence[tuple[str, str]] = ()
     ) -> None:
         """``violations`` name request fields (``graph.nodes[3].op``) and what is wrong there."""
+        message = clip(message, _MESSAGE_LIMIT)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.violations = list(violations)
+        self.violations = [(clip(f), clip(text, _MESSAGE_LIMIT)) for f, text in violations]
 
 
 class Deadline:
-    """When a call must stop: an optional time limit and a cancel flag, checked between phases.
+    """When a call must stop: an optional time limit and a cancel flag, checked between phases
+    and, by a kernel that can (the native one), every few thousand cells within a sweep.
 
     Thread-safe: a transport cancels from its own thread while the work runs
     on another, and the work calls ``check()`` between decode, the sweeps and
-    encoding.
+    encoding; ``flag`` is the byte the native sweeps watch.
     """
+
+    __slots__ = ("_cancelled", "expires", "flag")
 
     def __init__(self, seconds: float | None = None) -> None:
         """A deadline ``seconds`` from now (``None``: no time limit)."""
         self.expires = None if seconds is None else time.monotonic() + seconds
-        self._cancelled = threading.Event()
+        self._cancelled = False  # one store of a bool: safe to set from any thread
+        self.flag = np.zeros(1, dtype=np.uint8)
+        """Set to 1 by ``cancel()``; a sweep given it stops at its next look."""
 
     def cancel(self) -> None:
-        """Mark the call cancelled; the next ``check()`` raises."""
-        self._cancelled.set()
+        """Mark the call cancelled; the next ``check()`` raises and running sweeps stop."""
+        self._cancelled = True
+        self.flag[0] = 1
 
     @property
     def cancelled(self) -> bool:
         """Whether ``cancel()`` was called."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def check(self) -> None:
         """Raise ``ServiceError`` (CANCELLED or DEADLINE_EXCEEDED) if the call must stop."""
-        if self._cancelled.is_set():
+        if self._cancelled:
             raise ServiceError(Code.CANCELLED, "the call was cancelled")
         if self.expires is not None and time.monotonic() >= self.expires:
             raise ServiceError(
@@ -99,6 +136,10 @@ _OVERLAP_CELLS = 50_000
 background threads (hashlib and the native kernel release the GIL): a graph's id is hashed
 while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
 Smaller calls do everything in line."""
+
+_THREAD_CELLS = 1_000_000
+"""From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
+(below it, starting threads costs more than it saves)."""
 
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
@@ -152,11 +193,19 @@ def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
 class GradientService:
     """The rpcs of ``GradientService`` as methods, with this process's kernel, cache and limits."""
 
-    def __init__(self, settings: Settings, kernel: Kernel | None = None) -> None:
-        """Serve with ``settings``; ``kernel`` overrides the one ``settings.kernel`` names."""
+    def __init__(
+        self,
+        settings: Settings,
+        kernel: Kernel | None = None,
+        store: GraphStore | None = None,
+    ) -> None:
+        """Serve with ``settings``; ``kernel`` overrides the one ``settings.kernel`` names and
+        ``store`` the graph store ``settings.graph_store`` names."""
         self.settings = settings
         self.kernel = kernel or resolve_kernel(settings.kernel, settings.flush_denormals)
         self.cache = GraphCache(settings.graph_cache_entries, settings.graph_cache_bytes)
+        self.store = store or open_store(settings)
+        self._store_warned = -_STORE_WARNING_INTERVAL
         self.recent = RecentGraphs()
         self._background = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="micrograd-overlap"
@@ -220,7 +269,13 @@ class GradientService:
             n = len(request.packed_graph.ops)
         elif source == "graph_id":
             tape = self.cache.peek(request.graph_id)
-            n = 0 if tape is None else len(tape)
+            if tape is not None:
+                n = len(tape)
+            elif self.store is None:
+                n = 0
+            else:  # a size the store cannot tell cheaply counts as big: looked up off the loop
+                hint = self.store.nodes_hint(request.graph_id)
+                n = self.settings.inline_cells + 1 if hint is None else hint
         else:
             n = 0
         if not request.HasField("batch"):
@@ -245,14 +300,7 @@ class GradientService:
         """The tape a request's ``source`` gives, validated, and its graph id (maybe pending)."""
         source = msg.WhichOneof("source")
         if source == "graph_id" and isinstance(msg, pb.EvaluateRequest):
-            tape = self.cache.get(msg.graph_id)
-            if tape is None:
-                raise ServiceError(
-                    Code.NOT_FOUND,
-                    f"no graph {msg.graph_id!r} is registered here (the cache may have dropped "
-                    "it); send the graph again or register it",
-                )
-            return tape, msg.graph_id
+            return self.lookup(msg.graph_id), msg.graph_id
         if source == "graph":
             n = len(msg.graph.nodes)
             self._check_nodes(n, prefix + "graph.nodes")
@@ -272,12 +320,12 @@ class GradientService:
             known = self.recent.get(key)
             if known is not None:
                 return known
-        max_nodes = self.settings.max_nodes
+        max_nodes, max_name = self.settings.max_nodes, self.settings.max_name_bytes
         try:
             if source == "graph":
-                tape = codec.from_graph(msg.graph, max_nodes)
+                tape = codec.from_graph(msg.graph, max_nodes, max_name)
             else:
-                tape = codec.unpack(msg.packed_graph, max_nodes)
+                tape = codec.unpack(msg.packed_graph, max_nodes, max_name)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
         if n >= _OVERLAP_CELLS:
@@ -329,17 +377,67 @@ class GradientService:
 
     # -- evaluation --------------------------------------------------------
 
-    def forward(self, plan: Plan) -> np.ndarray:
+    def forward(self, plan: Plan, deadline: Deadline = _NO_DEADLINE) -> np.ndarray:
         """Every node's value: ``(n,)``, or ``(n, B)`` for a batch (the kernel's layout)."""
         values = plan.tape.leaf_values(plan.bindings)
-        self.kernel.forward(plan.tape, values)
+        self._sweep(deadline, self.kernel.forward, plan.tape, values)
         return values
 
-    def backward(self, plan: Plan, values: np.ndarray) -> np.ndarray:
+    def backward(
+        self, plan: Plan, values: np.ndarray, deadline: Deadline = _NO_DEADLINE
+    ) -> np.ndarray:
         """d(output)/d(node) for every node, laid out like ``values``."""
         grads = np.zeros_like(values)
-        self.kernel.backward(plan.tape, values, grads, plan.output)
+        self._sweep(deadline, self.kernel.backward, plan.tape, values, grads, plan.output)
         return grads
+
+    def _sweep(self, deadline: Deadline, sweep: Callable[..., None], *args: object) -> None:
+        """Run a kernel sweep that, if the kernel can, stops within a few thousand cells of the
+        deadline passing or the call being cancelled (``ServiceError`` then)."""
+        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
+            sweep(*args)
+            return
+        try:
+            sweep(*args, stop=deadline.flag, expires=deadline.expires)
+        except SweepStopped:
+            deadline.check()
+            raise ServiceError(Code.CANCELLED, "the call was cancelled") from None
+
+    def selected(
+        self, plan: Plan, deadline: Deadline = _NO_DEADLINE
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """For a batch with a selection: the reported ``(rows, width)`` values and gradients,
+        swept tile by tile without the full ``(n, B)`` arrays; ``None`` for any other call.
+
+        Calls of at least ``_THREAD_CELLS`` node-bindings spread their tiles over
+        ``kernel_threads`` threads.
+        """
+        if not plan.batched or plan.selection is None or plan.bindings is None:
+            return None
+        if plan.bindings.ndim != 2 or not hasattr(self.kernel, "evaluate_selected"):
+            return None
+        cells = len(plan.tape) * plan.rows
+        threads = self.settings.kernel_threads if cells >= _THREAD_CELLS else 1
+        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
+            return plan.tape.evaluate_selected(
+                plan.bindings, plan.selection, plan.output, plan.gradients, self.kernel, threads
+            )
+        try:  # the plan is validated: straight to the kernel, which stops when told
+            picked: tuple[np.ndarray, np.ndarray | None] = self.kernel.evaluate_selected(  # type: ignore[attr-defined]
+                plan.tape,
+                plan.tape.inputs,
+                plan.bindings,
+                plan.output,
+                plan.selection,
+                plan.gradients,
+                threads,
+                stop=deadline.flag,
+                expires=deadline.expires,
+            )
+        except SweepStopped:
+            deadline.check()
+            raise ServiceError(Code.CANCELLED, "the call was cancelled") from None
+        return picked
 
     @staticmethod
     def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
@@ -391,11 +489,18 @@ class GradientService:
                 "use EvaluateStream, or report fewer nodes with a selection",
             )
         deadline.check()
-        values = self.forward(plan)
+        picked = self.selected(plan, deadline)
+        if picked is not None:
+            arrays = [("values_f64" if plan.binary else "values", picked[0])]
+            if picked[1] is not None:
+                arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
+            deadline.check()
+            return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
+        values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
         if plan.gradients:
-            grads = self.backward(plan, values)
+            grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
         return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
@@ -428,17 +533,28 @@ class GradientService:
         plan = self.plan(request.request, "request.")
         size = self.chunk_size(request.chunk_size)
         deadline.check()
-        values = self.forward(plan)  # while a big graph's id is hashed on another thread
+        picked = self.selected(plan, deadline)
+        if picked is not None:
+            header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
+            yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+            deadline.check()
+            yield from self._chunks(plan, pb.PART_VALUES, picked[0], size, deadline)
+            if picked[1] is not None:
+                yield from self._chunks(plan, pb.PART_GRADIENTS, picked[1], size, deadline)
+            return
+        values = self.forward(plan, deadline)  # while a big graph's id is hashed elsewhere
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
         yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
         deadline.check()
         overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
-        reverse = self._background.submit(self.backward, plan, values) if overlap else None
+        reverse = None
+        if overlap:
+            reverse = self._background.submit(self.backward, plan, values, deadline)
         yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
         if not plan.gradients:
             return
-        grads = reverse.result() if reverse is not None else self.backward(plan, values)
+        grads = reverse.result() if reverse is not None else self.backward(plan, values, deadline)
         deadline.check()
         yield from self._chunks(plan, pb.PART_GRADIENTS, self.reported(plan, grads), size, deadline)
 
@@ -456,10 +572,49 @@ class GradientService:
 
     # -- registration ------------------------------------------------------
 
+    def lookup(self, graph_id: str) -> Tape:
+        """The registered graph ``graph_id``: from this process's cache, else from the graph
+        store (then cached); NOT_FOUND if neither has it or the store cannot be reached."""
+        tape = self.cache.get(graph_id)
+        if tape is not None:
+            return tape
+        why = "the cache may have dropped it"
+        if self.store is not None:
+            try:
+                tape = self.store.get(graph_id)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                why = f"{exc}, so only this process's cache was searched"
+            else:
+                if tape is not None:
+                    self.cache.put(graph_id, tape)
+                    return tape
+                why = "neither this process's cache nor the graph store has it"
+        raise ServiceError(
+            Code.NOT_FOUND,
+            f"no graph {shown(graph_id)} is registered here ({why}); send the graph again or "
+            "register it",
+        )
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        """Log a store failure, at most once per ``_STORE_WARNING_INTERVAL`` (counted always)."""
+        now = time.monotonic()
+        if now - self._store_warned >= _STORE_WARNING_INTERVAL:
+            self._store_warned = now
+            log.warning("%s; graphs are served from this process's cache only meanwhile", exc)
+
     def register(self, tape: Tape, gid: GraphId | None = None) -> str:
-        """Put ``tape`` in the cache and return its id; RESOURCE_EXHAUSTED if it cannot fit."""
+        """Put ``tape`` in the cache and the graph store and return its id; RESOURCE_EXHAUSTED
+        if it fits in neither."""
         gid = codec.graph_id(tape) if gid is None else _resolved(gid)
-        if not self.cache.put(gid, tape):
+        cached = self.cache.put(gid, tape)
+        shared = False
+        if self.store is not None:
+            try:
+                shared = self.store.put(gid, tape)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+        if not (cached or shared):
             raise ServiceError(
                 Code.RESOURCE_EXHAUSTED,
                 f"a graph of {len(tape)} nodes does not fit in this server's graph cache "
@@ -547,7 +702,22 @@ class Upload:
         )
         self.ops = self.args = self.values = bytearray()
         try:
-            tape = codec.unpack(packed, self.service.settings.max_nodes)
+            settings = self.service.settings
+            tape = codec.unpack(packed, settings.max_nodes, settings.max_name_bytes)
         except GraphError as exc:
             raise _graph_violation("piece.", exc) from None
         return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
+
+
+def nodes_evaluated(response: Any) -> int:
+    """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
+    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
+    if isinstance(response, Wire):
+        return response.nodes
+    if isinstance(response, pb.EvaluateStreamResponse):
+        if response.part != pb.PART_HEADER:
+            return 0
+        response = response.header
+    if isinstance(response, pb.EvaluateResponse):
+        return int(response.node_count) * max(int(response.rows), 1)
+    return 0

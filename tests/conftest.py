@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,16 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from micrograd.server import security
 from micrograd.server.config import ENV_PREFIX, Settings
 from micrograd.server.grpc_server import GrpcServer
+from micrograd.server.handlers import MetricsInterceptor
 from micrograd.server.http import HttpServer
-from micrograd.server.metrics import Metrics, MetricsInterceptor
+from micrograd.server.metrics import Metrics
 from micrograd.server.service import GradientService
 
 _START_TIMEOUT = 30.0
 """Seconds a server gets to start listening (a subprocess imports numpy and gRPC first)."""
 
+_GRAPH_STORE_DIR = tempfile.mkdtemp(prefix="micrograd-rpc-test-graphs-")
+"""This test session's host graph store (owner-only), so that runs never share one."""
+atexit.register(shutil.rmtree, _GRAPH_STORE_DIR, True)
+
 _TEST_DEFAULTS: dict[str, Any] = {
+    "graph_store_dir": _GRAPH_STORE_DIR,
     "host": "127.0.0.1",
     "port": 0,
     "http_port": 0,
@@ -88,9 +98,10 @@ class RunningServer:
 
     @property
     def http_url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the HTTP endpoint."""
+        """``http://127.0.0.1:PORT`` of the HTTP endpoint (``https://`` with TLS)."""
         assert self.http_port is not None, "this server runs without HTTP (http_port=-1)"
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         """What a server process wrote to stderr so far."""
@@ -132,15 +143,26 @@ def start_in_process(**overrides: Any) -> RunningServer:
     settings = _settings(overrides)
 
     async def start() -> tuple[GrpcServer, HttpServer | None]:
-        # The same composition as micrograd.server.app.serve: one core, metrics on both transports.
+        # The same composition as micrograd.server.app.serve: one core, metrics on both
+        # transports, TLS and tokens at the edge of each.
+        guard = security.load(settings)
         service = GradientService(settings)
         metrics = Metrics()
         metrics.watch_cache(service.cache)
-        server = GrpcServer(settings, service, interceptors=[MetricsInterceptor(metrics)])
+        metrics.watch_store(service.store)
+        server = GrpcServer(
+            settings,
+            service,
+            interceptors=[MetricsInterceptor(metrics), *guard.handler_wrappers()],
+            credentials=guard.grpc_credentials(),
+        )
         await server.start()
         http = None
         if settings.http_port >= 0:
-            http = HttpServer(settings, service, metrics, server.pool)
+            http = HttpServer(
+                settings, service, metrics, server.pool, guard.ssl_context(),
+                guard.http_middlewares(),
+            )
             await http.start()
         return server, http
 

@@ -67,7 +67,7 @@ def test_eval_json_gives_full_precision_and_inputs_override(grpc_server: str) ->
     by_name = {node["name"]: node for node in doc["nodes"] if "name" in node}
     g, da, db = seed_backward(1.5, -0.5)
     assert (by_name["g"]["value"], by_name["a"]["grad"], by_name["b"]["grad"]) == (g, da, db)
-    assert doc["output"] == 32 and doc["node_count"] == 33 and doc["rows"] == 1
+    assert doc["output"] == 32 and doc["nodeCount"] == 33 and doc["rows"] == 1
 
 
 def test_eval_reads_a_whole_evaluate_request(grpc_server: str, tmp_path: Path) -> None:

@@ -232,8 +232,9 @@ def test_a_graph_over_the_upload_threshold_is_uploaded_in_pieces(grpc_server: st
 
 
 def test_an_evicted_graph_is_registered_again(grpc_server_factory: Callable[..., Any]) -> None:
-    """With a cache of one graph, registering a second evicts the first; the client resends it."""
-    server = grpc_server_factory(graph_cache_entries=1)
+    """With a cache of one graph and no shared store, registering a second evicts the first;
+    the client resends it."""
+    server = grpc_server_factory(graph_cache_entries=1, graph_store="none")
     seed, (_, chain) = seed_tape(), deep_chain(3)
     with Client(server.target) as client, Client(server.target) as stranger:
         seed_id = client.register(seed)

@@ -8,6 +8,7 @@ chain ``y = y * 1 + 1`` whose values are exact integers plus one half.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer
 from tests.graphs import affine_chain_tape, random_dag
+from tests.pki import make_pki
 
 SEED_GRAPH = json.loads(
     (Path(__file__).resolve().parent.parent / "examples" / "graphs" / "seed.json").read_text()
@@ -366,8 +368,12 @@ def test_readyz_turns_503_while_draining_and_calls_in_flight_finish(
 CURL_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "curl_seed.sh"
 
 
-def _curl_example(url: str, path: str | None = None) -> list[str]:
+def _curl_example(
+    url: str, path: str | None = None, extra: dict[str, str] | None = None
+) -> list[str]:
     env = {"PATH": path} if path is not None else None
+    if extra is not None:
+        env = {"PATH": os.environ.get("PATH", ""), **(env or {}), **extra}
     done = subprocess.run(
         [shutil.which("bash") or "bash", str(CURL_EXAMPLE), url],
         capture_output=True, text=True, timeout=60, env=env, check=False,
@@ -390,3 +396,23 @@ def test_curl_example_without_jq_uses_python(server: RunningServer, tmp_path: Pa
     (tmp_path / "python3").symlink_to(sys.executable)
     lines = _curl_example(server.http_url + "/rpc", path=str(tmp_path))
     assert lines == ["24.7041", "138.8338", "645.5773"]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_example_over_mutual_tls_with_a_token(
+    grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path)
+    secured = grpc_server_factory(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca), auth_token_file=str(pki.tokens),
+    )
+    env = {
+        "MICROGRAD_RPC_TLS_CA": str(pki.ca),
+        "MICROGRAD_RPC_TLS_CLIENT_CERT": str(pki.client_cert),
+        "MICROGRAD_RPC_TLS_CLIENT_KEY": str(pki.client_key),
+        "MICROGRAD_RPC_TOKEN": pki.token,
+    }
+    url = secured.http_url + "/rpc"
+    assert url.startswith("https://")
+    assert _curl_example(url, extra=env) == ["24.7041", "138.8338", "645.5773"]

@@ -2,7 +2,8 @@
 
 The client loads the repository's ``.proto`` files with ``@grpc/proto-loader``
 and calls ``Evaluate`` with ``@grpc/grpc-js``; expected output is the seed
-document's 24.7041, 138.8338 and 645.5773. The npm packages come from the
+document's 24.7041, 138.8338 and 645.5773, in plaintext and over mutual TLS
+with a bearer token. The npm packages come from the
 root ``package-lock.json`` (``scripts/test`` installs them; this test runs
 ``npm ci`` itself when they are missing).
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import RunningServer
+from tests.pki import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "client" / "node" / "seed.js"
@@ -66,3 +71,25 @@ def test_node_client_reports_an_unreachable_server(node: str) -> None:
         check=False,
     )
     assert done.returncode == 1 and "Evaluate failed" in done.stderr
+
+
+def test_node_client_over_tls_with_a_token(
+    node: str, grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path)
+    server = grpc_server_factory(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca), auth_token_file=str(pki.tokens),
+    )
+    env = {
+        "MICROGRAD_RPC_TLS_CA": str(pki.ca),
+        "MICROGRAD_RPC_TLS_CLIENT_CERT": str(pki.client_cert),
+        "MICROGRAD_RPC_TLS_CLIENT_KEY": str(pki.client_key),
+        "MICROGRAD_RPC_TOKEN": pki.token,
+    }
+    assert run_seed(node, server.target, env=env) == SEED_NUMBERS
+    wrong = subprocess.run(
+        [node, str(SCRIPT), server.target], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env, "MICROGRAD_RPC_TOKEN": "wrong"}, check=False,
+    )
+    assert wrong.returncode == 1 and "Evaluate failed: 16" in wrong.stderr  # UNAUTHENTICATED

@@ -9,7 +9,10 @@ few places where it deliberately differs listed in ``_pytorch_differs``.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -135,6 +138,18 @@ def _by_exponent(points: list[Point]) -> Iterator[tuple[float, np.ndarray]]:
 def test_table_codes_are_dense_and_names_unique() -> None:
     assert [op.code for op in ops.OPS] == list(range(1, len(ops.OPS) + 1))
     assert len(ops.BY_NAME) == len(ops.OPS)
+
+
+def test_the_table_check_rejects_gaps_reordering_and_repeated_names() -> None:
+    ops.check_table(ops.OPS)  # the real table passes
+    first, second, third = ops.OPS[:3]
+    with pytest.raises(ValueError, match=r"codes must run 1\.\.2"):
+        ops.check_table([first, third])  # a gap
+    with pytest.raises(ValueError, match=r"codes must run 1\.\.2"):
+        ops.check_table([second, first])  # out of order
+    twin = dataclasses.replace(second, name=first.name)
+    with pytest.raises(ValueError, match=f"repeated: {first.name}"):
+        ops.check_table([first, twin])
 
 
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
@@ -351,6 +366,43 @@ def test_strict_mode_ends_with_its_block() -> None:
     with strict(), pytest.raises(FloatingPointError):
         Value(-1.0).log()
     assert math.isnan(Value(-1.0).log().data)
+
+
+def test_strict_mode_is_confined_to_its_thread() -> None:
+    inside, entered, checked = [], threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        entered.wait(10)
+        inside.append(Value(-1.0).log().data)  # IEEE here while the main thread is strict
+        checked.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with strict():
+        entered.set()
+        assert checked.wait(10)
+        with pytest.raises(FloatingPointError):
+            Value(-1.0).log()
+    worker.join(10)
+    assert len(inside) == 1 and math.isnan(inside[0])
+
+
+def test_strict_mode_is_confined_to_its_asyncio_task() -> None:
+    async def strict_task(ready: asyncio.Event, done: asyncio.Event) -> None:
+        with strict():
+            ready.set()
+            await done.wait()  # the other task computes while this one is strict
+
+    async def main() -> float:
+        ready, done = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(strict_task(ready, done))
+        await ready.wait()
+        result = Value(-1.0).log().data
+        done.set()
+        await task
+        return result
+
+    assert math.isnan(asyncio.run(main()))
 
 
 def test_without_strict_mode_non_finite_results_are_values_not_errors() -> None:

@@ -66,6 +66,15 @@ def test_no_playground_turns_the_page_off(
     assert get(running.http_url + "/healthz")[0] == 200
 
 
+def test_the_playground_setting_from_flag_and_environment() -> None:
+    from micrograd.server import cli, config
+
+    assert config.Settings().playground is True
+    args = cli.build_parser().parse_args(["serve", "--no-playground"])
+    assert config.from_sources(args, environ={}).playground is False
+    assert config.from_sources(None, {"MICROGRAD_RPC_PLAYGROUND": "false"}).playground is False
+
+
 def test_the_page_forbids_eval_and_foreign_scripts(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
@@ -237,3 +246,19 @@ def test_the_playground_shows_the_seed_then_follows_an_edited_input(
                 await page.ws.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_with_tokens_on_the_page_is_behind_the_token(
+    grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("playground-secret-token-0123456789\n")
+    running = grpc_server_factory(auth_token_file=str(tokens))
+    assert get(running.http_url + "/")[0] == 401
+    assert get(running.http_url + "/playground/playground.js")[0] == 401
+    request = urllib.request.Request(
+        running.http_url + "/",
+        headers={"Authorization": "Bearer playground-secret-token-0123456789"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and b"playground.js" in response.read()

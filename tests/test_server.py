@@ -720,6 +720,7 @@ def test_reflection_lists_services(grpc_server: str) -> None:
         SERVICE_NAME,
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     }
     assert files.file_descriptor_response.file_descriptor_proto
 
@@ -851,7 +852,7 @@ def test_graph_cache_drops_least_recently_used() -> None:
 def test_evicted_graph_is_not_found_again(
     grpc_server_factory: Callable[..., RunningServer],
 ) -> None:
-    server = grpc_server_factory(graph_cache_entries=1)
+    server = grpc_server_factory(graph_cache_entries=1, graph_store="none")
     channel, stub = _stub(server.target)
     with channel:
         first = stub.RegisterGraph(pb.RegisterGraphRequest(packed_graph=codec.pack(chain_tape(5))))

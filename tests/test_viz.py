@@ -146,6 +146,13 @@ def test_focus_on_values_of_the_graph() -> None:
     assert len(recs) == 3 and ("input", "-4.0000", "138.8338") in recs.values()
 
 
+def test_values_can_be_named_in_their_records() -> None:
+    a, b, g = seed_after_backward()
+    recs = records(viz.draw_dot(g, names={"a": a, "b": b, "g": g}).source)
+    assert {("a", "-4.0000", "138.8338"), ("b", "2.0000", "645.5773"),
+            ("g", "24.7041", "1.0000")} <= set(recs.values())
+
+
 def test_bad_arguments_are_named() -> None:
     _, _, g = seed_after_backward()
     with pytest.raises(ValueError, match="rankdir"):

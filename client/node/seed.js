@@ -6,9 +6,16 @@
 //
 // Usage: node client/node/seed.js [host:port]
 //   (or MICROGRAD_RPC_TARGET=host:port; default 127.0.0.1:50051)
+// Security, from the environment (as for `micrograd-rpc eval`):
+//   MICROGRAD_RPC_TLS_CA=ca.pem       connect over TLS, trusting that CA (MICROGRAD_RPC_TLS=1:
+//                                     TLS with the system's roots)
+//   MICROGRAD_RPC_TLS_CLIENT_CERT=client.pem MICROGRAD_RPC_TLS_CLIENT_KEY=client.key
+//                                     a client certificate, for servers that require one
+//   MICROGRAD_RPC_TOKEN=...           sent as `authorization: Bearer <token>` with the call
 // The schema is read from the repository's proto/ folder at run time.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -69,13 +76,34 @@ function seedGraph() {
   return { graph: { nodes: G.nodes }, a, b, g };
 }
 
+// Channel credentials from the environment: TLS (optionally with a client certificate) or none.
+function credentials(env) {
+  const read = (name) => (env[name] ? fs.readFileSync(env[name]) : null);
+  const ca = read('MICROGRAD_RPC_TLS_CA');
+  const cert = read('MICROGRAD_RPC_TLS_CLIENT_CERT');
+  const key = read('MICROGRAD_RPC_TLS_CLIENT_KEY');
+  if (!ca && !cert && !['1', 'true', 'yes'].includes((env.MICROGRAD_RPC_TLS || '').toLowerCase())) {
+    return grpc.credentials.createInsecure();
+  }
+  return grpc.credentials.createSsl(ca, key, cert);
+}
+
+// Call metadata: the bearer token, when one is set.
+function metadata(env) {
+  const md = new grpc.Metadata();
+  const token = (env.MICROGRAD_RPC_TOKEN || '').trim();
+  if (token) md.add('authorization', `Bearer ${token}`);
+  return md;
+}
+
 function main() {
-  const target = process.argv[2] || process.env.MICROGRAD_RPC_TARGET || '127.0.0.1:50051';
+  const env = process.env;
+  const target = process.argv[2] || env.MICROGRAD_RPC_TARGET || '127.0.0.1:50051';
   const GradientService = loadService();
-  const client = new GradientService(target, grpc.credentials.createInsecure());
+  const client = new GradientService(target, credentials(env));
   const { graph, a, b, g } = seedGraph();
   const deadline = new Date(Date.now() + 10000);
-  client.Evaluate({ graph, output: g }, { deadline }, (err, response) => {
+  client.Evaluate({ graph, output: g }, metadata(env), { deadline }, (err, response) => {
     client.close();
     if (err) {
       console.error(`Evaluate failed: ${err.code} ${err.details || err.message}`);

@@ -1,0 +1,620 @@
+/* micrograd._kernel: native walks of a Value graph.
+ *
+ * value_columns and pack_value turn the graph behind a Value into tape
+ * columns or PackedGraph byte columns without a Python step per node;
+ * assign_values writes a remote result back onto the nodes; value_backward
+ * is Value.backward() run by the C reverse sweep. All read the Value slots
+ * (_a, _b, _c, _code, data, grad) directly at the offsets their member
+ * descriptors give, hold the GIL throughout and run no Python code, so the
+ * graph cannot change under them. The node order is exactly that of
+ * micrograd.engine.topological_order (a depth-first post-order taking first
+ * arguments first), so a tape built here equals the one built in Python.
+ *
+ * Anything out of the ordinary (a subclass node, a slot that is not a float,
+ * an op code the table passed in does not know) makes these functions
+ * return None, and the caller takes the pure-Python path, which gives the
+ * precise error if there is one.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <stdint.h>
+#include <string.h>
+
+PyObject *mg_value_columns(PyObject *module, PyObject *args);
+PyObject *mg_pack_value(PyObject *module, PyObject *args);
+PyObject *mg_assign_values(PyObject *module, PyObject *args);
+PyObject *mg_value_backward(PyObject *module, PyObject *args);
+
+/* From _kernel.c: the one-binding reverse sweep over plain columns. */
+Py_ssize_t mg_backward_columns(const uint8_t *code, const int32_t *a, const int32_t *b,
+                               const double *c, Py_ssize_t n, const double *v, double *g,
+                               uint8_t *reached, Py_ssize_t out);
+int mg_native_arity(unsigned code); /* arity of an op the sweeps know, -1 otherwise */
+
+#define NOT_AN_OP 255
+
+/* ---- the Value slots ---------------------------------------------------- */
+
+typedef struct {
+    PyTypeObject *type;
+    Py_ssize_t a, b, c, code, data, grad;
+} Slots;
+
+static int slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *offset)
+{
+    PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
+    if (d == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+    if (ok)
+        *offset = ((PyMemberDescrObject *)d)->d_member->offset;
+    Py_DECREF(d);
+    return ok ? 0 : -1;
+}
+
+/* The slot layout of `type`, or -1 if it is not a slotted Value-like type. */
+static int get_slots(PyTypeObject *type, Slots *s)
+{
+    s->type = type;
+    return (slot_offset(type, "_a", &s->a) < 0 || slot_offset(type, "_b", &s->b) < 0 ||
+            slot_offset(type, "_c", &s->c) < 0 || slot_offset(type, "_code", &s->code) < 0 ||
+            slot_offset(type, "data", &s->data) < 0 || slot_offset(type, "grad", &s->grad) < 0)
+               ? -1
+               : 0;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+static int as_double(PyObject *x, double *out)
+{
+    if (x != NULL && PyFloat_CheckExact(x)) {
+        *out = PyFloat_AS_DOUBLE(x);
+        return 0;
+    }
+    if (x != NULL && PyLong_CheckExact(x)) {
+        *out = PyLong_AsDouble(x);
+        if (*out == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        return 0;
+    }
+    return -1;
+}
+
+/* ---- a pointer -> index map --------------------------------------------- */
+
+/* Nodes made one after another sit next to each other in memory (the
+ * allocator hands out small objects from the same pages), so the map is
+ * keyed by page: a small hash table of pages, each with one int32 per
+ * 16-byte object slot. Looking up the neighbours of the last node hits the
+ * same page, usually cached. A slot holds 0 (not seen), -1 (seen, not yet
+ * placed) or the node's index + 1. */
+#define PAGE_SHIFT 12
+#define PAGE_SLOTS (1 << (PAGE_SHIFT - 4))
+
+typedef struct {
+    uintptr_t page;
+    int32_t *slots; /* NULL: empty entry */
+} Page;
+
+typedef struct {
+    Page *pages;
+    size_t mask, used;
+    uintptr_t last_page;
+    int32_t *last;
+} NodeMap;
+
+static size_t hash_page(uintptr_t p)
+{
+    uint64_t x = (uint64_t)p;
+    x ^= x >> 33;
+    x *= 0xFF51AFD7ED558CCDull;
+    x ^= x >> 33;
+    return (size_t)x;
+}
+
+static int map_init(NodeMap *m)
+{
+    m->mask = 255;
+    m->used = 0;
+    m->last = NULL;
+    m->last_page = 0;
+    m->pages = PyMem_RawCalloc(m->mask + 1, sizeof(Page));
+    return m->pages ? 0 : -1;
+}
+
+static void map_free(NodeMap *m)
+{
+    if (m->pages != NULL)
+        for (size_t h = 0; h <= m->mask; h++)
+            PyMem_RawFree(m->pages[h].slots);
+    PyMem_RawFree(m->pages);
+    m->pages = NULL;
+}
+
+static Page *page_entry(Page *pages, size_t mask, uintptr_t page)
+{
+    size_t h = hash_page(page) & mask;
+    while (pages[h].slots != NULL && pages[h].page != page)
+        h = (h + 1) & mask;
+    return pages + h;
+}
+
+/* The slot of `key`; a missing page is created when `create` (NULL: no
+ * memory) and otherwise gives NULL. */
+static int32_t *map_slot(NodeMap *m, PyObject *key, int create)
+{
+    const uintptr_t addr = (uintptr_t)key, page = addr >> PAGE_SHIFT;
+    const size_t off = (addr >> 4) & (PAGE_SLOTS - 1);
+    if (m->last != NULL && page == m->last_page)
+        return m->last + off;
+    Page *e = page_entry(m->pages, m->mask, page);
+    if (e->slots == NULL) {
+        if (!create)
+            return NULL;
+        if ((m->used + 1) * 2 > m->mask) {
+            size_t mask = 2 * m->mask + 1;
+            Page *grown = PyMem_RawCalloc(mask + 1, sizeof(Page));
+            if (grown == NULL)
+                return NULL;
+            for (size_t h = 0; h <= m->mask; h++)
+                if (m->pages[h].slots != NULL)
+                    *page_entry(grown, mask, m->pages[h].page) = m->pages[h];
+            PyMem_RawFree(m->pages);
+            m->pages = grown;
+            m->mask = mask;
+            e = page_entry(m->pages, m->mask, page);
+        }
+        e->slots = PyMem_RawCalloc(PAGE_SLOTS, sizeof(int32_t));
+        if (e->slots == NULL)
+            return NULL;
+        e->page = page;
+        m->used++;
+    }
+    m->last_page = page;
+    m->last = e->slots;
+    return e->slots + off;
+}
+
+/* ---- the walk ------------------------------------------------------------ */
+
+typedef struct {
+    Slots slots;
+    NodeMap map;
+    PyObject **order; /* borrowed: the graph is held by its root */
+    Py_ssize_t n;
+} Walk;
+
+static void walk_free(Walk *w)
+{
+    map_free(&w->map);
+    w->map.pages = NULL;
+    PyMem_RawFree(w->order);
+}
+
+/* A node argument: NULL for None; `bad` set if it is not a node of the type. */
+static PyObject *argument(const Walk *w, PyObject *v, Py_ssize_t off, int *bad)
+{
+    PyObject *x = SLOT(v, off);
+    if (x == Py_None)
+        return NULL;
+    if (x == NULL || Py_TYPE(x) != w->slots.type)
+        *bad = 1;
+    return *bad ? NULL : x;
+}
+
+/* The post-order of topological_order. Returns 0, 1 (not a plain graph:
+ * fall back to Python) or -1 (no memory, exception set). */
+static int walk(PyObject *root, Walk *w)
+{
+    w->order = NULL;
+    w->n = 0;
+    if (get_slots(Py_TYPE(root), &w->slots) < 0)
+        return 1;
+    size_t cap_order = 1024, cap_stack = 1024, top = 0;
+    PyObject **stack = PyMem_RawMalloc(cap_stack * sizeof(PyObject *));
+    w->order = PyMem_RawMalloc(cap_order * sizeof(PyObject *));
+    if (map_init(&w->map) < 0 || stack == NULL || w->order == NULL)
+        goto nomem;
+    stack[top++] = root;
+    while (top > 0) {
+        PyObject *v = stack[--top];
+        if (v == NULL) { /* the node below has all its arguments placed */
+            PyObject *u = stack[--top];
+            if ((size_t)w->n == cap_order) {
+                cap_order *= 2;
+                PyObject **grown = PyMem_RawRealloc(w->order, cap_order * sizeof(PyObject *));
+                if (grown == NULL)
+                    goto nomem;
+                w->order = grown;
+            }
+            if (w->n >= INT32_MAX - 1)
+                goto plain;
+            *map_slot(&w->map, u, 0) = (int32_t)(w->n + 1);
+            w->order[w->n++] = u;
+            continue;
+        }
+        int32_t *mark = map_slot(&w->map, v, 1);
+        if (mark == NULL)
+            goto nomem;
+        if (*mark != 0)
+            continue;
+        *mark = -1;
+        int bad = 0;
+        PyObject *a = argument(w, v, w->slots.a, &bad);
+        PyObject *b = argument(w, v, w->slots.b, &bad);
+        if (bad)
+            goto plain;
+        if (top + 4 > cap_stack) {
+            cap_stack *= 2;
+            PyObject **grown = PyMem_RawRealloc(stack, cap_stack * sizeof(PyObject *));
+            if (grown == NULL)
+                goto nomem;
+            stack = grown;
+        }
+        stack[top++] = v;
+        stack[top++] = NULL;
+        /* As topological_order: an argument already seen is not pushed. */
+        int32_t *seen;
+        if (b != NULL && ((seen = map_slot(&w->map, b, 0)) == NULL || *seen == 0))
+            stack[top++] = b;
+        if (a != NULL && ((seen = map_slot(&w->map, a, 0)) == NULL || *seen == 0))
+            stack[top++] = a;
+    }
+    PyMem_RawFree(stack);
+    return 0;
+plain:
+    PyMem_RawFree(stack);
+    walk_free(w);
+    return 1;
+nomem:
+    PyMem_RawFree(stack);
+    walk_free(w);
+    PyErr_NoMemory();
+    return -1;
+}
+
+static int32_t index_of(Walk *w, PyObject *v)
+{
+    const int32_t *slot = map_slot(&w->map, v, 0);
+    return slot == NULL || *slot <= 0 ? -1 : *slot - 1;
+}
+
+/* One node's code, argument indices and constant, checked against the arity
+ * table (a bytes object of per-code arities, NOT_AN_OP for no op). */
+typedef struct {
+    const uint8_t *arity;
+    Py_ssize_t n_codes;
+} Table;
+
+static int node_fields(Walk *w, const Table *t, Py_ssize_t i, uint8_t *code, int32_t *a,
+                       int32_t *b, double *c)
+{
+    PyObject *v = w->order[i];
+    PyObject *k = SLOT(v, w->slots.code);
+    if (k == NULL || !PyLong_CheckExact(k))
+        return -1;
+    long kc = PyLong_AsLong(k);
+    if (kc < 0 || kc >= t->n_codes || t->arity[kc] == NOT_AN_OP)
+        return -1;
+    *code = (uint8_t)kc;
+    PyObject *x = SLOT(v, w->slots.a), *y = SLOT(v, w->slots.b);
+    const int arity = t->arity[kc];
+    if ((arity >= 1) != (x != Py_None) || (arity == 2) != (y != Py_None))
+        return -1;
+    *a = arity >= 1 ? index_of(w, x) : -1;
+    *b = arity == 2 ? index_of(w, y) : -1;
+    return as_double(SLOT(v, arity == 0 ? w->slots.data : w->slots.c), c);
+}
+
+static PyObject *order_list(const Walk *w)
+{
+    PyObject *list = PyList_New(w->n);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < w->n; i++)
+        PyList_SET_ITEM(list, i, Py_NewRef(w->order[i]));
+    return list;
+}
+
+/* Indices of `targets` (a sequence of objects), -1 where not in the graph. */
+static PyObject *target_indices(Walk *w, PyObject *targets)
+{
+    PyObject *seq = PySequence_Fast(targets, "targets must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(m);
+    for (Py_ssize_t j = 0; out != NULL && j < m; j++) {
+        PyObject *ix = PyLong_FromLong(index_of(w, PySequence_Fast_GET_ITEM(seq, j)));
+        if (ix == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, j, ix);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+static int get_table(PyObject *arity, Table *t)
+{
+    if (!PyBytes_Check(arity)) {
+        PyErr_SetString(PyExc_TypeError, "arity must be bytes");
+        return -1;
+    }
+    t->arity = (const uint8_t *)PyBytes_AS_STRING(arity);
+    t->n_codes = PyBytes_GET_SIZE(arity);
+    return 0;
+}
+
+/* value_columns(root, targets, arity) -> (order, code, arg0, arg1, const, indices) | None */
+PyObject *mg_value_columns(PyObject *module, PyObject *args)
+{
+    PyObject *root, *targets, *arity;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OOO:value_columns", &root, &targets, &arity))
+        return NULL;
+    Table t;
+    if (get_table(arity, &t) < 0)
+        return NULL;
+    Walk w;
+    int r = walk(root, &w);
+    if (r != 0)
+        return r < 0 ? NULL : Py_NewRef(Py_None);
+    const Py_ssize_t n = w.n;
+    PyObject *code = PyByteArray_FromStringAndSize(NULL, n);
+    PyObject *a = PyByteArray_FromStringAndSize(NULL, 4 * n);
+    PyObject *b = PyByteArray_FromStringAndSize(NULL, 4 * n);
+    PyObject *c = PyByteArray_FromStringAndSize(NULL, 8 * n);
+    PyObject *result = NULL;
+    if (code == NULL || a == NULL || b == NULL || c == NULL)
+        goto done;
+    uint8_t *pc = (uint8_t *)PyByteArray_AS_STRING(code);
+    int32_t *pa = (int32_t *)PyByteArray_AS_STRING(a), *pb = (int32_t *)PyByteArray_AS_STRING(b);
+    double *pk = (double *)PyByteArray_AS_STRING(c);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (node_fields(&w, &t, i, pc + i, pa + i, pb + i, pk + i) < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    PyObject *order = order_list(&w);
+    PyObject *found = order ? target_indices(&w, targets) : NULL;
+    if (found != NULL)
+        result = Py_BuildValue("(NOOOON)", order, code, a, b, c, found);
+    else
+        Py_XDECREF(order);
+done:
+    Py_XDECREF(code);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    walk_free(&w);
+    return result;
+}
+
+/* pack_value(root, targets, arity, uses_value) -> (order, ops, args, values, indices) | None:
+ * PackedGraph columns (little-endian uint32 args, float64 values). */
+PyObject *mg_pack_value(PyObject *module, PyObject *args)
+{
+    PyObject *root, *targets, *arity, *uses_value;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OOOO:pack_value", &root, &targets, &arity, &uses_value))
+        return NULL;
+    Table t;
+    if (get_table(arity, &t) < 0)
+        return NULL;
+    if (!PyBytes_Check(uses_value) || PyBytes_GET_SIZE(uses_value) != t.n_codes) {
+        PyErr_SetString(PyExc_TypeError, "uses_value must be bytes as long as arity");
+        return NULL;
+    }
+    const uint8_t *uses = (const uint8_t *)PyBytes_AS_STRING(uses_value);
+    Walk w;
+    int r = walk(root, &w);
+    if (r != 0)
+        return r < 0 ? NULL : Py_NewRef(Py_None);
+    const Py_ssize_t n = w.n;
+    PyObject *ops = PyBytes_FromStringAndSize(NULL, n);
+    uint8_t *argbuf = PyMem_RawMalloc((size_t)(8 * n + 8));
+    uint8_t *valbuf = PyMem_RawMalloc((size_t)(8 * n + 8));
+    PyObject *result = NULL;
+    if (ops == NULL || argbuf == NULL || valbuf == NULL) {
+        if (ops != NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    uint8_t *po = (uint8_t *)PyBytes_AS_STRING(ops);
+    size_t na = 0, nv = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t x, y;
+        double c;
+        if (node_fields(&w, &t, i, po + i, &x, &y, &c) < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        const int ar = t.arity[po[i]];
+        uint32_t u[2] = {(uint32_t)x, (uint32_t)y};
+        for (int s = 0; s < ar; s++, na++) /* little-endian, byte by byte: any host */
+            for (int k = 0; k < 4; k++)
+                argbuf[4 * na + k] = (uint8_t)(u[s] >> (8 * k));
+        if (uses[po[i]]) {
+            uint64_t bits;
+            memcpy(&bits, &c, 8);
+            for (int k = 0; k < 8; k++)
+                valbuf[8 * nv + k] = (uint8_t)(bits >> (8 * k));
+            nv++;
+        }
+    }
+    PyObject *order = order_list(&w);
+    PyObject *found = order ? target_indices(&w, targets) : NULL;
+    if (found != NULL)
+        result = Py_BuildValue("(NOy#y#N)", order, ops, (const char *)argbuf, (Py_ssize_t)(4 * na),
+                               (const char *)valbuf, (Py_ssize_t)(8 * nv), found);
+    else
+        Py_XDECREF(order);
+done:
+    Py_XDECREF(ops);
+    PyMem_RawFree(argbuf);
+    PyMem_RawFree(valbuf);
+    walk_free(&w);
+    return result;
+}
+
+/* Replace an object slot with a new float; 0, or -1 with an exception. */
+static int set_float(PyObject *v, Py_ssize_t off, double x)
+{
+    PyObject *f = PyFloat_FromDouble(x);
+    if (f == NULL)
+        return -1;
+    PyObject *old = SLOT(v, off);
+    SLOT(v, off) = f;
+    Py_XDECREF(old); /* a float or an int: frees without running Python code */
+    return 0;
+}
+
+/* Buffers of n float64, read-only. */
+static int get_doubles(PyObject *obj, Py_ssize_t n, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->itemsize != 8 || view->len != 8 * n || view->format == NULL ||
+        strcmp(view->format, "d") != 0) {
+        PyErr_Format(PyExc_ValueError, "expected %zd float64 numbers", n);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* assign_values(order, values, grads, arity) -> bool: every node takes its value;
+ * interior nodes take their gradient, leaves add it to theirs (Value.backward's
+ * rule). False (nothing written) when a node is not a plain Value. */
+PyObject *mg_assign_values(PyObject *module, PyObject *args)
+{
+    PyObject *order, *values, *grads, *arity;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "O!OOO:assign_values", &PyList_Type, &order, &values, &grads,
+                          &arity))
+        return NULL;
+    Table t;
+    if (get_table(arity, &t) < 0)
+        return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(order);
+    if (n == 0)
+        Py_RETURN_TRUE;
+    Slots s;
+    if (get_slots(Py_TYPE(PyList_GET_ITEM(order, 0)), &s) < 0)
+        Py_RETURN_FALSE;
+    Py_buffer vv, gv;
+    if (get_doubles(values, n, &vv) < 0)
+        return NULL;
+    if (get_doubles(grads, n, &gv) < 0) {
+        PyBuffer_Release(&vv);
+        return NULL;
+    }
+    const double *pv = vv.buf, *pg = gv.buf;
+    PyObject *result = Py_False;
+    /* First check every node, so that nothing is half written. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(order, i);
+        PyObject *k = SLOT(v, s.code);
+        double old;
+        if (Py_TYPE(v) != s.type || k == NULL || !PyLong_CheckExact(k))
+            goto done;
+        long kc = PyLong_AsLong(k);
+        if (kc < 0 || kc >= t.n_codes || t.arity[kc] == NOT_AN_OP)
+            goto done;
+        if (t.arity[kc] == 0 && as_double(SLOT(v, s.grad), &old) < 0)
+            goto done;
+        PyObject *d = SLOT(v, s.data);
+        if (d == NULL || !(PyFloat_CheckExact(d) || PyLong_CheckExact(d)))
+            goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(order, i);
+        const int leaf = t.arity[PyLong_AsLong(SLOT(v, s.code))] == 0;
+        double g = pg[i];
+        if (leaf) {
+            double old = 0.0;
+            as_double(SLOT(v, s.grad), &old);
+            g = old + g;
+        }
+        if (set_float(v, s.data, pv[i]) < 0 || set_float(v, s.grad, g) < 0) {
+            result = NULL;
+            goto done;
+        }
+    }
+    result = Py_True;
+done:
+    PyBuffer_Release(&vv);
+    PyBuffer_Release(&gv);
+    return Py_XNewRef(result);
+}
+
+/* value_backward(root, arity) -> bool: Value.backward() on the C reverse sweep, with
+ * the same operations in the same order. False (nothing changed) when the graph
+ * is not plain or uses an op the sweeps do not know. */
+PyObject *mg_value_backward(PyObject *module, PyObject *args)
+{
+    PyObject *root, *arity;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OO:value_backward", &root, &arity))
+        return NULL;
+    Table t;
+    if (get_table(arity, &t) < 0)
+        return NULL;
+    Walk w;
+    int r = walk(root, &w);
+    if (r != 0)
+        return r < 0 ? NULL : Py_NewRef(Py_False);
+    const Py_ssize_t n = w.n;
+    uint8_t *code = PyMem_RawMalloc((size_t)n + 1);
+    int32_t *a = PyMem_RawMalloc(4 * (size_t)n + 4), *b = PyMem_RawMalloc(4 * (size_t)n + 4);
+    double *c = PyMem_RawMalloc(8 * (size_t)n + 8), *v = PyMem_RawMalloc(8 * (size_t)n + 8);
+    double *g = PyMem_RawMalloc(8 * (size_t)n + 8);
+    uint8_t *reached = PyMem_RawCalloc((size_t)n + 1, 1);
+    PyObject *result = Py_False;
+    if (!code || !a || !b || !c || !v || !g || !reached) {
+        PyErr_NoMemory();
+        result = NULL;
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *node = w.order[i];
+        if (node_fields(&w, &t, i, code + i, a + i, b + i, c + i) < 0 ||
+            mg_native_arity(code[i]) != t.arity[code[i]] ||
+            as_double(SLOT(node, w.slots.data), v + i) < 0)
+            goto done;
+        if (t.arity[code[i]] == 0) {
+            if (as_double(SLOT(node, w.slots.grad), g + i) < 0)
+                goto done;
+        } else {
+            g[i] = 0.0;
+        }
+    }
+    if (t.arity[code[n - 1]] == 0)
+        goto done; /* a leaf root: Python's one addition is all there is */
+    if (mg_backward_columns(code, a, b, c, n, v, g, reached, n - 1) >= 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (set_float(w.order[i], w.slots.grad, g[i]) < 0) {
+            result = NULL;
+            goto done;
+        }
+    result = Py_True;
+done:
+    PyMem_RawFree(code);
+    PyMem_RawFree(a);
+    PyMem_RawFree(b);
+    PyMem_RawFree(c);
+    PyMem_RawFree(v);
+    PyMem_RawFree(g);
+    PyMem_RawFree(reached);
+    walk_free(&w);
+    return Py_XNewRef(result);
+}

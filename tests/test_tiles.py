@@ -1,0 +1,179 @@
+"""Tiled batch evaluation (``Tape.evaluate_selected``) against the full sweeps.
+
+The native kernel sweeps a batch a tile of bindings at a time and keeps only
+the selected nodes; every binding goes through the same operations in the
+same order as the full sweeps, so its numbers must be bit-identical to them
+(NaN payloads aside), and within 1e-12 of the Python kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from micrograd import ops
+from micrograd.errors import GraphError
+from micrograd.kernels import PythonKernel
+from micrograd.tape import Tape
+
+native = pytest.importorskip("micrograd.native", reason="the C extension is not built")
+
+NATIVE = native.NativeKernel()
+EDGE = (math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 2.0, 0.5, 1e-300, 710.0)
+EXPONENTS = (0.0, 1.0, 2.0, 3.0, -1.0, 0.5, -0.5, 1.5)
+
+
+def random_tape(seed: int, n: int = 300, leaves: int = 12, window: int = 20) -> Tape:
+    """A seeded random DAG using every op of the table; some nodes use one argument twice."""
+    rng = np.random.default_rng(seed)
+    inner = [op for op in ops.OPS if op.arity > 0]
+    code = np.empty(n, np.uint8)
+    a = np.full(n, -1, np.int32)
+    b = np.full(n, -1, np.int32)
+    c = np.zeros(n)
+    for i in range(n):
+        if i < leaves:
+            code[i] = ops.INPUT.code if i % 3 else ops.CONST.code
+            c[i] = EDGE[rng.integers(len(EDGE))] if rng.random() < 0.3 else rng.normal()
+            continue
+        op = inner[(i - leaves) % len(inner)] if i - leaves < len(inner) else rng.choice(inner)
+        code[i] = op.code
+        a[i] = rng.integers(max(0, i - window), i)
+        if op.arity == 2:
+            b[i] = a[i] if rng.random() < 0.1 else rng.integers(max(0, i - window), i)
+        if op.uses_value:
+            c[i] = EXPONENTS[rng.integers(len(EXPONENTS))]
+    return Tape.from_arrays(code, a, b, c)
+
+
+def full(
+    tape: Tape, bindings: np.ndarray, selection: np.ndarray, output: int, kernel: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """The selected columns of the full sweeps' ``(B, n)`` values and gradients."""
+    with np.errstate(all="ignore"):
+        values, grads = tape.evaluate(bindings, output, kernel=kernel)  # type: ignore[arg-type]
+    return values[:, selection], grads[:, selection]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 35])
+def test_tiles_are_bit_identical_to_the_full_sweeps(seed: int, rows: int) -> None:
+    tape = random_tape(seed)
+    rng = np.random.default_rng(seed + 1000)
+    bindings = rng.normal(size=(rows, len(tape.inputs))) * 2
+    bindings[0, 0] = math.nan if seed % 2 else 0.0
+    n = len(tape)
+    output = int(rng.integers(n // 2, n))
+    selection = np.concatenate([tape.inputs, rng.integers(0, n, 40), [output, n - 1, 0]]).astype(
+        np.int64
+    )
+    expected_values, expected_grads = full(tape, bindings, selection, output, NATIVE)
+    for threads in (1, 3):
+        values, grads = tape.evaluate_selected(
+            bindings, selection, output, kernel=NATIVE, threads=threads
+        )
+        assert values.shape == grads.shape == (rows, selection.shape[0])  # type: ignore[union-attr]
+        np.testing.assert_array_equal(values, expected_values)
+        np.testing.assert_array_equal(grads, expected_grads)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tiles_agree_with_the_python_kernel(seed: int) -> None:
+    tape = random_tape(seed + 50)
+    rng = np.random.default_rng(seed)
+    bindings = rng.normal(size=(20, len(tape.inputs)))
+    selection = np.arange(len(tape), dtype=np.int64)
+    expected_values, expected_grads = full(tape, bindings, selection, -1, PythonKernel())
+    values, grads = tape.evaluate_selected(bindings, selection, kernel=NATIVE, threads=2)
+    np.testing.assert_allclose(values, expected_values, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(grads, expected_grads, rtol=1e-12, atol=0)  # type: ignore[arg-type]
+
+
+def test_python_kernel_takes_the_same_call() -> None:
+    tape = random_tape(7)
+    bindings = np.random.default_rng(7).normal(size=(10, len(tape.inputs)))
+    selection = tape.inputs
+    with np.errstate(all="ignore"):
+        ref = tape.evaluate_selected(bindings, selection, kernel=PythonKernel())
+    got = tape.evaluate_selected(bindings, selection, kernel=NATIVE)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-12, atol=0)  # type: ignore[arg-type]
+
+
+def test_without_gradients_only_values_come_back() -> None:
+    tape = random_tape(3)
+    bindings = np.random.default_rng(3).normal(size=(16, len(tape.inputs)))
+    values, grads = tape.evaluate_selected(bindings, [5, 6], gradients=False, kernel=NATIVE)
+    assert grads is None
+    np.testing.assert_array_equal(values, full(tape, bindings, np.array([5, 6]), -1, NATIVE)[0])
+
+
+def test_nodes_the_output_does_not_reach_report_zero_gradients() -> None:
+    # node 3 = x * y is not an argument of the output node 4 = -x
+    tape = Tape.from_nodes(
+        [
+            ("input", (), 1.0),
+            ("input", (), 2.0),
+            ("const", (), 3.0),
+            ("mul", (0, 1), 0.0),
+            ("neg", (0,), 0.0),
+        ]
+    )
+    bindings = np.tile([[1.5, -2.0]], (12, 1))
+    values, grads = tape.evaluate_selected(bindings, [0, 1, 2, 3, 4], output=4, kernel=NATIVE)
+    np.testing.assert_array_equal(grads, np.tile([[-1.0, 0.0, 0.0, 0.0, 1.0]], (12, 1)))
+    np.testing.assert_array_equal(values[:, 3], np.full(12, -3.0))
+
+
+def test_bad_requests_raise_graph_errors() -> None:
+    tape = random_tape(1)
+    bindings = np.zeros((9, len(tape.inputs)))
+    with pytest.raises(GraphError, match="out of range"):
+        tape.evaluate_selected(bindings, [len(tape)], kernel=NATIVE)
+    with pytest.raises(GraphError, match="shape"):
+        tape.evaluate_selected(np.zeros((9, 1)), [0], kernel=NATIVE)
+    with pytest.raises(GraphError, match="output"):
+        tape.evaluate_selected(bindings, [0], output=len(tape), kernel=NATIVE)
+
+
+def test_the_c_entry_point_checks_what_it_is_given() -> None:
+    from micrograd import _kernel
+
+    tape = random_tape(2)
+    k = len(tape.inputs)
+    bindings = np.zeros((8, k))
+    out = np.empty((8, 1))
+    args = (tape.code, tape.arg0, tape.arg1, tape.const)
+    not_leaf = np.full(k, len(tape) - 1, dtype=np.int64)
+    with pytest.raises(ValueError, match="not a leaf"):
+        _kernel.evaluate_tiles(*args, not_leaf, bindings, 5, np.array([0]), out)
+    with pytest.raises(ValueError, match="selection"):
+        _kernel.evaluate_tiles(*args, tape.inputs, bindings, 5, np.array([-1]), out)
+    with pytest.raises(ValueError, match="shape"):
+        _kernel.evaluate_tiles(*args, tape.inputs, bindings, 5, np.array([0]), np.empty((7, 1)))
+    with pytest.raises(TypeError, match="int64"):
+        _kernel.evaluate_tiles(*args, tape.inputs.astype(np.int32), bindings, 5, np.array([0]), out)
+
+
+def test_a_batch_with_a_selection_through_the_server_is_tiled_and_exact(
+    grpc_server_factory: Callable[..., Any],
+) -> None:
+    """1,200,000 node-bindings: the server sweeps them by tiles on 2 threads, unary and streamed."""
+    from micrograd.client import Client
+
+    tape = random_tape(11, n=300)
+    rows = np.random.default_rng(11).normal(size=(4_000, len(tape.inputs)))
+    expected_values, expected_grads = full(tape, rows, tape.inputs, -1, NATIVE)
+    server = grpc_server_factory(kernel_threads=2)
+    with Client(server.target) as client:
+        for stream in (False, True):
+            result = client.evaluate(tape, batch=rows, selection="inputs", stream=stream)
+            np.testing.assert_array_equal(result.values, expected_values)
+            np.testing.assert_array_equal(result.grads, expected_grads)
+        listed = [int(tape.inputs[0]), 299, 150]
+        result = client.evaluate(tape, batch=rows[:9], selection=listed, gradients=False)
+        np.testing.assert_array_equal(result.values, full(tape, rows[:9], listed, -1, NATIVE)[0])
+        assert result.grads is None
