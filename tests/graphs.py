@@ -43,12 +43,13 @@ Node = tuple[str, tuple[int, ...], float]
 
 TORCH_SPELLING = {
     "softplus": "torch.nn.functional.softplus(x)",
-    "where": "torch.where(torch.as_tensor(x) > 0, y, z)",
-    "atan2": "torch.atan2(x, torch.as_tensor(y, dtype=torch.float64))",
-    "maximum": "torch.maximum(x, torch.as_tensor(y, dtype=torch.float64))",
-    "minimum": "torch.minimum(x, torch.as_tensor(y, dtype=torch.float64))",
+    "where": "torch.where(tensor(x) > 0, y, z)",
+    "atan2": "torch.atan2(x, tensor(y))",
+    "maximum": "torch.maximum(x, tensor(y))",
+    "minimum": "torch.minimum(x, tensor(y))",
 }
-"""How PyTorch spells the ops whose ``Value`` spelling is not a tensor method with tensors."""
+"""How PyTorch spells the ops whose ``Value`` spelling is not a tensor method with tensors
+(``tensor`` makes a float64 tensor of a constant and passes a tensor through)."""
 
 _EXPR = {op.name: compile(op.expr, f"<op {op.name}>", "eval") for op in ops.OPS}
 _TORCH_EXPR = {
@@ -114,6 +115,16 @@ def to_values(nodes: Sequence[Node]) -> list[Any]:
     return build(nodes, Value)
 
 
+def torch_names() -> dict[str, Any]:
+    """What the PyTorch spellings read: ``torch`` and ``tensor``."""
+    import torch
+
+    def tensor(v: Any) -> Any:
+        return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
+
+    return {"torch": torch, "tensor": tensor}
+
+
 def to_torch(nodes: Sequence[Node]) -> list[Any]:
     """The node list as a PyTorch float64 graph whose every tensor keeps its ``grad``."""
     import torch
@@ -121,7 +132,7 @@ def to_torch(nodes: Sequence[Node]) -> list[Any]:
     def leaf(c: float) -> Any:
         return torch.tensor(c, dtype=torch.float64, requires_grad=True)
 
-    built = build(nodes, leaf, {"torch": torch}, _TORCH_EXPR)
+    built = build(nodes, leaf, torch_names(), _TORCH_EXPR)
     for t in built:
         if isinstance(t, torch.Tensor) and not t.is_leaf:
             t.retain_grad()
