@@ -1,16 +1,21 @@
-# micrograd-rpc container: build the wheel (with the native kernel) in one stage,
-# run it on a slim image in the next.
-FROM python:3.11-slim AS build
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+# micrograd-rpc container: build the wheels (the project's, with the native kernel,
+# and every dependency's) in one stage, install them offline on a slim image in the next.
+#   docker build -t micrograd-rpc .          (or: podman build --format docker ...,
+#                                             which keeps the HEALTHCHECK)
+# The build stage uses the full Python image, which has a C compiler.
+FROM python:3.11 AS build
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
+    && pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt
+COPY setup.py README.md ./
 COPY engine engine
 COPY codec codec
 COPY server server
 COPY client client
 COPY proto proto
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --find-links /wheels --wheel-dir /wheels .
 
 FROM python:3.11-slim
 # The package's version (micrograd.__version__, checked by tests/test_docs.py).
@@ -18,12 +23,20 @@ ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="micrograd-rpc" org.opencontainers.image.version="${VERSION}"
 RUN useradd --create-home --uid 10001 micrograd
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER micrograd
-# gRPC and JSON-RPC/HTTP ports; bind all interfaces inside the container.
+RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl && rm -rf /wheels
+USER 10001
+# gRPC and JSON-RPC/HTTP ports. Inside the container the server listens on every
+# interface, so it refuses to start without TLS or a token (--tls-cert/--tls-key,
+# --auth-token-file) unless told --insecure; see docs/DEPLOY.md.
 EXPOSE 50051 8080
-ENV MICROGRAD_RPC_HOST=0.0.0.0
-HEALTHCHECK --interval=10s --timeout=3s \
-    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/readyz').status != 200)"
+ENV MICROGRAD_RPC_HOST=0.0.0.0 \
+    PYTHONUNBUFFERED=1
+# grpc.health.v1 (open without a token). For a server that serves TLS, give the check its
+# CA (and a client certificate under mutual TLS) by MICROGRAD_RPC_TLS_CA,
+# MICROGRAD_RPC_TLS_CLIENT_CERT and MICROGRAD_RPC_TLS_CLIENT_KEY, or override it as
+# docker-compose.yml does.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["micrograd-rpc", "health", "--target", "127.0.0.1:50051", "--timeout", "2"]
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["micrograd-rpc"]
 CMD ["serve"]

@@ -269,6 +269,19 @@ def native_rows(graph: str, quick: bool) -> list[Row]:
                     threads=threads,
                 )
             )
+        for count in sorted({1, threads}):
+            rows.append(
+                _row(
+                    f"ours: native, evaluate_selected (tiles, inputs only), {count} thread(s)",
+                    c.timed(
+                        lambda count=count: tape.evaluate_selected(
+                            bindings, tape.inputs, kernel=kernel, threads=count
+                        ),
+                        repeats,
+                    ),
+                    n * width,
+                )
+            )
     return rows
 
 

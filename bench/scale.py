@@ -65,14 +65,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", 256 * MiB),
-            ("grpc.max_send_message_length", 256 * MiB),
-        ],
-    )
+def _channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    options = [
+        ("grpc.max_receive_message_length", 256 * MiB),
+        ("grpc.max_send_message_length", 256 * MiB),
+    ]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def replica(directory: Path, name: str, *flags: str) -> AbstractContextManager[str]:
@@ -88,19 +88,20 @@ def replica(directory: Path, name: str, *flags: str) -> AbstractContextManager[s
 
 
 def nginx_config(replicas: Sequence[str], http: Sequence[str], port: int, where: Path) -> str:
-    """``deploy/nginx.conf`` with its upstreams and listeners moved onto loopback."""
+    """``deploy/nginx.conf`` with its upstreams, listeners and files moved onto loopback (its
+    TLS files, if it names any, are expected in ``where``, as ``scripts/gen-certs`` makes them)."""
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     text = re.sub(r"\n\s*resolver [^;]*;", "", text)
-    grpc_servers = " ".join(f"server {r};" for r in replicas)
-    http_servers = " ".join(f"server {h};" for h in http)
-    text, n_grpc = re.subn(r"server\s+[\w.-]+:50051[^;]*;", grpc_servers, text, count=1)
-    text = re.sub(r"\n\s*server\s+[\w.-]+:50051[^;]*;", "", text)
-    text, _ = re.subn(r"server\s+[\w.-]+:8080[^;]*;", http_servers, text, count=1)
-    text = re.sub(r"\n\s*server\s+[\w.-]+:8080[^;]*;", "", text)
+    grpc_servers = "\n" + " ".join(f"server {r};" for r in replicas)
+    http_servers = "\n" + " ".join(f"server {h};" for h in http)
+    text, n_grpc = re.subn(r"(\s*server\s+[\w.-]+:50051[^;]*;)+", grpc_servers, text, count=1)
+    text, _ = re.subn(r"(\s*server\s+[\w.-]+:8080[^;]*;)+", http_servers, text, count=1)
     text, n_listen = re.subn(r"listen\s+(?:[\w.\[\]:]*:)?50051\b", f"listen 127.0.0.1:{port}", text)
     text = re.sub(r"listen\s+(?:[\w.\[\]:]*:)?8080\b", f"listen 127.0.0.1:{free_port()}", text)
     if not (n_grpc and n_listen):
         raise RuntimeError("deploy/nginx.conf no longer has a gRPC upstream on :50051")
+    text = re.sub(r"\n\s*(error_log|access_log|pid) [^;]*;", "", text)
+    text = text.replace(" /etc/nginx/tls/", f" {where}/")
     temp = "".join(
         f"    {name}_temp_path {where}/{name};\n"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -108,6 +109,36 @@ def nginx_config(replicas: Sequence[str], http: Sequence[str], port: int, where:
     text = re.sub(r"http\s*\{\n", f"http {{\n    access_log off;\n{temp}", text, count=1)
     user = "user root;\n" if os.geteuid() == 0 else ""
     return f"{user}pid {where}/nginx.pid;\nerror_log {where}/error.log warn;\n" + text
+
+
+def uses_tls() -> bool:
+    """Whether ``deploy/nginx.conf`` speaks TLS to callers and replicas (as shipped)."""
+    return "ssl_certificate" in (ROOT / "deploy" / "nginx.conf").read_text()
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What ``scripts/gen-certs`` made: server flags, and the credentials of a caller."""
+
+    flags: tuple[str, ...]
+    ca: bytes
+    client: tuple[bytes, bytes]
+    token: str
+
+
+def make_secrets(where: Path) -> Secrets:
+    """Certificates and a token in ``where``, as the compose stack uses them."""
+    subprocess.run([str(ROOT / "scripts" / "gen-certs"), str(where)], check=True,
+                   capture_output=True)  # fmt: skip
+    flags = ("--tls-cert", str(where / "server.pem"), "--tls-key", str(where / "server.key"),
+             "--tls-client-ca", str(where / "ca.pem"),
+             "--auth-token-file", str(where / "tokens"))  # fmt: skip
+    return Secrets(
+        flags,
+        (where / "ca.pem").read_bytes(),
+        ((where / "client.key").read_bytes(), (where / "client.pem").read_bytes()),
+        (where / "token").read_text().strip(),
+    )
 
 
 @contextmanager
@@ -192,16 +223,25 @@ def check_seed(reply: bytes) -> None:
     assert f"{values[-1]:.4f}" == "24.7041", values[-1]
 
 
-def measure_nginx(direct: str, proxied: str, run: Run) -> list[Row]:
-    """Row 1: seed Evaluate through nginx vs one replica directly."""
+def measure_nginx(direct: str, proxied: str, secrets: Secrets | None, run: Run) -> list[Row]:
+    """Row 1: seed Evaluate through nginx vs one replica directly (both secured alike)."""
     request = seed_evaluate_request()
-    with _channel(direct) as one, _channel(proxied) as lb:
+    to_nginx = to_replica = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    if secrets is not None:
+        to_nginx = grpc.ssl_channel_credentials(root_certificates=secrets.ca)
+        to_replica = grpc.ssl_channel_credentials(secrets.ca, *secrets.client)
+        metadata = (("authorization", f"Bearer {secrets.token}"),)
+    with _channel(direct, to_replica) as one, _channel(proxied, to_nginx) as lb:
         at_replica = one.unary_unary(EVALUATE)
         at_nginx = lb.unary_unary(EVALUATE)
-        check_seed(at_nginx(request))
-        got = interleaved({"nginx": lambda: at_nginx(request),
-                           "direct": lambda: at_replica(request)}, run)  # fmt: skip
-    note = f"{len(got['nginx'])} calls each, {run.blocks} interleaved blocks; nginx -> 2 replicas"
+        check_seed(at_nginx(request, metadata=metadata))
+        got = interleaved({"nginx": lambda: at_nginx(request, metadata=metadata),
+                           "direct": lambda: at_replica(request, metadata=metadata)},
+                          run)  # fmt: skip
+    how = "TLS, mTLS to the replicas, tokens" if secrets is not None else "plaintext"
+    note = (f"{len(got['nginx'])} calls each, {run.blocks} interleaved blocks; nginx -> 2 "
+            f"replicas; {how}, as deploy/nginx.conf says")  # fmt: skip
     return [
         Row("seed Evaluate p50, through nginx | one replica", percentile(got["nginx"], 50) * 1e6,
             percentile(got["direct"], 50) * 1e6, "us", "<= 1.5x", note),
@@ -322,7 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = where / "host-store"
         flags = ("--graph-store-dir", str(store))
         one = stack.enter_context(replica(where, "one", *flags))
-        two = stack.enter_context(replica(where, "two", *flags))
         no_cache = stack.enter_context(
             replica(where, "store", *flags, "--graph-cache-entries", "0")
         )
@@ -334,10 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 where, "redis", "--graph-store", redis_url, "--graph-cache-entries", "0"
             ))  # fmt: skip
         if has_nginx:
+            secrets = make_secrets(where) if uses_tls() else None
+            extra = secrets.flags if secrets is not None else ()
+            edge = [stack.enter_context(replica(where, name, *flags, *extra))
+                    for name in ("edge1", "edge2")]  # fmt: skip
             http = [f"127.0.0.1:{int((where / f'{n}.port.http').read_text())}"
-                    for n in ("one", "two")]  # fmt: skip
-            proxied = stack.enter_context(nginx([one, two], http, where))
-            rows += measure_nginx(one, proxied, run)
+                    for n in ("edge1", "edge2")]  # fmt: skip
+            proxied = stack.enter_context(nginx(edge, http, where))
+            rows += measure_nginx(edge[0], proxied, secrets, run)
         rows += measure_by_id(one, stores, run)
         rows += measure_big_load(where, redis_url, run)
     print(f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs; "

@@ -50,7 +50,9 @@ import numpy as np
 from micrograd import codec
 from micrograd import ops as _ops
 from micrograd.client import Client
+from micrograd.codec.wire import with_arrays
 from micrograd.engine import Value
+from micrograd.seed import seed_graph
 from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
@@ -196,18 +198,7 @@ def _channel(target: str) -> grpc.Channel:
 
 def seed_tape() -> Tape:
     """The seed document's graph, inputs named ``a`` and ``b``."""
-    a = Value(-4.0)
-    b = Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
+    a, b, g = seed_graph()
     tape, _ = Tape.from_value(g, {"a": a, "b": b})
     return tape
 
@@ -702,8 +693,62 @@ def measure_value_backward(servers: Servers) -> list[Row]:
     ]
 
 
+def _us_per_call(fn: Callable[[], object], count: int, repeats: int) -> float:
+    """Best-of-``repeats`` microseconds per call of ``fn`` over ``count`` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(count):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / count)
+    return best * 1e6
+
+
+def measure_breakdown(servers: Servers) -> list[Row]:
+    """Where a seed ``Evaluate`` spends its time beyond the echo: each step of the core, timed
+    in this process on the same request (best of the repeats), beside the p50 over the wire."""
+    from micrograd.server.config import Settings
+    from micrograd.server.service import GradientService
+
+    core = GradientService(Settings(workers=1))
+    raw = seed_request()
+    request = pb.EvaluateRequest.FromString(raw)
+    plan = core.plan(request)
+    values = core.forward(plan)
+    grads = core.backward(plan, values)
+    arrays = [
+        ("values_f64", core.reported(plan, values)),
+        ("grads_f64", core.reported(plan, grads)),
+    ]
+    count = 2_000 if servers.quick else 10_000
+    reps = max(servers.repeats, 3)
+    steps = [
+        ("parse the request (protobuf)", lambda: pb.EvaluateRequest.FromString(raw)),
+        ("plan: decode (recent graphs), output, selection", lambda: core.plan(request)),
+        ("forward sweep (leaf values + kernel)", lambda: core.forward(plan)),
+        ("reverse sweep (zeroed grads + kernel)", lambda: core.backward(plan, values)),
+        ("response: header + arrays, serialized", lambda: with_arrays(core.header(plan), arrays)),
+        ("the whole core: evaluate_wire", lambda: core.evaluate_wire(request)),
+    ]
+    rows = [
+        Row(f"seed core: {label}", _us_per_call(fn, count, reps), None, "us", "", "")
+        for label, fn in steps
+    ]
+    rows[0] = Row(
+        rows[0].measure,
+        rows[0].ours,
+        None,
+        "us",
+        "",
+        f"in this process, best of {reps} x {count:,} calls; the rest of the p50 over the echo "
+        "is the transport: the handler wrappers (metrics, errors), the call runner, grpc.aio",
+    )
+    return rows
+
+
 MEASURES: dict[str, Callable[[Servers], list[Row]]] = {
     "latency": measure_latency,
+    "breakdown": measure_breakdown,
     "big": measure_big_graph,
     "decode": measure_decode,
     "throughput": measure_throughput,
@@ -774,7 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours_argv = [sys.executable, "-m", "micrograd.server", "serve", "--host", "127.0.0.1",
                      "--port", "0", "--http-port", "0", "--workers", "1",
                      "--port-file", "{port_file}", "--http-port-file", "{port_file}.http",
-                     "--log-level", "WARNING"]
+                     "--log-level", "WARNING",
+                     "--max-batch-cells", "100000000"]  # 1,000 MLP bindings: 68.8M
         echo_argv = [sys.executable, os.path.abspath(__file__), "--echo-server", "{port_file}"]
         with server_process(ours_argv, directory, "ours") as ours, \
                 server_process(echo_argv, directory, "echo") as echo:

@@ -20,7 +20,6 @@ the result?) and the resend of a graph the server no longer holds
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -29,6 +28,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 from micrograd import codec
+from micrograd.codec.lru import LRU
 from micrograd.engine import Value
 from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
@@ -303,7 +303,7 @@ class CallPolicy:
         self.piece_bytes = min(piece_bytes, max_message_bytes // 2)
         self.remember = remember
         self.options = channel_options(max_message_bytes, self.retry)
-        self.known: OrderedDict[str, GraphMessage] = OrderedDict()
+        self.known: LRU[str, GraphMessage] = LRU(remember)
 
     def deadline(self, timeout: float | None) -> float | None:
         """Monotonic time by which a call (all its attempts) must end, or ``None``."""
@@ -323,10 +323,7 @@ class CallPolicy:
 
     def remember_graph(self, graph_id: str, message: GraphMessage) -> None:
         """Keep the last few graphs this client registered, to resend one the server dropped."""
-        self.known[graph_id] = message
-        self.known.move_to_end(graph_id)
-        while len(self.known) > self.remember:
-            self.known.popitem(last=False)
+        self.known.put(graph_id, message)
 
     def route(
         self, prepared: Prepared, request: pb.EvaluateRequest, stream: bool | None
@@ -342,14 +339,13 @@ class CallPolicy:
             return upload, stream
         message = prepared.message
         if message is None and prepared.graph_id is not None:
-            message = self.known.get(prepared.graph_id)
+            message = self.known.peek(prepared.graph_id)
         if message is None:
             return upload, upload
         n = Prepared(message).node_count or 0
         rows = 1
         if request.HasField("batch"):
-            width = max(len(request.batch.columns), 1)
-            rows = max(len(request.batch.values_f64) // 8, len(request.batch.values)) // width
+            rows = codec.batch_rows(request.batch, max(len(request.batch.columns), 1))
         return upload, upload or n * max(rows, 1) * 16 > self.stream_threshold
 
     def uploads(self, message: GraphMessage) -> bool:
@@ -358,7 +354,7 @@ class CallPolicy:
 
     def resend(self, prepared: Prepared, graph_id: str, error: NotFound) -> GraphMessage:
         """The graph to register again when the server lacks ``graph_id``, or raise ``NotFound``."""
-        message = prepared.message or self.known.get(graph_id)
+        message = prepared.message or self.known.peek(graph_id)
         if message is None:
             raise self.not_found(graph_id, error) from error
         return message

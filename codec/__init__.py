@@ -16,12 +16,13 @@ from .graph import (
     to_graph,
     unpack,
 )
-from .request import bindings, output_index, selection_indices
-from .wire import Wire, varint, with_arrays, with_message
+from .request import batch_rows, bindings, output_index, selection_indices
+from .wire import Wire, varint, with_arrays, with_fields, with_message
 
 __all__ = [
     "GraphTooLarge",
     "Wire",
+    "batch_rows",
     "bindings",
     "encode_value",
     "f64_array",
@@ -38,5 +39,6 @@ __all__ = [
     "unpack",
     "varint",
     "with_arrays",
+    "with_fields",
     "with_message",
 ]

@@ -10,7 +10,16 @@ from micrograd.v1 import gradient_service_pb2 as pb
 from .arrays import f64_array
 from .malformed import clip, shown
 
-__all__ = ["bindings", "output_index", "selection_indices"]
+__all__ = ["batch_rows", "bindings", "output_index", "selection_indices"]
+
+
+def batch_rows(batch: pb.Batch, width: int) -> int:
+    """Bindings in ``batch`` when each row holds ``width`` numbers (0 when ``width`` is 0).
+
+    Counts both encodings (``values`` and ``values_f64``), before either is decoded.
+    """
+    count = len(batch.values) + len(batch.values_f64) // 8
+    return count // width if width else 0
 
 
 def output_index(tape: Tape, request: pb.EvaluateRequest) -> int:

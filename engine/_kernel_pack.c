@@ -96,7 +96,8 @@ static int as_double(PyObject *x, double *out)
  * same page, usually cached. A slot holds 0 (not seen), -1 (seen, not yet
  * placed) or the node's index + 1. */
 #define PAGE_SHIFT 12
-#define PAGE_SLOTS (1 << (PAGE_SHIFT - 4))
+/* Distinct live objects of one type start at least tp_basicsize bytes apart,
+ * so address >> grain, grain = floor(log2(tp_basicsize)), tells them apart. */
 
 typedef struct {
     uintptr_t page;
@@ -108,6 +109,7 @@ typedef struct {
     size_t mask, used;
     uintptr_t last_page;
     int32_t *last;
+    int grain; /* log2 of the bytes each slot stands for */
 } NodeMap;
 
 static size_t hash_page(uintptr_t p)
@@ -119,8 +121,11 @@ static size_t hash_page(uintptr_t p)
     return (size_t)x;
 }
 
-static int map_init(NodeMap *m)
+static int map_init(NodeMap *m, Py_ssize_t basicsize)
 {
+    m->grain = 4;
+    while (m->grain < PAGE_SHIFT && ((Py_ssize_t)1 << (m->grain + 1)) <= basicsize)
+        m->grain++;
     m->mask = 255;
     m->used = 0;
     m->last = NULL;
@@ -151,7 +156,8 @@ static Page *page_entry(Page *pages, size_t mask, uintptr_t page)
 static int32_t *map_slot(NodeMap *m, PyObject *key, int create)
 {
     const uintptr_t addr = (uintptr_t)key, page = addr >> PAGE_SHIFT;
-    const size_t off = (addr >> 4) & (PAGE_SLOTS - 1);
+    const size_t slots = (size_t)1 << (PAGE_SHIFT - m->grain);
+    const size_t off = (addr >> m->grain) & (slots - 1);
     if (m->last != NULL && page == m->last_page)
         return m->last + off;
     Page *e = page_entry(m->pages, m->mask, page);
@@ -171,7 +177,7 @@ static int32_t *map_slot(NodeMap *m, PyObject *key, int create)
             m->mask = mask;
             e = page_entry(m->pages, m->mask, page);
         }
-        e->slots = PyMem_RawCalloc(PAGE_SLOTS, sizeof(int32_t));
+        e->slots = PyMem_RawCalloc(slots, sizeof(int32_t));
         if (e->slots == NULL)
             return NULL;
         e->page = page;
@@ -187,15 +193,24 @@ static int32_t *map_slot(NodeMap *m, PyObject *key, int create)
 typedef struct {
     Slots slots;
     NodeMap map;
-    PyObject **order; /* borrowed: the graph is held by its root */
-    Py_ssize_t n;
+    PyObject ***blocks; /* the order, ORDER_BLOCK nodes a block (no copy when it grows);
+                           borrowed: the graph is held by its root */
+    Py_ssize_t n, n_blocks;
 } Walk;
+
+#define ORDER_SHIFT 14
+#define ORDER_BLOCK ((Py_ssize_t)1 << ORDER_SHIFT)
+#define ORDER(w, i) ((w)->blocks[(i) >> ORDER_SHIFT][(i) & (ORDER_BLOCK - 1)])
 
 static void walk_free(Walk *w)
 {
     map_free(&w->map);
     w->map.pages = NULL;
-    PyMem_RawFree(w->order);
+    for (Py_ssize_t k = 0; k < w->n_blocks; k++)
+        PyMem_RawFree(w->blocks[k]);
+    PyMem_RawFree(w->blocks);
+    w->blocks = NULL;
+    w->n_blocks = 0;
 }
 
 /* A node argument: NULL for None; `bad` set if it is not a node of the type. */
@@ -213,31 +228,36 @@ static PyObject *argument(const Walk *w, PyObject *v, Py_ssize_t off, int *bad)
  * fall back to Python) or -1 (no memory, exception set). */
 static int walk(PyObject *root, Walk *w)
 {
-    w->order = NULL;
-    w->n = 0;
+    w->blocks = NULL;
+    w->n = w->n_blocks = 0;
+    w->map.pages = NULL;
     if (get_slots(Py_TYPE(root), &w->slots) < 0)
         return 1;
-    size_t cap_order = 1024, cap_stack = 1024, top = 0;
+    size_t cap_stack = 1024, top = 0;
     PyObject **stack = PyMem_RawMalloc(cap_stack * sizeof(PyObject *));
-    w->order = PyMem_RawMalloc(cap_order * sizeof(PyObject *));
-    if (map_init(&w->map) < 0 || stack == NULL || w->order == NULL)
+    if (map_init(&w->map, w->slots.type->tp_basicsize) < 0 || stack == NULL)
         goto nomem;
     stack[top++] = root;
     while (top > 0) {
         PyObject *v = stack[--top];
         if (v == NULL) { /* the node below has all its arguments placed */
             PyObject *u = stack[--top];
-            if ((size_t)w->n == cap_order) {
-                cap_order *= 2;
-                PyObject **grown = PyMem_RawRealloc(w->order, cap_order * sizeof(PyObject *));
+            if (w->n == w->n_blocks * ORDER_BLOCK) {
+                PyObject ***grown =
+                    PyMem_RawRealloc(w->blocks, (size_t)(w->n_blocks + 1) * sizeof(PyObject **));
                 if (grown == NULL)
                     goto nomem;
-                w->order = grown;
+                w->blocks = grown;
+                w->blocks[w->n_blocks] = PyMem_RawMalloc((size_t)ORDER_BLOCK * sizeof(PyObject *));
+                if (w->blocks[w->n_blocks] == NULL)
+                    goto nomem;
+                w->n_blocks++;
             }
             if (w->n >= INT32_MAX - 1)
                 goto plain;
             *map_slot(&w->map, u, 0) = (int32_t)(w->n + 1);
-            w->order[w->n++] = u;
+            ORDER(w, w->n) = u;
+            w->n++;
             continue;
         }
         int32_t *mark = map_slot(&w->map, v, 1);
@@ -296,7 +316,7 @@ typedef struct {
 static int node_fields(Walk *w, const Table *t, Py_ssize_t i, uint8_t *code, int32_t *a,
                        int32_t *b, double *c)
 {
-    PyObject *v = w->order[i];
+    PyObject *v = ORDER(w, i);
     PyObject *k = SLOT(v, w->slots.code);
     if (k == NULL || !PyLong_CheckExact(k))
         return -1;
@@ -319,7 +339,7 @@ static PyObject *order_list(const Walk *w)
     if (list == NULL)
         return NULL;
     for (Py_ssize_t i = 0; i < w->n; i++)
-        PyList_SET_ITEM(list, i, Py_NewRef(w->order[i]));
+        PyList_SET_ITEM(list, i, Py_NewRef(ORDER(w, i)));
     return list;
 }
 
@@ -573,22 +593,34 @@ PyObject *mg_value_backward(PyObject *module, PyObject *args)
     if (r != 0)
         return r < 0 ? NULL : Py_NewRef(Py_False);
     const Py_ssize_t n = w.n;
+    /* In two steps, so that the map is gone before the value and gradient
+     * arrays exist: the peak stays near the Python path's (a list and a set). */
     uint8_t *code = PyMem_RawMalloc((size_t)n + 1);
     int32_t *a = PyMem_RawMalloc(4 * (size_t)n + 4), *b = PyMem_RawMalloc(4 * (size_t)n + 4);
-    double *c = PyMem_RawMalloc(8 * (size_t)n + 8), *v = PyMem_RawMalloc(8 * (size_t)n + 8);
-    double *g = PyMem_RawMalloc(8 * (size_t)n + 8);
-    uint8_t *reached = PyMem_RawCalloc((size_t)n + 1, 1);
+    double *c = PyMem_RawMalloc(8 * (size_t)n + 8), *v = NULL, *g = NULL;
+    uint8_t *reached = NULL;
     PyObject *result = Py_False;
-    if (!code || !a || !b || !c || !v || !g || !reached) {
+    if (!code || !a || !b || !c) {
+        PyErr_NoMemory();
+        result = NULL;
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (node_fields(&w, &t, i, code + i, a + i, b + i, c + i) < 0 ||
+            mg_native_arity(code[i]) != t.arity[code[i]])
+            goto done;
+    map_free(&w.map);
+    v = PyMem_RawMalloc(8 * (size_t)n + 8);
+    g = PyMem_RawMalloc(8 * (size_t)n + 8);
+    reached = PyMem_RawCalloc((size_t)n + 1, 1);
+    if (!v || !g || !reached) {
         PyErr_NoMemory();
         result = NULL;
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *node = w.order[i];
-        if (node_fields(&w, &t, i, code + i, a + i, b + i, c + i) < 0 ||
-            mg_native_arity(code[i]) != t.arity[code[i]] ||
-            as_double(SLOT(node, w.slots.data), v + i) < 0)
+        PyObject *node = ORDER(&w, i);
+        if (as_double(SLOT(node, w.slots.data), v + i) < 0)
             goto done;
         if (t.arity[code[i]] == 0) {
             if (as_double(SLOT(node, w.slots.grad), g + i) < 0)
@@ -602,7 +634,7 @@ PyObject *mg_value_backward(PyObject *module, PyObject *args)
     if (mg_backward_columns(code, a, b, c, n, v, g, reached, n - 1) >= 0)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++)
-        if (set_float(w.order[i], w.slots.grad, g[i]) < 0) {
+        if (set_float(ORDER(&w, i), w.slots.grad, g[i]) < 0) {
             result = NULL;
             goto done;
         }

@@ -508,7 +508,7 @@ def where(cond: Value | Number, x: Value | Number, y: Value | Number) -> Value:
     """
     global _WIDE
     p, a, b = _lift(cond), _lift(x), _lift(y)
-    v = Value.__new__(Value)
+    v = _new(Value)
     v.data = a.data if p.data > 0.0 else b.data
     v.grad = 0.0
     v._a = a
@@ -519,21 +519,29 @@ def where(cond: Value | Number, x: Value | Number, y: Value | Number) -> Value:
     return v
 
 
+_new = object.__new__
+
+
 def _lift(x: Value | Number) -> Value:
     """Wrap a Python number as a constant leaf; pass a ``Value`` through."""
     if isinstance(x, Value):
         return x
     if not isinstance(x, (int, float)):
         raise TypeError(f"unsupported operand for Value: {type(x).__name__}")
-    v = Value(x)
+    v = _new(Value)  # the slots set directly: constants are made on every operator call
+    d = float(x)
+    v.data = d
+    v.grad = 0.0
+    v._a = None
+    v._b = None
     v._code = _CONST
-    v._c = v.data
+    v._c = d
     return v
 
 
 def _node(code: int, a: Value, b: Value | None, c: float = 0.0) -> Value:
     """Make the node ``code(a, b)``, computing its value through the op table."""
-    v = Value.__new__(Value)
+    v = _new(Value)
     if b is None:
         v.data = _FORWARD[code](a.data, 0.0, c)
         if _STRICT.get():

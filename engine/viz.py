@@ -20,6 +20,7 @@ Rendering to SVG or PNG needs Graphviz's ``dot`` program (Debian package
 
 from __future__ import annotations
 
+import base64
 import collections
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -129,6 +130,11 @@ def _result_arrays(
     if isinstance(result, Mapping):
         raw_values, raw_grads = result.get("values"), result.get("grads")
         raw_nodes, output = result.get("nodes"), result.get("output")
+        # binaryOutput: the numbers as base64 little-endian float64 (proto3 JSON of bytes)
+        if (raw_values is None or len(raw_values) == 0) and result.get("valuesF64"):
+            raw_values = np.frombuffer(base64.b64decode(result["valuesF64"]), dtype="<f8")
+        if (raw_grads is None or len(raw_grads) == 0) and result.get("gradsF64"):
+            raw_grads = np.frombuffer(base64.b64decode(result["gradsF64"]), dtype="<f8")
     else:
         raw_values = getattr(result, "values", None)
         raw_grads = getattr(result, "grads", None)

@@ -10,6 +10,7 @@ from typing import Any
 
 from micrograd import codec
 from micrograd.engine import Value
+from micrograd.seed import seed_graph
 from micrograd.server.config import Settings
 from micrograd.v1 import gradient_service_pb2 as pb
 
@@ -33,23 +34,6 @@ SETTINGS = Settings(
 """Small limits: every input is answered in well under a millisecond or two."""
 
 
-def _seed_value() -> tuple[Value, Value, Value]:
-    """The seed expression: ``(a, b, g)``."""
-    a = Value(-4.0)
-    b = Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
-    return a, b, g
-
-
 def _every_op() -> Value:
     """A small graph that uses every unary op and ``**`` with a ``Value`` exponent."""
     x, y = Value(0.5), Value(1.5)
@@ -58,7 +42,7 @@ def _every_op() -> Value:
 
 def grpc_seeds() -> list[tuple[int, bytes]]:
     """``(kind, serialized request)``: kind 0 Evaluate, 1 EvaluateStream, 2 RegisterGraph."""
-    a, b, g = _seed_value()
+    a, b, g = seed_graph()
     packed, tape, _ = codec.encode_value(g, {"a": a, "b": b})
     graph = codec.to_graph(tape)
     ops_packed, ops_tape, _ = codec.encode_value(_every_op())
@@ -97,7 +81,7 @@ def grpc_seeds() -> list[tuple[int, bytes]]:
 def json_seeds() -> list[dict[str, Any]]:
     """JSON-RPC request objects (proto3 JSON params) for every method and both graph forms;
     the one-message-per-node form only for a small graph (its mapping is slow in Python)."""
-    a, b, g = _seed_value()
+    a, b, g = seed_graph()
     packed, _, _ = codec.encode_value(g, {"a": a, "b": b})
     x, y = Value(0.5), Value(-1.5)
     small_packed, small_tape, _ = codec.encode_value((x * y + 2).relu() ** 2, {"x": x, "y": y})

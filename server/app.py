@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from micrograd.kernels import Kernel
 
@@ -131,13 +132,14 @@ def run(settings: Settings) -> int:
         store.close()
     if settings.workers == 1:
         _claim_ports(settings)
-        if asyncio.run(serve(settings, kernel)):
-            _exit_now(0)  # do not wait for abandoned sweeps past the grace period
-        return 0
+        asyncio.run(serve(settings, kernel))
+        # Every call has finished (or was cut off at the grace period): leave at once, without
+        # the interpreter's teardown (gRPC's and the thread pools'), which can take a second.
+        _exit_now(0)
     return _run_workers(settings, kernel)
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """Leave the process at once (threads still sweeping are abandoned), logs flushed."""
     logging.shutdown()
     sys.stdout.flush()

@@ -8,9 +8,9 @@ only an optimisation the protocol allows a server to lose: a miss is
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+from collections.abc import Hashable
 
+from micrograd.codec.lru import LRU
 from micrograd.tape import Tape
 
 __all__ = ["GraphCache", "RecentGraphs", "tape_bytes"]
@@ -33,9 +33,7 @@ class GraphCache:
         """A cache of at most ``max_entries`` tapes totalling at most ``max_bytes``."""
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._tapes: OrderedDict[str, tuple[Tape, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._tapes: LRU[str, Tape] = LRU(max_entries, max_bytes, tape_bytes)
         self.hits = 0
         """``get`` calls that found their graph."""
         self.misses = 0
@@ -50,48 +48,32 @@ class GraphCache:
     @property
     def nbytes(self) -> int:
         """Total bytes of the cached tapes."""
-        return self._bytes
+        return self._tapes.nbytes
 
     def get(self, graph_id: str) -> Tape | None:
         """The tape registered as ``graph_id`` (now the most recently used), or ``None``.
 
         Counted in ``hits`` and ``misses``.
         """
-        with self._lock:
-            entry = self._tapes.get(graph_id)
-            if entry is None:
-                self.misses += 1
-                return None
+        tape = self._tapes.get(graph_id)
+        if tape is None:
+            self.misses += 1
+        else:
             self.hits += 1
-            self._tapes.move_to_end(graph_id)
-            return entry[0]
+        return tape
 
     def peek(self, graph_id: str) -> Tape | None:
         """Like ``get``, but neither counted nor marked as used (for sizing a request)."""
-        entry = self._tapes.get(graph_id)
-        return None if entry is None else entry[0]
+        return self._tapes.peek(graph_id)
 
     def put(self, graph_id: str, tape: Tape) -> bool:
         """Store ``tape``, evicting the least recently used; ``False`` if it can never fit."""
-        size = tape_bytes(tape)
-        with self._lock:
-            if graph_id in self._tapes:
-                self._tapes.move_to_end(graph_id)
-                return True
-            if size > self.max_bytes or self.max_entries == 0:
-                return False
-            while self._tapes and (
-                len(self._tapes) >= self.max_entries or self._bytes + size > self.max_bytes
-            ):
-                _, (_, dropped) = self._tapes.popitem(last=False)
-                self._bytes -= dropped
-            self._tapes[graph_id] = (tape, size)
-            self._bytes += size
-            return True
+        return self._tapes.put(graph_id, tape)
 
 
 class RecentGraphs:
-    """Small graphs decoded lately, keyed by their wire bytes: a repeat skips decode and hashing.
+    """Small graphs decoded lately, keyed by what their messages hold: a repeat skips decode
+    and hashing.
 
     Clients often send the same small graph again and again with new inputs;
     for those, decoding and validating dominates the call. Only graphs of at
@@ -102,23 +84,13 @@ class RecentGraphs:
         """Keep up to ``max_entries`` graphs of up to ``max_nodes`` nodes."""
         self.max_entries = max_entries
         self.max_nodes = max_nodes
-        self._graphs: OrderedDict[bytes, tuple[Tape, str]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._graphs: LRU[Hashable, tuple[Tape, str]] = LRU(max_entries)
 
-    def get(self, key: bytes) -> tuple[Tape, str] | None:
-        """The tape and graph id decoded from these wire bytes before, if remembered."""
-        with self._lock:
-            entry = self._graphs.get(key)
-            if entry is not None:
-                self._graphs.move_to_end(key)
-            return entry
+    def get(self, key: Hashable) -> tuple[Tape, str] | None:
+        """The tape and graph id decoded from a message with this key before, if remembered."""
+        return self._graphs.get(key)
 
-    def put(self, key: bytes, tape: Tape, graph_id: str) -> None:
+    def put(self, key: Hashable, tape: Tape, graph_id: str) -> None:
         """Remember a decoded graph (ignored when it is larger than ``max_nodes``)."""
-        if len(tape) > self.max_nodes or self.max_entries == 0:
-            return
-        with self._lock:
-            self._graphs[key] = (tape, graph_id)
-            self._graphs.move_to_end(key)
-            while len(self._graphs) > self.max_entries:
-                self._graphs.popitem(last=False)
+        if len(tape) <= self.max_nodes:
+            self._graphs.put(key, (tape, graph_id))

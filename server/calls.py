@@ -23,18 +23,11 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from micrograd.v1 import gradient_service_pb2 as pb
-
 from .service import Deadline, GradientService
 
 __all__ = ["Call", "CallRunner"]
 
 T = TypeVar("T")
-
-
-def _graph_nodes(request: pb.RegisterGraphRequest) -> int:
-    """Nodes a RegisterGraph request carries, before decoding it."""
-    return len(request.graph.nodes) + len(request.packed_graph.ops)
 
 
 def _nothing(request: Any) -> int:
@@ -87,7 +80,7 @@ class CallRunner:
         self.sizes: dict[str, Callable[[Any], int]] = {
             "Evaluate": service.cells,
             "EvaluateStream": lambda r: service.cells(r.request),
-            "RegisterGraph": _graph_nodes,
+            "RegisterGraph": service.register_cells,
             "GetServerInfo": _nothing,
             "Jacobian": lambda r: service.cells(r.request) * max(1, len(r.outputs)),
             "HessianVectorProduct": lambda r: 4 * service.cells(r.request),

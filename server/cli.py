@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,9 @@ _PLUGINS = (
 
 def _serve(args: argparse.Namespace) -> int:
     """Run ``serve``: settings from flags and environment, then the server until stopped."""
+    # gRPC's C core writes its own plain-text lines to stderr; the log is JSON lines only
+    # (errors reach the log as Python exceptions). GRPC_VERBOSITY set by the operator wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from .app import run
 
     try:

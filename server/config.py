@@ -506,6 +506,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
+_NEGATABLE = ("playground",)
+"""On/off settings that the environment may also turn off as ``MICROGRAD_RPC_NO_<NAME>``."""
+
+
 def from_sources(
     args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -517,6 +521,13 @@ def from_sources(
         var = ENV_PREFIX + name.upper()
         given = getattr(args, name, None) if args is not None else None
         source, text = (_flag(name), given) if given is not None else (var, env.get(var))
+        negated = ENV_PREFIX + "NO_" + name.upper()
+        if text is None and name in _NEGATABLE and env.get(negated) is not None:
+            try:  # MICROGRAD_RPC_NO_PLAYGROUND=1, the spelling of --no-playground
+                values[name] = not _parse(name, env[negated])
+            except ValueError as exc:
+                problems.append(f"{negated}: {exc}")
+            continue
         if text is None:
             continue
         if isinstance(text, bool):

@@ -28,7 +28,7 @@ from .decoding import tolerant
 from .handlers import HandlerWrapper, Registrar, ServiceErrors, status_of
 from .reflection import add_reflection
 from .service import GradientService
-from .streams import OpenStreams
+from .streams import OpenStreams, idle_bounded
 
 __all__ = ["PID_METADATA", "SERVICE_NAME", "GradientServicer", "GrpcServer"]
 
@@ -39,6 +39,10 @@ PID_METADATA = "micrograd-pid"
 """Trailing metadata key of GetServerInfo: the id of the process that answered."""
 
 log = logging.getLogger("micrograd.server")
+
+_SETTLE = 0.1
+"""Seconds between the last call in flight finishing and the server stopping."""
+
 
 def _bracketed(host: str) -> str:
     """An IPv6 literal in brackets, as gRPC addresses want it; other hosts unchanged."""
@@ -110,7 +114,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         call = self.calls.admit(context.time_remaining())
         try:
             upload = self.service.upload()
-            async for piece in request_iterator:
+            idle = self.service.settings.upload_idle_timeout
+            async for piece in idle_bounded(request_iterator, idle):
                 upload.add(piece)
                 call.deadline.check()
             return await call.run(False, upload.finish)
@@ -239,6 +244,9 @@ class GrpcServer:
         self.service.drain()
         while self.service.in_flight and time.monotonic() < end:
             await asyncio.sleep(0.02)
+        # Calls already on their way in are still answered (UNAVAILABLE, before any work)
+        # instead of being cut off by the server's own stop.
+        await asyncio.sleep(min(_SETTLE, max(0.0, end - time.monotonic())))
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d call(s)", self.service.in_flight)
         if self.streams.count:

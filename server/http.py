@@ -22,6 +22,7 @@ every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer``
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import math
@@ -64,9 +65,11 @@ def build_app(
     ready: Callable[[], bool],
     max_body_bytes: int,
     guards: Sequence[Any] = (),
+    idle_timeout: float = 30.0,
 ) -> web.Application:
     """The aiohttp application of the four routes; ``ready()`` decides ``/readyz``;
-    ``guards`` are middlewares run after counting, before the routes (the token check)."""
+    ``guards`` are middlewares run after counting, before the routes (the token check); a body
+    that goes ``idle_timeout`` seconds without a byte gets 408."""
 
     @web.middleware
     async def count(request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -90,9 +93,16 @@ def build_app(
         if size is not None and size > max_body_bytes:
             return _plain(413, _too_large(size, max_body_bytes), Connection="close")
         try:
-            body = await request.read()
+            body = await _read_body(request, max_body_bytes, idle_timeout)
         except web.HTTPRequestEntityTooLarge:
             return _plain(413, _too_large(None, max_body_bytes), Connection="close")
+        except TimeoutError:
+            return _plain(
+                408,
+                f"no byte of the request body arrived for {idle_timeout:g} s "
+                "(http_idle_timeout); send the body without pauses",
+                Connection="close",
+            )
         timeout: float | None = None
         given = request.headers.get(TIMEOUT_HEADER)
         if given is not None:
@@ -130,6 +140,19 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+async def _read_body(request: web.Request, limit: int, idle: float) -> bytes:
+    """The whole body; ``TimeoutError`` when ``idle`` seconds pass without a byte, and
+    ``HTTPRequestEntityTooLarge`` beyond ``limit`` bytes."""
+    body = bytearray()
+    while True:
+        chunk = await asyncio.wait_for(request.content.readany(), idle)
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
 
 
 def _too_large(size: int | None, limit: int) -> str:
@@ -184,7 +207,12 @@ class HttpServer:
         """Bind and serve; returns the bound port (useful with ``http_port`` 0)."""
         s = self.settings
         app = build_app(
-            self.rpc, self.metrics, lambda: self.ready, s.http_max_body_bytes, self.guards
+            self.rpc,
+            self.metrics,
+            lambda: self.ready,
+            s.http_max_body_bytes,
+            self.guards,
+            s.http_idle_timeout,
         )
         if s.playground:
             playground.add_routes(app)  # the same app: its middlewares guard the page too

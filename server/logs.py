@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import uuid
 from typing import Any, TextIO
@@ -51,20 +52,48 @@ class JsonLines(logging.Formatter):
 
 
 def configure(level: str | int, stream: TextIO | None = None) -> None:
-    """Send the ``micrograd`` loggers to ``stream`` (stderr) as JSON lines at ``level``.
+    """Send every log record of the process to ``stream`` (stderr) as JSON lines.
 
+    The ``micrograd`` loggers log at ``level``; every other library (aiohttp's
+    tracebacks of broken connections, asyncio, gRPC's Python side) at WARNING
+    or above. ``warnings`` and exceptions nobody caught (in any thread) become
+    records too, so nothing reaches stderr as plain text from Python.
     Idempotent: calling it again replaces the handler it installed before.
     """
-    root = logging.getLogger(_ROOT)
-    for handler in list(root.handlers):
-        if getattr(handler, "_micrograd_json", False):
-            root.removeHandler(handler)
+    ours = logging.getLogger(_ROOT)
+    top = logging.getLogger()
+    for logger in (ours, top):
+        for handler in list(logger.handlers):
+            if getattr(handler, "_micrograd_json", False):
+                logger.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLines())
     handler._micrograd_json = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level.upper() if isinstance(level, str) else level)
-    root.propagate = False
+    top.addHandler(handler)
+    number = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    ours.setLevel(number)
+    ours.propagate = True
+    top.setLevel(max(int(number), logging.WARNING))
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """``sys.excepthook``: an exception nobody caught, as a JSON line."""
+    logging.getLogger(_ROOT).critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: an exception that ended a thread, as a JSON line."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger(_ROOT).error(
+        "uncaught exception in thread %s",
+        name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def request_id(given: str | None = None) -> str:

@@ -426,7 +426,8 @@ def token_middleware(tokens: TokenSet, open_paths: Iterable[str] = OPEN_HTTP_PAT
             status=401,
             text=json.dumps(body),
             content_type="application/json",
-            headers={"WWW-Authenticate": "Bearer"},
+            # Close rather than drain a body nobody will read.
+            headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
         )
 
     return require_token

@@ -16,16 +16,17 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 from micrograd import __version__, codec
 from micrograd import ops as _ops
 from micrograd.codec.malformed import clip, shown
-from micrograd.codec.wire import Wire, with_arrays
+from micrograd.codec.wire import Wire, after_header, with_arrays, with_fields
 from micrograd.errors import GraphError
 from micrograd.kernels import Kernel
 from micrograd.tape import Tape
@@ -45,6 +46,7 @@ except ImportError:  # pragma: no cover - without the native kernel, sweeps run 
 
 
 __all__ = [
+    "Answer",
     "Code",
     "Deadline",
     "GradientService",
@@ -137,9 +139,28 @@ background threads (hashlib and the native kernel release the GIL): a graph's id
 while the sweeps run, and a stream's reverse sweep runs while its value chunks are sent.
 Smaller calls do everything in line."""
 
+_HEADER_CACHE_ENTRIES = 512
+"""Serialized response headers kept for repeated small calls (the cache empties when full)."""
+_HEADER_CACHE_WIDTH = 1024
+"""Selections wider than this are not worth a header cache entry."""
+_RESPONSE = pb.EvaluateResponse.DESCRIPTOR
+
 _THREAD_CELLS = 1_000_000
 """From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
 (below it, starting threads costs more than it saves)."""
+
+@dataclass(frozen=True, slots=True)
+class Answer(Wire):
+    """A serialized response and the node evaluations it reports (what the metrics count)."""
+
+    nodes: int = 0
+
+
+Arrays = Sequence[tuple[str, np.ndarray]]
+"""A response's number arrays by field name, row-major."""
+
+Part = tuple[Message, Arrays, int]
+"""One response message in the making: its header, its arrays by field, its node evaluations."""
 
 GraphId = str | concurrent.futures.Future[str]
 """A graph id, or one still being hashed."""
@@ -178,6 +199,10 @@ class Plan:
         return len(self.tape) if self.selection is None else int(self.selection.shape[0])
 
 
+def _name_pair(name: graph_pb2.NodeName) -> tuple[int, str]:
+    return name.node, name.name
+
+
 def _graph_violation(prefix: str, exc: GraphError) -> ServiceError:
     """Turn a codec/tape ``GraphError`` into INVALID_ARGUMENT (or RESOURCE_EXHAUSTED if too big).
 
@@ -211,6 +236,7 @@ class GradientService:
             2, thread_name_prefix="micrograd-overlap"
         )
         self._lock = threading.Lock()
+        self._headers: dict[tuple[object, ...], bytes] = {}
         self._in_flight = 0
         self._draining = False
 
@@ -260,6 +286,15 @@ class GradientService:
 
     # -- sizing ------------------------------------------------------------
 
+    def register_cells(self, request: pb.RegisterGraphRequest) -> int:
+        """Work estimate of a RegisterGraph call: the nodes it carries, or more than
+        ``inline_cells`` when the graph store is across the network (so that a slow store
+        never holds up the event loop)."""
+        n = len(request.graph.nodes) + len(request.packed_graph.ops)
+        if self.store is not None and self.store.remote:
+            return max(n, self.settings.inline_cells + 1)
+        return n
+
     def cells(self, request: pb.EvaluateRequest) -> int:
         """Cheap upper estimate of the node-bindings a request evaluates, before decoding it."""
         source = request.WhichOneof("source")
@@ -281,8 +316,7 @@ class GradientService:
         if not request.HasField("batch"):
             return n
         batch = request.batch
-        count = len(batch.values) + len(batch.values_f64) // 8
-        return n * max(1, count // max(1, len(batch.columns)))
+        return n * max(1, codec.batch_rows(batch, max(1, len(batch.columns))))
 
     # -- decoding ----------------------------------------------------------
 
@@ -314,18 +348,21 @@ class GradientService:
                 "the request has no graph: set graph, packed_graph or graph_id",
                 [(field, "one of graph, packed_graph or graph_id is required")],
             )
-        key = None
+        # The node count is checked once, above; the decoders get no second limit.
+        data = msg.graph.SerializeToString() if source == "graph" else b""  # the decoder's input
+        key: Hashable | None = None
         if n <= self.recent.max_nodes:
-            key = source.encode() + getattr(msg, source).SerializeToString()
+            packed = msg.packed_graph  # keyed by what is at hand: nothing serialized for it
+            key = data or (packed.ops, packed.args, packed.values, *map(_name_pair, packed.names))
             known = self.recent.get(key)
             if known is not None:
                 return known
-        max_nodes, max_name = self.settings.max_nodes, self.settings.max_name_bytes
+        max_name = self.settings.max_name_bytes
         try:
             if source == "graph":
-                tape = codec.from_graph(msg.graph, max_nodes, max_name)
+                tape = codec.from_graph_bytes(data, None, max_name)
             else:
-                tape = codec.unpack(msg.packed_graph, max_nodes, max_name)
+                tape = codec.unpack(msg.packed_graph, None, max_name)
         except GraphError as exc:
             raise _graph_violation(f"{prefix}{source}.", exc) from None
         if n >= _OVERLAP_CELLS:
@@ -342,9 +379,7 @@ class GradientService:
         rows, batched = 1, request.HasField("batch")
         if batched:
             batch = request.batch
-            width = len(batch.columns) or int(tape.inputs.shape[0])
-            count = len(batch.values) + len(batch.values_f64) // 8
-            rows = count // width if width else 0
+            rows = codec.batch_rows(batch, len(batch.columns) or int(tape.inputs.shape[0]))
             if rows > self.settings.max_batch_rows:
                 raise ServiceError(
                     Code.RESOURCE_EXHAUSTED,
@@ -469,16 +504,42 @@ class GradientService:
             )
         return resp
 
+    def header_bytes(self, plan: Plan) -> bytes:
+        """``header(plan)`` serialized; for small graphs kept per graph id, output, rows and
+        selection, so that repeated small calls skip building it (the numbers come after)."""
+        n = len(plan.tape)
+        width = 0 if plan.selection is None else int(plan.selection.shape[0])
+        if n >= _OVERLAP_CELLS or width > _HEADER_CACHE_WIDTH:
+            return self.header(plan).SerializeToString()
+        picked = b"" if plan.selection is None else plan.selection.tobytes()
+        key = (plan.graph_id, plan.output, plan.rows, plan.selection is None, picked)
+        cached = self._headers.get(key)
+        if cached is None:
+            cached = self.header(plan).SerializeToString()
+            if len(self._headers) >= _HEADER_CACHE_ENTRIES:
+                self._headers.clear()
+            self._headers[key] = cached
+        return cached
+
     def evaluate(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
     ) -> pb.EvaluateResponse:
-        """The Evaluate rpc as a message (parsed from ``evaluate_wire``, which is cheap)."""
-        return pb.EvaluateResponse.FromString(self.evaluate_wire(request, deadline).data)
+        """The Evaluate rpc as a message (for JSON): the same numbers as ``evaluate_wire``."""
+        plan, arrays, _ = self._evaluated(request, deadline)
+        return with_fields(self.header(plan), arrays)
 
     def evaluate_wire(
         self, request: pb.EvaluateRequest, deadline: Deadline = _NO_DEADLINE
-    ) -> Wire:
+    ) -> Answer:
         """The Evaluate rpc, serialized: values and gradients of the selected nodes."""
+        plan, arrays, nodes = self._evaluated(request, deadline)
+        return Answer(after_header(self.header_bytes(plan), _RESPONSE, arrays).data, nodes)
+
+    def _evaluated(
+        self, request: pb.EvaluateRequest, deadline: Deadline
+    ) -> tuple[Plan, Arrays, int]:
+        """The Evaluate rpc as its plan (the header), its arrays by field, and the node
+        evaluations."""
         plan = self.plan(request)
         numbers = plan.rows * plan.width * (2 if plan.gradients else 1)
         if 8 * numbers + 4 * plan.width > self.settings.max_message_bytes:
@@ -495,7 +556,7 @@ class GradientService:
             if picked[1] is not None:
                 arrays.append(("grads_f64" if plan.binary else "grads", picked[1]))
             deadline.check()
-            return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
+            return plan, arrays, len(plan.tape) * plan.rows
         values = self.forward(plan, deadline)
         deadline.check()
         arrays = [("values_f64" if plan.binary else "values", self.reported(plan, values))]
@@ -503,7 +564,7 @@ class GradientService:
             grads = self.backward(plan, values, deadline)
             arrays.append(("grads_f64" if plan.binary else "grads", self.reported(plan, grads)))
         deadline.check()
-        return with_arrays(self.header(plan), arrays, nodes=len(plan.tape) * plan.rows)
+        return plan, arrays, len(plan.tape) * plan.rows
 
     # -- several outputs, second order ---------------------------------------
 
@@ -664,15 +725,22 @@ class GradientService:
     def evaluate_stream(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
     ) -> Iterator[pb.EvaluateStreamResponse]:
-        """The EvaluateStream rpc as messages (parsed from ``evaluate_stream_wire``)."""
-        for wire in self.evaluate_stream_wire(request, deadline):
-            yield pb.EvaluateStreamResponse.FromString(wire.data)
+        """The EvaluateStream rpc as messages (for JSON): the parts of ``evaluate_stream_wire``."""
+        for head, arrays, _ in self._stream_parts(request, deadline):
+            yield with_fields(head, arrays)
 
     def evaluate_stream_wire(
         self, request: pb.EvaluateStreamRequest, deadline: Deadline = _NO_DEADLINE
-    ) -> Iterator[Wire]:
+    ) -> Iterator[Answer]:
         """The EvaluateStream rpc, serialized: the header and value chunks after the forward
-        sweep, then the gradient chunks after the reverse sweep.
+        sweep, then the gradient chunks after the reverse sweep (see ``_stream_parts``)."""
+        for head, arrays, nodes in self._stream_parts(request, deadline):
+            yield Answer(with_arrays(head, arrays).data, nodes)
+
+    def _stream_parts(
+        self, request: pb.EvaluateStreamRequest, deadline: Deadline
+    ) -> Iterator[Part]:
+        """The EvaluateStream rpc's messages, each as its head, arrays and node evaluations.
 
         The first ``next()`` validates and runs the forward sweep; each later
         ``next()`` yields one chunk, so a transport can check for cancellation
@@ -685,7 +753,7 @@ class GradientService:
         picked = self.selected(plan, deadline)
         if picked is not None:
             header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
-            yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+            yield header, (), len(plan.tape) * plan.rows
             deadline.check()
             yield from self._chunks(plan, pb.PART_VALUES, picked[0], size, deadline)
             if picked[1] is not None:
@@ -694,7 +762,7 @@ class GradientService:
         values = self.forward(plan, deadline)  # while a big graph's id is hashed elsewhere
         deadline.check()
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
-        yield with_arrays(header, (), nodes=len(plan.tape) * plan.rows)
+        yield header, (), len(plan.tape) * plan.rows
         deadline.check()
         overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
         reverse = None
@@ -710,13 +778,13 @@ class GradientService:
     @staticmethod
     def _chunks(
         plan: Plan, part: int, table: np.ndarray, size: int, deadline: Deadline
-    ) -> Iterator[Wire]:
+    ) -> Iterator[Part]:
         """Cut a row-major array into stream messages of at most ``size`` numbers."""
         flat = table.reshape(-1)
         field = "data_f64" if plan.binary else "data"
         for offset in range(0, flat.shape[0], size):
             head = pb.EvaluateStreamResponse(part=part, offset=offset)
-            yield with_arrays(head, [(field, flat[offset : offset + size])])
+            yield head, [(field, flat[offset : offset + size])], 0
             deadline.check()
 
     # -- registration ------------------------------------------------------
@@ -852,7 +920,7 @@ class Upload:
         self.ops = self.args = self.values = bytearray()
         try:
             settings = self.service.settings
-            tape = codec.unpack(packed, settings.max_nodes, settings.max_name_bytes)
+            tape = codec.unpack(packed, None, settings.max_name_bytes)  # add() held max_nodes
         except GraphError as exc:
             raise _graph_violation("piece.", exc) from None
         return pb.UploadGraphResponse(graph_id=self.service.register(tape), node_count=len(tape))
@@ -860,8 +928,8 @@ class Upload:
 
 def nodes_evaluated(response: Any) -> int:
     """Node evaluations (nodes x rows) reported by an Evaluate response or stream header,
-    given as a message or as serialized ``codec.Wire`` bytes (which carry the count)."""
-    if isinstance(response, Wire):
+    given as a message or as a serialized ``Answer`` (which carries the count)."""
+    if isinstance(response, Answer):
         return response.nodes
     if isinstance(response, pb.EvaluateStreamResponse):
         if response.part != pb.PART_HEADER:

@@ -28,6 +28,7 @@ loads skip that (it would triple the time of loading a big graph).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,6 +37,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,8 +73,10 @@ header, the graph id (ASCII, NUL-padded): 112 bytes, so the columns after it sta
 _GRAPH_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _SUFFIX = ".graph"
 _TOUCH_AFTER = 10.0
-"""A read marks its file used (for the LRU order) only if it was last marked this many seconds
-ago, which spares a system call on most reads."""
+"""A read marks its file used (for the LRU order) only if this process last marked it this
+many seconds ago, which spares a system call on most reads."""
+_SEEN_ENTRIES = 4096
+"""Entries whose size a process remembers (about 100 bytes each)."""
 
 
 class StoreUnavailable(OSError):
@@ -101,6 +105,8 @@ class GraphStore(Protocol):
 
     location: str
     """Where the store is, for messages and logs (a directory or a ``redis://`` URL)."""
+    remote: bool
+    """Whether calls wait on the network (then they never run on the event loop)."""
     counts: StoreCounts
 
     def get(self, graph_id: str) -> Tape | None:
@@ -228,9 +234,14 @@ class HostStore:
         it cannot be created or is writable by others."""
         self.directory = Path(directory)
         self.location = str(self.directory)
+        self.remote = False
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.counts = StoreCounts()
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        """Entry size and when this process last marked it used, by graph id: an entry's
+        size never changes (its name is its content), so a read needs no ``fstat``."""
+        self._seen_lock = threading.Lock()
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = self.directory.stat()
@@ -271,23 +282,43 @@ class HostStore:
         except OSError as exc:
             self.counts.errors += 1
             raise StoreUnavailable(f"cannot read the graph store {self.location}: {exc}") from None
+        seen = self._seen.get(graph_id)
         try:
-            info = os.fstat(fd)
-            data = np.empty(info.st_size, dtype=np.uint8)
-            got = os.preadv(fd, [data.data], 0) if info.st_size else 0
+            size = os.fstat(fd).st_size if seen is None else seen[0]
+            data = np.empty(size + 1, dtype=np.uint8)  # one byte more: a longer file shows
+            got = os.preadv(fd, [data.data], 0)
+            if got != size:  # not the entry seen before: read what is there now
+                size = os.fstat(fd).st_size
+                data = np.empty(size + 1, dtype=np.uint8)
+                got = os.preadv(fd, [data.data], 0)
         except OSError as exc:
             self.counts.errors += 1
             raise StoreUnavailable(f"cannot read the graph store {self.location}: {exc}") from None
         finally:
             os.close(fd)
-        tape = decode_entry(graph_id, data.data) if got == info.st_size else None
+        tape = decode_entry(graph_id, data.data[:size]) if got == size else None
         if tape is None:
+            self._forget(graph_id)
             self._drop_corrupt(path, graph_id)
             return None
         self.counts.hits += 1
-        if time.time() - info.st_mtime > _TOUCH_AFTER:
+        now = time.monotonic()
+        if seen is None or now - seen[1] > _TOUCH_AFTER:
             _touch(path)
+            self._remember(graph_id, size, now)
         return tape
+
+    def _remember(self, graph_id: str, size: int, touched: float) -> None:
+        """Note an entry's size (and when it was marked used), for the next reads."""
+        with self._seen_lock:
+            self._seen[graph_id] = (size, touched)
+            self._seen.move_to_end(graph_id)
+            while len(self._seen) > _SEEN_ENTRIES:
+                self._seen.popitem(last=False)
+
+    def _forget(self, graph_id: str) -> None:
+        with self._seen_lock:
+            self._seen.pop(graph_id, None)
 
     def _drop_corrupt(self, path: str, graph_id: str) -> None:
         self.counts.corrupt += 1
@@ -347,6 +378,9 @@ class HostStore:
 
     def nodes_hint(self, graph_id: str) -> int | None:
         """The node count the file's size allows (0 when there is no file)."""
+        seen = self._seen.get(graph_id)
+        if seen is not None:
+            return max(0, (seen[0] - _HEADER.size) // 17)
         path = self._file(graph_id)
         if path is None:
             return 0
@@ -354,6 +388,7 @@ class HostStore:
             size = os.stat(path).st_size
         except OSError:
             return 0
+        self._remember(graph_id, size, -math.inf)  # the read that follows needs no fstat
         return max(0, (size - _HEADER.size) // 17)
 
     def close(self) -> None:
@@ -398,6 +433,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.location = _redacted(url)
+        self.remote = True
         self.ttl = max(1, round(ttl))
         self.backoff = backoff
         self.counts = StoreCounts()

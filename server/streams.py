@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from .handlers import rebuilt
+from .service import Code, ServiceError
 
-__all__ = ["OpenStreams"]
+T = TypeVar("T")
+
+__all__ = ["OpenStreams", "idle_bounded"]
 
 _GOODBYE = "the server is shutting down; reconnect to another replica"
 
@@ -93,3 +96,22 @@ class OpenStreams:
                 yield response
 
         return behavior
+
+
+async def idle_bounded(requests: AsyncIterator[T], seconds: float) -> AsyncIterator[T]:
+    """A client stream that ends the call with DEADLINE_EXCEEDED (``ServiceError``) when no
+    message arrives for ``seconds`` (``upload_idle_timeout``), so an idle client cannot hold
+    its call slot."""
+    iterator = aiter(requests)
+    while True:
+        try:
+            request = await asyncio.wait_for(anext(iterator), seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ServiceError(
+                Code.DEADLINE_EXCEEDED,
+                f"no piece of the upload arrived for {seconds:g} s (upload_idle_timeout); "
+                "the upload is abandoned: send the pieces without pauses",
+            ) from None
+        yield request

@@ -160,7 +160,11 @@ def start_in_process(**overrides: Any) -> RunningServer:
         http = None
         if settings.http_port >= 0:
             http = HttpServer(
-                settings, service, metrics, server.pool, guard.ssl_context(),
+                settings,
+                service,
+                metrics,
+                server.pool,
+                guard.ssl_context(),
                 guard.http_middlewares(),
             )
             await http.start()

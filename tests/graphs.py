@@ -24,6 +24,7 @@ import numpy as np
 from micrograd import ops
 from micrograd.engine import Value, where
 from micrograd.nn import MLP
+from micrograd.seed import seed_expression, seed_graph
 from micrograd.tape import Tape
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "deep_chain",
     "mlp_loss",
     "random_dag",
+    "seed_expression",
+    "seed_graph",
     "to_torch",
     "to_values",
 ]
@@ -306,27 +309,6 @@ def deep_chain(depth: int, start: float = 0.5) -> tuple[Value, Value]:
     for _ in range(depth):
         y = y * 1.0001 + 0.001
     return x, y
-
-
-def seed_expression(a: Value, b: Value) -> Value:
-    """The seed document's expression of ``a`` and ``b`` (its example, line for line)."""
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
-    return g
-
-
-def seed_graph(a0: float = -4.0, b0: float = 2.0) -> tuple[Value, Value, Value]:
-    """The seed example's graph at ``a = a0``, ``b = b0``: returns ``(a, b, g)``."""
-    a, b = Value(a0), Value(b0)
-    return a, b, seed_expression(a, b)
 
 
 def affine_chain_tape(n: int, scale: float, shift: float) -> Tape:

@@ -51,8 +51,14 @@ def make_pki(directory: Path) -> Pki:
     paths = {
         name: directory / name
         for name in (
-            "ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other.pem",
-            "other.key", "tokens",
+            "ca.pem",
+            "server.pem",
+            "server.key",
+            "client.pem",
+            "client.key",
+            "other.pem",
+            "other.key",
+            "tokens",
         )
     }
     ca.cert_pem.write_to_path(str(paths["ca.pem"]))

@@ -60,8 +60,9 @@ def test_eval_prints_the_seed_numbers_by_name(grpc_server: str) -> None:
 
 
 def test_eval_json_gives_full_precision_and_inputs_override(grpc_server: str) -> None:
-    done = eval_cli(str(SEED_JSON), "--target", grpc_server, "--inputs", "a=1.5,b=-0.5",
-                    "--format", "json")
+    done = eval_cli(
+        str(SEED_JSON), "--target", grpc_server, "--inputs", "a=1.5,b=-0.5", "--format", "json"
+    )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     by_name = {node["name"]: node for node in doc["nodes"] if "name" in node}
@@ -97,8 +98,9 @@ def test_eval_output_flag_differentiates_another_node(grpc_server: str) -> None:
 
 def test_eval_reports_a_rejected_graph_with_its_field(grpc_server: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"nodes": [{"op": "OP_INPUT", "name": "x"},
-                                          {"op": "OP_ADD", "args": [0, 7]}]}))
+    path.write_text(
+        json.dumps({"nodes": [{"op": "OP_INPUT", "name": "x"}, {"op": "OP_ADD", "args": [0, 7]}]})
+    )
     done = eval_cli(str(path), "--target", grpc_server)
     assert done.returncode == 1
     assert "INVALID_ARGUMENT" in done.stderr and "graph.nodes[1].args[1]" in done.stderr

@@ -94,29 +94,64 @@ def replace_arg(msg: graph_pb2.PackedGraph, position: int, value: int) -> None:
 # node 2 is `a + b`, whose arguments are the first two entries of args.
 BAD_PACKED = {
     "empty": (lambda m: setattr(m, "ops", b""), None, "ops", "no nodes"),
-    "op zero": (lambda m: setattr(m, "ops", m.ops[:2] + b"\x00" + m.ops[3:]), 2, "ops[2]",
-                "unknown op 0"),
-    "op too big": (lambda m: setattr(m, "ops", m.ops[:2] + b"\xc8" + m.ops[3:]), 2, "ops[2]",
-                   "unknown op 200"),
+    "op zero": (
+        lambda m: setattr(m, "ops", m.ops[:2] + b"\x00" + m.ops[3:]),
+        2,
+        "ops[2]",
+        "unknown op 0",
+    ),
+    "op too big": (
+        lambda m: setattr(m, "ops", m.ops[:2] + b"\xc8" + m.ops[3:]),
+        2,
+        "ops[2]",
+        "unknown op 200",
+    ),
     "ragged args": (lambda m: setattr(m, "args", m.args[:-2]), None, "args", "multiple of 4"),
-    "args short": (lambda m: setattr(m, "args", m.args[:-4]), None, "args",
-                   r"args holds \d+ indices but the ops need \d+"),
-    "args long": (lambda m: setattr(m, "args", m.args + b"\0\0\0\0"), None, "args",
-                  r"args holds \d+ indices but the ops need \d+"),
-    "ragged values": (lambda m: setattr(m, "values", m.values[:-3]), None, "values",
-                      "multiple of 8"),
-    "values short": (lambda m: setattr(m, "values", m.values[:-8]), None, "values",
-                     r"values holds \d+ numbers but \d+ nodes use one"),
-    "forward reference": (lambda m: replace_arg(m, 1, 7), 2, "nodes[2].args[1]",
-                          "refers to node 7, which does not come before node 2"),
-    "self reference": (lambda m: replace_arg(m, 0, 2), 2, "nodes[2].args[0]",
-                       "refers to node 2"),
-    "huge reference": (lambda m: replace_arg(m, 0, 0xFFFFFFFF), 2, "nodes[2].args[0]",
-                       "refers to node 4294967295"),
+    "args short": (
+        lambda m: setattr(m, "args", m.args[:-4]),
+        None,
+        "args",
+        r"args holds \d+ indices but the ops need \d+",
+    ),
+    "args long": (
+        lambda m: setattr(m, "args", m.args + b"\0\0\0\0"),
+        None,
+        "args",
+        r"args holds \d+ indices but the ops need \d+",
+    ),
+    "ragged values": (
+        lambda m: setattr(m, "values", m.values[:-3]),
+        None,
+        "values",
+        "multiple of 8",
+    ),
+    "values short": (
+        lambda m: setattr(m, "values", m.values[:-8]),
+        None,
+        "values",
+        r"values holds \d+ numbers but \d+ nodes use one",
+    ),
+    "forward reference": (
+        lambda m: replace_arg(m, 1, 7),
+        2,
+        "nodes[2].args[1]",
+        "refers to node 7, which does not come before node 2",
+    ),
+    "self reference": (lambda m: replace_arg(m, 0, 2), 2, "nodes[2].args[0]", "refers to node 2"),
+    "huge reference": (
+        lambda m: replace_arg(m, 0, 0xFFFFFFFF),
+        2,
+        "nodes[2].args[0]",
+        "refers to node 4294967295",
+    ),
     "empty name": (lambda m: m.names.add(node=0, name=""), None, "names[2]", "must not be empty"),
     "duplicate name": (lambda m: m.names.add(node=3, name="a"), 3, "names[2]", "used twice"),
-    "name out of range": (lambda m: m.names.add(node=999, name="z"), None, "names",
-                          "refers to node 999"),
+    "name out of range": (
+        lambda m: m.names.add(node=999, name="z"),
+        None,
+        "names",
+        "refers to node 999",
+    ),
 }
 
 
@@ -167,13 +202,22 @@ def test_bindings_follow_inputs_then_batch_columns() -> None:
     [
         (pb.EvaluateRequest(inputs={"zeta": 1.0}), "inputs[zeta]", "no input is named 'zeta'"),
         (pb.EvaluateRequest(batch=pb.Batch(columns=["a"], values=[])), "batch.values", "whole"),
-        (pb.EvaluateRequest(batch=pb.Batch(columns=["a", "b"], values=[1.0, 2.0, 3.0])),
-         "batch.values", "3 values for 2 column"),
-        (pb.EvaluateRequest(batch=pb.Batch(columns=["a", "a"], values=[1.0, 2.0])),
-         "batch.columns", "twice"),
+        (
+            pb.EvaluateRequest(batch=pb.Batch(columns=["a", "b"], values=[1.0, 2.0, 3.0])),
+            "batch.values",
+            "3 values for 2 column",
+        ),
+        (
+            pb.EvaluateRequest(batch=pb.Batch(columns=["a", "a"], values=[1.0, 2.0])),
+            "batch.columns",
+            "twice",
+        ),
         (pb.EvaluateRequest(output=99), "output", "out of range"),
-        (pb.EvaluateRequest(selection=pb.SELECTION_LISTED, nodes=[0, 99]), "nodes[1]",
-         "node 99 is out of range"),
+        (
+            pb.EvaluateRequest(selection=pb.SELECTION_LISTED, nodes=[0, 99]),
+            "nodes[1]",
+            "node 99 is out of range",
+        ),
     ],
 )
 def test_request_errors_point_at_the_request_field(
@@ -209,10 +253,11 @@ def test_wire_arrays_parse_as_the_message_protobuf_would_build() -> None:
     built.CopyFrom(head)
     built.values.extend(values.ravel())
     built.grads_f64 = grads.tobytes()
-    wire = codec.with_arrays(head, [("values", values), ("grads_f64", grads)], nodes=7)
-    assert wire.nodes == 7
+    wire = codec.with_arrays(head, [("values", values), ("grads_f64", grads)])
     parsed = pb.EvaluateResponse.FromString(wire.data)
     assert parsed == built
+    # The same arrays set on the message itself (for JSON) give the same message.
+    assert codec.with_fields(head, [("values", values), ("grads_f64", grads)]) == built
     assert np.array_equal(codec.response_arrays(parsed, batched=True)[0], values)
 
 

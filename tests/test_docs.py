@@ -36,7 +36,10 @@ def test_the_readme_picture_is_what_draw_makes_now(tmp_path: Path) -> None:
     fresh = tmp_path / "seed.svg"
     done = subprocess.run(
         [sys.executable, "-m", "micrograd.server", *DRAW, str(fresh)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if done.returncode != 0 and "dot" in done.stderr:
         pytest.skip(f"Graphviz is not installed: {done.stderr.strip()}")
@@ -79,8 +82,9 @@ def test_one_version_for_package_server_image_and_changelog() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
     assert re.search(rf"^ARG VERSION={re.escape(v)}$", final_stage, re.M)
-    assert re.search(r'^LABEL .*org\.opencontainers\.image\.version="\$\{VERSION\}"', final_stage,
-                     re.M)
+    assert re.search(
+        r'^LABEL .*org\.opencontainers\.image\.version="\$\{VERSION\}"', final_stage, re.M
+    )
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert "## Unreleased" in changelog and f"## {v}" in changelog
 

@@ -237,12 +237,19 @@ def test_get_on_rpc_is_405_with_allow(server: RunningServer) -> None:
 def test_a_body_over_the_limit_is_413(grpc_server_factory: Factory) -> None:
     server = grpc_server_factory(http_max_body_bytes=4096)
     url = server.http_url + "/rpc"
-    small = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate",
-                        "params": {"graph": SEED_GRAPH}}).encode()
+    small = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "Evaluate", "params": {"graph": SEED_GRAPH}}
+    ).encode()
     assert len(small) < 4096 and http(url, small).status == 200
-    big = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Evaluate",
-                      "params": {"graph": SEED_GRAPH, "inputs": {"a": 1.0}},
-                      "padding": "x" * 5000}).encode()
+    big = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "Evaluate",
+            "params": {"graph": SEED_GRAPH, "inputs": {"a": 1.0}},
+            "padding": "x" * 5000,
+        }
+    ).encode()
     reply = http(url, big)
     assert reply.status == 413 and b"http_max_body_bytes" in reply.body
 
@@ -316,9 +323,7 @@ def test_metrics_count_both_transports(
 def test_readyz_turns_503_while_draining_and_calls_in_flight_finish(
     grpc_server_factory: Factory,
 ) -> None:
-    server = grpc_server_factory(
-        process=True, kernel="python", inline_cells=0, grace_period=20.0
-    )
+    server = grpc_server_factory(process=True, kernel="python", inline_cells=0, grace_period=20.0)
     assert server.process is not None
     tape = step_chain(1_000_000)  # about 2 s on the python kernel
     with grpc.insecure_channel(server.target) as channel:
@@ -336,6 +341,7 @@ def test_readyz_turns_503_while_draining_and_calls_in_flight_finish(
 
     caller = threading.Thread(target=call_slow)
     caller.start()
+
     def in_flight() -> bool:
         return sample(scrape(server), "micrograd_in_flight_requests", transport="jsonrpc") >= 1
 
@@ -376,7 +382,11 @@ def _curl_example(
         env = {"PATH": os.environ.get("PATH", ""), **(env or {}), **extra}
     done = subprocess.run(
         [shutil.which("bash") or "bash", str(CURL_EXAMPLE), url],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()

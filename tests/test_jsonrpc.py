@@ -69,7 +69,9 @@ def test_evaluate_gives_the_seed_numbers(rpc: JsonRpc) -> None:
     assert r["nodeCount"] == 33 and r["rows"] == 1 and r["output"] == 32
     assert r["graphId"].startswith("sha256:")
     assert [f"{x:.4f}" for x in (r["values"][2], r["grads"][0], r["grads"][1])] == [
-        "24.7041", "138.8338", "645.5773",
+        "24.7041",
+        "138.8338",
+        "645.5773",
     ]
 
 
@@ -91,11 +93,13 @@ def test_params_take_original_field_names_too(rpc: JsonRpc) -> None:
 
 
 def test_non_finite_numbers_are_strings_both_ways(rpc: JsonRpc) -> None:
-    graph = {"nodes": [
-        {"op": "OP_INPUT", "value": 0.0, "name": "x"},
-        {"op": "OP_LOG", "args": [0]},
-        {"op": "OP_NEG", "args": [1]},
-    ]}
+    graph = {
+        "nodes": [
+            {"op": "OP_INPUT", "value": 0.0, "name": "x"},
+            {"op": "OP_LOG", "args": [0]},
+            {"op": "OP_NEG", "args": [1]},
+        ]
+    }
     r = handle(rpc, call("Evaluate", {"graph": graph}))["result"]
     # log(0) = -inf, -log(0) = inf; d(-log x)/dx at 0 is -1/0 = -inf.
     assert r["values"] == [0.0, "-Infinity", "Infinity"]

@@ -42,7 +42,9 @@ def node() -> str:
             pytest.skip(f"npm is not installed, and {', '.join(missing)} are missing")
         subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=ROOT, check=True, timeout=300,
+            cwd=ROOT,
+            check=True,
+            timeout=300,
         )
     return node
 
@@ -50,8 +52,12 @@ def node() -> str:
 def run_seed(node: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
     """Run the Node.js client; its stdout lines (the test fails on a non-zero exit)."""
     done = subprocess.run(
-        [node, str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
-        env={**os.environ, **(env or {})}, check=False,
+        [node, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
@@ -67,7 +73,10 @@ def test_node_client_takes_its_target_from_the_environment(node: str, grpc_serve
 
 def test_node_client_reports_an_unreachable_server(node: str) -> None:
     done = subprocess.run(
-        [node, str(SCRIPT), "127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+        [node, str(SCRIPT), "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert done.returncode == 1 and "Evaluate failed" in done.stderr

@@ -73,6 +73,12 @@ def test_the_playground_setting_from_flag_and_environment() -> None:
     args = cli.build_parser().parse_args(["serve", "--no-playground"])
     assert config.from_sources(args, environ={}).playground is False
     assert config.from_sources(None, {"MICROGRAD_RPC_PLAYGROUND": "false"}).playground is False
+    assert config.from_sources(None, {"MICROGRAD_RPC_NO_PLAYGROUND": "1"}).playground is False
+    assert config.from_sources(None, {"MICROGRAD_RPC_NO_PLAYGROUND": "0"}).playground is True
+    with pytest.raises(config.SettingsError, match="MICROGRAD_RPC_NO_PLAYGROUND"):
+        config.from_sources(None, {"MICROGRAD_RPC_NO_PLAYGROUND": "maybe"})
+    on = cli.build_parser().parse_args(["serve", "--playground"])
+    assert config.from_sources(on, {"MICROGRAD_RPC_NO_PLAYGROUND": "1"}).playground is True
 
 
 def test_the_page_forbids_eval_and_foreign_scripts(
@@ -132,9 +138,15 @@ def chromium() -> Iterator[str]:
         pytest.skip("Debian's chromium is not installed")
     profile = tempfile.mkdtemp(prefix="playground-profile-")
     argv = [
-        CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-        "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
-        f"--user-data-dir={profile}", "about:blank",
+        CHROMIUM,
+        "--headless",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--remote-debugging-port=0",
+        "--remote-debugging-address=127.0.0.1",
+        f"--user-data-dir={profile}",
+        "about:blank",
     ]
     if os.geteuid() == 0:
         argv.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
@@ -184,10 +196,11 @@ def service_numbers(target: str, a: float, b: float) -> tuple[str, str, str]:
 
 
 OUTPUT = "document.getElementById('output-value').textContent"
-GRADS = ("JSON.stringify([...document.querySelectorAll('#inputs tbody tr')]"
-         ".map(tr => [tr.dataset.input, tr.querySelector('.grad').textContent]))")
-ERROR = ("!document.getElementById('error').hidden && "
-         "document.getElementById('error').textContent")
+GRADS = (
+    "JSON.stringify([...document.querySelectorAll('#inputs tbody tr')]"
+    ".map(tr => [tr.dataset.input, tr.querySelector('.grad').textContent]))"
+)
+ERROR = "!document.getElementById('error').hidden && document.getElementById('error').textContent"
 
 
 @needs_chromium
@@ -239,8 +252,9 @@ def test_the_playground_shows_the_seed_then_follows_an_edited_input(
                     "document.getElementById('program').value = 'a = Value(2.0)\\nb = a.cotanh()';"
                     "document.getElementById('evaluate').click()"
                 )
-                message = await page.wait_for(f"({ERROR}) && ({ERROR}).includes('OP_COTANH') "
-                                              f"&& ({ERROR})")
+                message = await page.wait_for(
+                    f"({ERROR}) && ({ERROR}).includes('OP_COTANH') && ({ERROR})"
+                )
                 assert message.startswith("line 2:") and "micrograd.v1.Op" in message, message
             finally:
                 await page.ws.close()
@@ -262,3 +276,35 @@ def test_with_tokens_on_the_page_is_behind_the_token(
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200 and b"playground.js" in response.read()
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_parser_takes_its_methods_from_the_servers_op_table() -> None:
+    # The op list as GetServerInfo's JSON-RPC result gives it, with two ops no table has yet.
+    script = Path(__file__).resolve().parent.parent / "server" / "playground" / "playground.js"
+    ops = [
+        {"op": "OP_INPUT", "name": "input", "arity": 0}, {"op": "OP_CONST", "name": "const"},
+        {"op": "OP_ADD", "name": "add", "arity": 2}, {"op": "OP_MUL", "name": "mul", "arity": 2},
+        {"op": "OP_SOFTPLUS", "name": "softplus", "arity": 1},  # an op added to the table later
+        {"op": "OP_HYPOT", "name": "hypot", "arity": 2},
+    ]
+    program = "x = Value(2.0)\ny = (x * 3).softplus().hypot(x + 1)"
+    code = (f"const p = require({json.dumps(str(script))});"
+            f"console.log(JSON.stringify(p.parseProgram({json.dumps(program)}, "
+            f"{json.dumps(ops)})))")
+    done = subprocess.run([NODE, "-e", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    parsed = json.loads(done.stdout)
+    assert parsed["nodes"] == [
+        {"op": "OP_INPUT", "value": 2.0, "name": "x"},
+        {"op": "OP_CONST", "value": 3.0},
+        {"op": "OP_MUL", "args": [0, 1]},
+        {"op": "OP_SOFTPLUS", "args": [2]},
+        {"op": "OP_CONST", "value": 1.0},
+        {"op": "OP_ADD", "args": [0, 4]},
+        {"op": "OP_HYPOT", "args": [3, 5], "name": "y"},
+    ]
+    assert parsed["output"] == 6 and parsed["outputName"] == "y"

@@ -102,7 +102,9 @@ def post_rpc(
     data = None
     if path == "/rpc":
         payload = body or {
-            "jsonrpc": "2.0", "id": 1, "method": "Evaluate",
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "Evaluate",
             "params": {"graph": SEED_GRAPH, "selection": "SELECTION_NAMED"},
         }
         data = json.dumps(payload).encode()
@@ -203,9 +205,12 @@ def test_every_gradient_service_method_needs_the_token(secured: RunningServer, p
         for call in calls:
             assert grpc_code(call) is grpc.StatusCode.UNAUTHENTICATED
         bad = (("authorization", "Basic dXNlcjpwYXNz"),)
-        assert grpc_code(
-            lambda: stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=bad, timeout=10)
-        ) is grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            grpc_code(
+                lambda: stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=bad, timeout=10)
+            )
+            is grpc.StatusCode.UNAUTHENTICATED
+        )
         good = (("authorization", f"bearer {pki.token}"),)  # the scheme is case-insensitive
         info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=good, timeout=10)
         assert info.version
@@ -275,9 +280,10 @@ def test_health_stays_open_but_metrics_and_reflection_need_the_token(
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         ask = reflection_pb2.ServerReflectionRequest(list_services="")
-        assert grpc_code(
-            lambda: list(reflection.ServerReflectionInfo(iter([ask]), timeout=10))
-        ) is grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            grpc_code(lambda: list(reflection.ServerReflectionInfo(iter([ask]), timeout=10)))
+            is grpc.StatusCode.UNAUTHENTICATED
+        )
         token = (("authorization", f"Bearer {pki.token}"),)
         (listed,) = reflection.ServerReflectionInfo(iter([ask]), metadata=token, timeout=10)
         assert "micrograd.v1.GradientService" in {
@@ -311,9 +317,7 @@ def test_tokens_never_appear_in_metrics(secured: RunningServer, pki: Pki) -> Non
         assert secret not in text
 
 
-def test_tokens_alone_without_tls_work_in_plaintext(
-    grpc_server_factory: Factory, pki: Pki
-) -> None:
+def test_tokens_alone_without_tls_work_in_plaintext(grpc_server_factory: Factory, pki: Pki) -> None:
     server = grpc_server_factory(auth_token_file=str(pki.tokens))
     with Client(server.target, token=pki.token) as client:
         assert seed_numbers(client) == SEED
@@ -368,14 +372,19 @@ def test_mutual_tls_accepts_a_ca_signed_client_on_both_ports(
     mutual: RunningServer, pki: Pki
 ) -> None:
     with Client(
-        mutual.target, root_certificates=pki.ca, client_certificate=pki.client_cert,
-        client_key=pki.client_key, token=pki.token,
+        mutual.target,
+        root_certificates=pki.ca,
+        client_certificate=pki.client_cert,
+        client_key=pki.client_key,
+        token=pki.token,
     ) as client:
         assert seed_numbers(client) == SEED
 
     async def main() -> float:
         async with AsyncClient(
-            mutual.target, tls=pki.ca, client_certificate=(pki.client_cert, pki.client_key),
+            mutual.target,
+            tls=pki.ca,
+            client_certificate=(pki.client_cert, pki.client_key),
             token=pki.token,
         ) as client:
             *_, g = seed_graph()
@@ -422,8 +431,9 @@ def test_missing_tls_files_are_startup_errors_naming_the_file(
     pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "nowhere.pem"
-    code, err = serve_cli("--tls-cert", str(missing), "--tls-key", str(pki.server_key),
-                          capsys=capsys)
+    code, err = serve_cli(
+        "--tls-cert", str(missing), "--tls-key", str(pki.server_key), capsys=capsys
+    )
     assert code == 2
     assert str(missing) in err and "--tls-cert" in err and "no such file" in err
     assert "Traceback" not in err
@@ -432,8 +442,9 @@ def test_missing_tls_files_are_startup_errors_naming_the_file(
 def test_a_key_that_does_not_match_the_certificate_is_named(
     pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, err = serve_cli("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key),
-                          capsys=capsys)
+    code, err = serve_cli(
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key), capsys=capsys
+    )
     assert code == 2
     assert f"{pki.client_key} is not the private key of the certificate in {pki.server_cert}" in err
 
@@ -447,8 +458,13 @@ def test_a_file_that_is_not_pem_is_named(
     files = {"cert": str(pki.server_cert), "key": str(pki.server_key), "client-ca": str(pki.ca)}
     files[which] = str(junk)
     code, err = serve_cli(
-        "--tls-cert", files["cert"], "--tls-key", files["key"],
-        "--tls-client-ca", files["client-ca"], capsys=capsys,
+        "--tls-cert",
+        files["cert"],
+        "--tls-key",
+        files["key"],
+        "--tls-client-ca",
+        files["client-ca"],
+        capsys=capsys,
     )
     assert code == 2
     assert f"--tls-{which}" in err and str(junk) in err and "not a PEM" in err
@@ -480,9 +496,24 @@ def test_half_a_tls_pair_or_a_client_ca_alone_is_an_error(
 def test_a_non_loopback_listen_without_tls_or_tokens_refuses_to_start(tmp_path: Path) -> None:
     # The refusal comes before anything is bound, so nothing listens beyond loopback.
     done = subprocess.run(
-        [sys.executable, "-m", "micrograd.server", "serve", "--host", "0.0.0.0", "--port", "0",
-         "--workers", "1", "--http-port", "-1"],
-        capture_output=True, text=True, timeout=60, env=_clean_env(),
+        [
+            sys.executable,
+            "-m",
+            "micrograd.server",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--workers",
+            "1",
+            "--http-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
     )
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0" in done.stderr and "--insecure" in done.stderr
@@ -496,8 +527,9 @@ def test_protected_mode_is_satisfied_by_tls_tokens_or_insecure(pki: Pki) -> None
         check_exposure(Settings(host=host, workers=1, insecure=True))
         check_exposure(Settings(host=host, workers=1, auth_token_file=str(pki.tokens)))
         check_exposure(
-            Settings(host=host, workers=1, tls_cert=str(pki.server_cert),
-                     tls_key=str(pki.server_key))
+            Settings(
+                host=host, workers=1, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)
+            )
         )
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         check_exposure(Settings(host=host, workers=1))
@@ -506,15 +538,21 @@ def test_protected_mode_is_satisfied_by_tls_tokens_or_insecure(pki: Pki) -> None
 def test_insecure_comes_from_the_environment_too() -> None:
     from micrograd.server import config
 
-    settings = config.from_sources(environ={"MICROGRAD_RPC_INSECURE": "1",
-                                            "MICROGRAD_RPC_HOST": "0.0.0.0",
-                                            "MICROGRAD_RPC_TLS_CERT": "c.pem",
-                                            "MICROGRAD_RPC_TLS_KEY": "k.pem",
-                                            "MICROGRAD_RPC_TLS_CLIENT_CA": "ca.pem",
-                                            "MICROGRAD_RPC_AUTH_TOKEN_FILE": "t"})
+    settings = config.from_sources(
+        environ={
+            "MICROGRAD_RPC_INSECURE": "1",
+            "MICROGRAD_RPC_HOST": "0.0.0.0",
+            "MICROGRAD_RPC_TLS_CERT": "c.pem",
+            "MICROGRAD_RPC_TLS_KEY": "k.pem",
+            "MICROGRAD_RPC_TLS_CLIENT_CA": "ca.pem",
+            "MICROGRAD_RPC_AUTH_TOKEN_FILE": "t",
+        }
+    )
     assert settings.insecure is True
     assert (settings.tls_cert, settings.tls_key, settings.tls_client_ca) == (
-        "c.pem", "k.pem", "ca.pem"
+        "c.pem",
+        "k.pem",
+        "ca.pem",
     )
     assert settings.auth_token_file == "t"
 
@@ -586,8 +624,13 @@ def test_tokens_rotate_on_sighup_in_every_worker(
     tokens = tmp_path / "tokens"
     tokens.write_text("old-token\n")
     server = grpc_server_factory(
-        process=True, workers=2, port=_free_port(), http_port=_free_port(),
-        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), auth_token_file=str(tokens),
+        process=True,
+        workers=2,
+        port=_free_port(),
+        http_port=_free_port(),
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        auth_token_file=str(tokens),
     )
     # Each new client opens a new connection; SO_REUSEPORT spreads them over both workers.
     assert all(_accepted(server.target, pki, "old-token") for _ in range(8))
@@ -612,28 +655,48 @@ def test_tokens_rotate_on_sighup_in_every_worker(
 
 def client_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "micrograd.server", *args], capture_output=True, text=True,
-        timeout=60, cwd=ROOT, env={**_clean_env(), **(env or {})},
+        [sys.executable, "-m", "micrograd.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**_clean_env(), **(env or {})},
     )
 
 
 def test_eval_and_health_commands_over_mutual_tls_with_a_token(
     mutual: RunningServer, pki: Pki
 ) -> None:
-    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
-           "--tls-key", str(pki.client_key)]
-    done = client_cli("eval", "examples/graphs/seed.json", "--target", mutual.target,
-                      "--format", "json", *tls, env={"MICROGRAD_RPC_TOKEN": pki.token})
+    tls = [
+        "--tls-ca",
+        str(pki.ca),
+        "--tls-cert",
+        str(pki.client_cert),
+        "--tls-key",
+        str(pki.client_key),
+    ]
+    done = client_cli(
+        "eval",
+        "examples/graphs/seed.json",
+        "--target",
+        mutual.target,
+        "--format",
+        "json",
+        *tls,
+        env={"MICROGRAD_RPC_TOKEN": pki.token},
+    )
     assert done.returncode == 0, done.stderr
     nodes = {n.get("name"): n for n in json.loads(done.stdout)["nodes"]}
     assert round(nodes["g"]["value"], 4) == SEED[0] and round(nodes["a"]["grad"], 4) == SEED[1]
-    refused = client_cli("eval", "examples/graphs/seed.json", "--target", mutual.target, *tls,
-                         "--token", "wrong")
+    refused = client_cli(
+        "eval", "examples/graphs/seed.json", "--target", mutual.target, *tls, "--token", "wrong"
+    )
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     health = client_cli("health", "--target", mutual.target, *tls)
     assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
-    no_cert = client_cli("health", "--target", mutual.target, "--tls-ca", str(pki.ca),
-                         "--timeout", "3")
+    no_cert = client_cli(
+        "health", "--target", mutual.target, "--tls-ca", str(pki.ca), "--timeout", "3"
+    )
     assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stderr
 
 
@@ -643,24 +706,39 @@ def test_gen_certs_makes_files_a_server_and_clients_accept(
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (scripts/test installs it)")
     where = tmp_path / "secrets"
-    done = subprocess.run([str(ROOT / "scripts" / "gen-certs"), str(where)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gen-certs"), str(where)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert (where / "server.key").stat().st_mode & 0o077 == 0
     server = grpc_server_factory(
-        tls_cert=str(where / "server.pem"), tls_key=str(where / "server.key"),
-        tls_client_ca=str(where / "ca.pem"), auth_token_file=str(where / "tokens"),
+        tls_cert=str(where / "server.pem"),
+        tls_key=str(where / "server.key"),
+        tls_client_ca=str(where / "ca.pem"),
+        auth_token_file=str(where / "tokens"),
     )
     token = (where / "token").read_text().strip()
-    with Client(server.target, tls=where / "ca.pem", client_certificate=where / "client.pem",
-                client_key=where / "client.key", token=token) as client:
+    with Client(
+        server.target,
+        tls=where / "ca.pem",
+        client_certificate=where / "client.pem",
+        client_key=where / "client.key",
+        token=token,
+    ) as client:
         assert seed_numbers(client) == SEED
     context = ssl.create_default_context(cafile=str(where / "ca.pem"))
     context.load_cert_chain(where / "client.pem", where / "client.key")
     status, _, body = post_rpc(server.http_url, context, token)
     assert status == 200 and jsonrpc_seed(body) == SEED
-    again = subprocess.run([str(ROOT / "scripts" / "gen-certs"), str(where)],
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [str(ROOT / "scripts" / "gen-certs"), str(where)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0 and "already holds" in again.stdout
     assert (where / "token").read_text().strip() == token
 

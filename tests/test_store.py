@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -373,3 +375,38 @@ def test_a_corrupt_redis_entry_is_treated_as_missing(
         assert metric(fresh.http_url, "micrograd_graph_store_corrupt_total") == 1
         fresh.stop()
     assert_seed(evaluate_by_id(one.target, gid))
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def test_graph_store_settings_are_checked_and_named() -> None:
+    from micrograd.server import config
+
+    env = {
+        "MICROGRAD_RPC_GRAPH_STORE": "redis://10.0.0.9:6380/2",
+        "MICROGRAD_RPC_GRAPH_STORE_TTL": "90",
+    }
+    settings = config.from_sources(None, env)
+    assert settings.graph_store == "redis://10.0.0.9:6380/2" and settings.graph_store_ttl == 90
+    assert config.Settings().graph_store == "host"
+    for bad, words in [
+        ({"graph_store": "memcached://x:1"}, "--graph-store (MICROGRAD_RPC_GRAPH_STORE) must be"),
+        ({"graph_store_timeout": 0.0}, "--graph-store-timeout"),
+        ({"graph_store_ttl": 0.5}, "--graph-store-ttl"),
+        ({"graph_store_entries": -1}, "--graph-store-entries"),
+    ]:
+        with pytest.raises(config.SettingsError, match=re.escape(words)):
+            config.Settings(**bad)  # type: ignore[arg-type]
+
+
+def test_a_host_store_that_cannot_be_made_stops_the_server_with_the_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "micrograd.server", "serve", "--workers", "1", "--port", "0",
+         "--http-port", "-1", "--graph-store-dir", str(blocker / "graphs")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot create the graph store" in done.stderr and str(blocker) in done.stderr

@@ -65,9 +65,7 @@ def needs(command: str) -> str | None:
             return "node_modules missing (npm ci)"
     if command.startswith("examples/curl_seed.sh") and shutil.which("curl") is None:
         return "curl is not installed"
-    if re.search(r"\.(svg|png)\b", command) and shutil.which("dot") is None and (
-        "draw" in command
-    ):
+    if re.search(r"\.(svg|png)\b", command) and shutil.which("dot") is None and ("draw" in command):
         return "Graphviz's dot is not installed"
     return None
 
@@ -77,8 +75,16 @@ COMMANDS = [c for c in tour_commands() if not c.startswith("./scripts/serve")]
 
 def test_the_tour_lists_every_step() -> None:
     scripts = " ".join(COMMANDS)
-    for name in ("seed.py", "seed_remote.py", "neuron.py", "train_moons.py",
-                 "train_moons_remote.py", "seed.js", "curl_seed.sh", "micrograd-rpc draw"):
+    for name in (
+        "seed.py",
+        "seed_remote.py",
+        "neuron.py",
+        "train_moons.py",
+        "train_moons_remote.py",
+        "seed.js",
+        "curl_seed.sh",
+        "micrograd-rpc draw",
+    ):
         assert name in scripts, name
 
 
@@ -97,7 +103,10 @@ def test_seed_local_and_remote_differ_in_one_line() -> None:
     assert changed == ["- g.backward()", "+ client.backward(g)"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "command",
+    [pytest.param(c, marks=pytest.mark.slow) if "train_moons" in c else c for c in COMMANDS],
+)
 def test_tour_command_runs(
     command: str, grpc_server_factory: Callable[..., RunningServer], tmp_path: Path
 ) -> None:
@@ -107,7 +116,11 @@ def test_tour_command_runs(
     server = grpc_server_factory()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MICROGRAD_RPC_")}
     done = subprocess.run(
-        argv_of(command, server), cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        argv_of(command, server),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
         env=env,
     )
     out = done.stdout.splitlines()

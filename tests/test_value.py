@@ -102,7 +102,7 @@ def test_augmented_assignment_builds_new_nodes_as_in_the_seed() -> None:
 def test_operators_reject_non_numbers(other: object) -> None:
     v = Value(2.0)
     with pytest.raises(TypeError):
-        v ** other  # type: ignore[operator]
+        v**other  # type: ignore[operator]
     with pytest.raises(TypeError):
         v + other  # type: ignore[operator]
     with pytest.raises(TypeError):

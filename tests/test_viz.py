@@ -119,6 +119,23 @@ def test_a_graph_message_with_a_jsonrpc_result_dict_is_drawn() -> None:
     assert recs["n5"][1:] == ("?", "?")  # not reported by the result
 
 
+def test_a_binary_jsonrpc_result_is_decoded() -> None:
+    import base64
+
+    _, _, g = seed_graph()
+    tape, _ = Tape.from_value(g)
+    values, grads = tape.evaluate()
+    result = {
+        "values": [], "grads": [], "nodeCount": 33,
+        "valuesF64": base64.b64encode(values.astype("<f8").tobytes()).decode(),
+        "gradsF64": base64.b64encode(grads.astype("<f8").tobytes()).decode(),
+    }
+    recs = records(viz.draw_dot(codec.pack(tape), result=result).source)
+    assert recs["n0"] == ("input", "-4.0000", "138.8338")
+    assert recs["n32"] == ("add", "24.7041", "1.0000")
+
+
+@pytest.mark.slow
 def test_a_million_node_graph_draws_only_the_budget_and_says_what_was_left_out() -> None:
     n = 1_000_000
     code = np.full(n, 3, dtype=np.uint8)  # add(previous, input 0)
@@ -176,7 +193,11 @@ def draw_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     """Run ``micrograd-rpc draw`` (as ``python -m micrograd.server``) with ``args``."""
     return subprocess.run(
         [sys.executable, "-m", "micrograd.server", "draw", *args],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        input=stdin,
     )
 
 

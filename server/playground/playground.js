@@ -286,13 +286,21 @@ function fmt(x) {
   return x.toFixed(4);
 }
 
-// A layered drawing: each node's column is one past its deepest argument, inputs
-// and constants in column 0; op nodes sit left of the value they produce.
+// A layered drawing: each node's column is one past its deepest argument (inputs in
+// column 0, constants just before their first user); op nodes sit left of their value.
 function drawGraph(program, result, opNames, labels) {
   const nodes = program.nodes;
   const layer = new Array(nodes.length).fill(0);
+  const isConst = (n) => opNames.get(n.op) === "const";
   nodes.forEach((n, i) => {
-    for (const a of n.args || []) layer[i] = Math.max(layer[i], layer[a] + 1);
+    for (const a of n.args || []) layer[i] = Math.max(layer[i], layer[a] + (isConst(nodes[a]) ? 0 : 1));
+  });
+  // Constants sit one column before their first user, not all in column 0.
+  nodes.forEach((n, i) => {
+    if (!isConst(n)) return;
+    let first = Infinity;
+    nodes.forEach((m, j) => { if ((m.args || []).includes(i)) first = Math.min(first, layer[j]); });
+    layer[i] = Number.isFinite(first) ? Math.max(0, first - 1) : 0;
   });
   const rows = [];
   layer.forEach((l, i) => { (rows[l] = rows[l] || []).push(i); });
