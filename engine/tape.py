@@ -13,7 +13,7 @@ tape validates its columns and hands them over.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +103,38 @@ class Tape:
         int32, int32 and float64.
         """
         return cls(code, arg0, arg1, const, _checked_names(names, int(code.shape[0])))
+
+    @classmethod
+    def from_nodes(
+        cls,
+        nodes: Iterable[
+            tuple[str | int, Sequence[int], float] | tuple[str | int, Sequence[int], float, str]
+        ],
+    ) -> Tape:
+        """Build from ``(op, args, value[, name])`` tuples in topological order.
+
+        ``op`` is an op name (``"mul"``) or wire code; ``args`` index earlier
+        nodes. Meant for hand-written graphs and tests: per-node Python.
+        """
+        code: list[int] = []
+        a: list[int] = []
+        b: list[int] = []
+        k: list[float] = []
+        names: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            op_ref, args, value = node[0], node[1], node[2]
+            op = _ops.BY_NAME.get(op_ref) if isinstance(op_ref, str) else _ops.BY_CODE.get(op_ref)
+            if op is None:
+                raise GraphError(i, f"unknown op {op_ref!r}; known: {', '.join(_ops.BY_NAME)}")
+            if len(args) != op.arity:
+                raise GraphError(i, f"{op.name} takes {op.arity} argument(s), got {len(args)}")
+            code.append(op.code)
+            a.append(args[0] if op.arity >= 1 else -1)
+            b.append(args[1] if op.arity == 2 else -1)
+            k.append(float(value))
+            if len(node) > 3 and node[3]:  # type: ignore[misc]
+                names[node[3]] = i  # type: ignore[misc]
+        return cls.from_arrays(code, a, b, k, names)
 
     @classmethod
     def from_value(

@@ -94,13 +94,8 @@ def _tape_of(graph: Any) -> Tape:
         if native is not None:
             code, a, b, c, named = native.decode_graph(graph.SerializeToString())
             return Tape.from_arrays(code, a, b, c, {name: i for i, name in named})
-        nodes = graph.nodes  # pragma: no cover - without the C extension
-        return Tape.from_arrays(  # pragma: no cover
-            [node.op for node in nodes],
-            [node.args[0] if len(node.args) > 0 else -1 for node in nodes],
-            [node.args[1] if len(node.args) > 1 else -1 for node in nodes],
-            [node.value for node in nodes],
-            {node.name: i for i, node in enumerate(nodes) if node.name},
+        return Tape.from_nodes(  # pragma: no cover
+            (node.op, list(node.args), node.value, node.name) for node in graph.nodes
         )
     names = {nn.name: int(nn.node) for nn in graph.names}
     code = np.frombuffer(graph.ops, dtype=np.uint8)

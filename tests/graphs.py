@@ -1,6 +1,6 @@
 """Expression graphs shared by the tests and the benches.
 
-A graph is a node list in the form ``tape_from_nodes`` reads: ``(op name,
+A graph is a node list in the form ``Tape.from_nodes`` reads: ``(op name,
 argument indices, value)`` in topological order. ``build`` turns such a list
 into live objects by evaluating each op's ``expr`` from the op table, so the
 same list becomes a ``Value`` graph, a PyTorch graph or anything else that
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from micrograd import ops
 from micrograd.engine import Value
-from micrograd.errors import GraphError
 from micrograd.nn import MLP
 from micrograd.seed import seed_expression, seed_graph
 from micrograd.tape import Tape
@@ -37,13 +36,12 @@ __all__ = [
     "random_dag",
     "seed_expression",
     "seed_graph",
-    "tape_from_nodes",
     "to_torch",
     "to_values",
 ]
 
 Node = tuple[str, tuple[int, ...], float]
-"""``(op name, argument indices, value)``: one entry of a ``tape_from_nodes`` list."""
+"""``(op name, argument indices, value)``: one entry of a ``Tape.from_nodes`` list."""
 
 _EXPR = {op.name: compile(op.expr, f"<op {op.name}>", "eval") for op in ops.OPS}
 _INNER = [op for op in ops.OPS if op.arity > 0]
@@ -275,34 +273,3 @@ def affine_chain_tape(n: int, scale: float, shift: float) -> Tape:
     const = np.zeros(n)
     const[:3] = (0.5, scale, shift)
     return Tape.from_arrays(code, arg0, arg1, const, {"x": 0})
-
-
-def tape_from_nodes(
-    nodes: Iterable[
-        tuple[str | int, Sequence[int], float] | tuple[str | int, Sequence[int], float, str]
-    ],
-) -> Tape:
-    """A tape from ``(op, args, value[, name])`` tuples in topological order.
-
-    ``op`` is an op name (``"mul"``) or wire code; ``args`` index earlier
-    nodes. For hand-written graphs in tests: per-node Python.
-    """
-    code: list[int] = []
-    a: list[int] = []
-    b: list[int] = []
-    k: list[float] = []
-    names: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        op_ref, args, value = node[0], node[1], node[2]
-        op = ops.BY_NAME.get(op_ref) if isinstance(op_ref, str) else ops.BY_CODE.get(op_ref)
-        if op is None:
-            raise GraphError(i, f"unknown op {op_ref!r}; known: {', '.join(ops.BY_NAME)}")
-        if len(args) != op.arity:
-            raise GraphError(i, f"{op.name} takes {op.arity} argument(s), got {len(args)}")
-        code.append(op.code)
-        a.append(args[0] if op.arity >= 1 else -1)
-        b.append(args[1] if op.arity == 2 else -1)
-        k.append(float(value))
-        if len(node) > 3 and node[3]:  # type: ignore[misc]
-            names[node[3]] = i  # type: ignore[misc]
-    return Tape.from_arrays(code, a, b, k, names)

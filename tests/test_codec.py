@@ -19,7 +19,7 @@ from micrograd.tape import Tape
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import graph_pb2
 
-from tests.graphs import random_dag, seed_graph, tape_from_nodes
+from tests.graphs import random_dag, seed_graph
 
 DECODERS = ["numpy"] + (["native"] if codec_graph._native_unpack_columns is not None else [])
 
@@ -51,7 +51,7 @@ def seed_tape() -> Tape:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_pack_then_unpack_gives_the_same_tape(decoder: str, seed: int) -> None:
-    tape = tape_from_nodes(random_dag(seed).nodes)
+    tape = Tape.from_nodes(random_dag(seed).nodes)
     assert same_tape(codec.unpack(codec.pack(tape)), tape)
 
 

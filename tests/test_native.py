@@ -23,8 +23,6 @@ from micrograd.kernels import Kernel, PythonKernel, available_kernels, get_kerne
 from micrograd.tape import Tape
 from micrograd.v1 import graph_pb2
 
-from tests.graphs import tape_from_nodes
-
 if TYPE_CHECKING:
     from micrograd.native import DecodedGraph
 
@@ -98,10 +96,10 @@ def test_each_op_matches_the_table_on_edge_values(op: ops.Op) -> None:
     pairs = list(itertools.product(EDGE, EDGE if op.arity == 2 else (0.0,)))
     for c in EXPONENTS if op.uses_value else (0.0,):
         if op.arity == 2:
-            tape = tape_from_nodes([("input", (), 0.0), ("input", (), 0.0), (op.name, (0, 1), c)])
+            tape = Tape.from_nodes([("input", (), 0.0), ("input", (), 0.0), (op.name, (0, 1), c)])
             bindings = np.array(pairs)
         else:
-            tape = tape_from_nodes([("input", (), 0.0), (op.name, (0,), c)])
+            tape = Tape.from_nodes([("input", (), 0.0), (op.name, (0,), c)])
             bindings = np.array([[x] for x, _ in pairs])
         values, grads = evaluate(tape, NATIVE, bindings)
         for row, (x, y) in enumerate(pairs):
@@ -119,7 +117,7 @@ def test_each_op_matches_the_table_on_edge_values(op: ops.Op) -> None:
 def test_binary_op_with_one_node_as_both_arguments_accumulates_twice() -> None:
     # d(x*x)/dx = x + x and d(x/x)/dx = 1/x - (x/x)/x: 6 and 0 at x = 3 (by hand).
     for name, expected in (("mul", 6.0), ("div", 0.0), ("add", 2.0), ("sub", 0.0)):
-        tape = tape_from_nodes([("input", (), 3.0), (name, (0, 0), 0.0)])
+        tape = Tape.from_nodes([("input", (), 3.0), (name, (0, 0), 0.0)])
         for bindings in (None, np.array([[3.0], [3.0]])):
             _, grads = evaluate(tape, NATIVE, bindings)
             assert np.all(grads[..., 0] == expected), name
@@ -158,7 +156,7 @@ def test_batch_matches_the_python_kernel_and_each_single_binding(seed: int) -> N
 def test_node_outside_the_output_graph_never_touches_a_gradient() -> None:
     # log'(0) = inf: were node 1 swept with gradient 0, d/dx would be 0 * inf = nan.
     # Expected d(2x)/dx = 2 at x = 0 (by hand).
-    tape = tape_from_nodes(
+    tape = Tape.from_nodes(
         [("input", (), 0.0), ("log", (0,), 0.0), ("const", (), 2.0), ("mul", (0, 2), 0.0)]
     )
     for bindings in (None, np.array([[0.0], [0.0]])):
@@ -173,7 +171,7 @@ def test_node_outside_the_output_graph_never_touches_a_gradient() -> None:
 def test_reached_node_with_zero_gradient_still_propagates_nan() -> None:
     # At x = 0: log(0) = -inf and relu'(-inf) = 0, so node 1 is reached with gradient 0;
     # then log'(0) * 0 = inf * 0 = nan, as in PyTorch's relu(log(x)).backward() at x = 0.
-    tape = tape_from_nodes([("input", (), 0.0), ("log", (0,), 0.0), ("relu", (1,), 0.0)])
+    tape = Tape.from_nodes([("input", (), 0.0), ("log", (0,), 0.0), ("relu", (1,), 0.0)])
     _, grads = evaluate(tape, NATIVE)
     _, expected = evaluate(tape, PYTHON)
     np.testing.assert_array_equal(grads, expected)
@@ -236,7 +234,7 @@ def halving_chain(depth: int) -> Tape:
     nodes: list[tuple[str, tuple[int, ...], float]] = [("input", (), 1.0), ("const", (), 0.5)]
     nodes.append(("mul", (0, 1), 0.0))
     nodes.extend(("mul", (i, 1), 0.0) for i in range(2, depth + 1))
-    return tape_from_nodes(nodes)
+    return Tape.from_nodes(nodes)
 
 
 def test_subnormal_gradients_are_exact_by_default() -> None:

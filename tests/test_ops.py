@@ -23,8 +23,6 @@ from micrograd.engine import Value, strict
 from micrograd.kernels import available_kernels, get_kernel
 from micrograd.tape import Tape
 
-from tests.graphs import tape_from_nodes
-
 torch = pytest.importorskip("torch")
 
 INNER = [op for op in ops.OPS if op.arity > 0]
@@ -100,7 +98,7 @@ def _pytorch_differs(op: ops.Op, x: float, c: float) -> bool:
 def _graph(op: ops.Op, c: float) -> Tape:
     """The tape ``op(x[, y])`` over one or two input nodes: the op is the last node."""
     inputs = [("input", (), 0.0, "x"), ("input", (), 0.0, "y")][: op.arity]
-    return tape_from_nodes([*inputs, (op.name, tuple(range(op.arity)), c)])
+    return Tape.from_nodes([*inputs, (op.name, tuple(range(op.arity)), c)])
 
 
 def _by_exponent(points: list[tuple[float, float, float]]) -> Iterator[tuple[float, np.ndarray]]:
@@ -185,7 +183,7 @@ def test_leaf_op_holds_its_value_and_has_gradient_one(op: ops.Op) -> None:
     made = eval(op.expr, {"__builtins__": {}}, {"c": -2.5, "Value": Value})
     assert made == -2.5 or made.data == -2.5
     for kernel in KERNELS:
-        tape = tape_from_nodes([(op.name, (), -2.5)])
+        tape = Tape.from_nodes([(op.name, (), -2.5)])
         values, grads = tape.evaluate(kernel=get_kernel(kernel))
         assert values.tolist() == [-2.5]
         assert grads.tolist() == [1.0]

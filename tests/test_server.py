@@ -35,7 +35,7 @@ from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 from micrograd.v1 import graph_pb2
 
 from tests.conftest import RunningServer
-from tests.graphs import affine_chain_tape, random_dag, seed_expression, seed_graph, tape_from_nodes
+from tests.graphs import affine_chain_tape, random_dag, seed_expression, seed_graph
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -212,7 +212,7 @@ def test_inputs_by_name_replace_defaults(stub: Any, seed: dict[str, Any]) -> Non
 
 def test_batch_equals_per_row_evaluations(stub: Any) -> None:
     dag = random_dag(3, size=60, inputs=3, batch=5)
-    tape = tape_from_nodes(dag.nodes)
+    tape = Tape.from_nodes(dag.nodes)
     batch = pb.Batch(values_f64=codec.f64_bytes(dag.bindings))
     resp = stub.Evaluate(pb.EvaluateRequest(packed_graph=codec.pack(tape), batch=batch))
     assert resp.rows == 5
@@ -220,7 +220,7 @@ def test_batch_equals_per_row_evaluations(stub: Any) -> None:
     assert values.shape == grads.shape == (5, len(tape))
     for row in range(5):
         single = stub.Evaluate(
-            pb.EvaluateRequest(packed_graph=codec.pack(tape_from_nodes(dag.bound(row))))
+            pb.EvaluateRequest(packed_graph=codec.pack(Tape.from_nodes(dag.bound(row))))
         )
         v, g = arrays(single)
         np.testing.assert_allclose(values[row], v, rtol=1e-12, atol=0)
@@ -246,7 +246,7 @@ def test_batch_columns_bind_named_inputs(stub: Any, seed: dict[str, Any]) -> Non
 @pytest.mark.parametrize("batched", [False, True])
 def test_binary_output_equals_repeated_doubles(stub: Any, batched: bool) -> None:
     dag = random_dag(5, size=2000, inputs=3, batch=3)
-    tape = tape_from_nodes(dag.nodes)
+    tape = Tape.from_nodes(dag.nodes)
     request = pb.EvaluateRequest(packed_graph=codec.pack(tape))
     if batched:
         request.batch.values.extend(dag.bindings.reshape(-1).tolist())
@@ -551,7 +551,7 @@ def test_million_node_graph_via_upload_and_stream(stub: Any) -> None:
 
 def test_stream_repeated_chunks_match_evaluate(stub: Any) -> None:
     dag = random_dag(11, size=3000, inputs=3, batch=2)
-    tape = tape_from_nodes(dag.nodes)
+    tape = Tape.from_nodes(dag.nodes)
     request = pb.EvaluateRequest(
         packed_graph=codec.pack(tape), selection=pb.SELECTION_LISTED, nodes=[5, 7, 2999, 0]
     )
@@ -792,7 +792,7 @@ def test_every_kernel_gives_the_same_numbers(
 ) -> None:
     kernels = ["value", "python", *(["native"] if "native" in available_kernels() else [])]
     dag = random_dag(21, size=300, inputs=3, batch=3)
-    tape = tape_from_nodes(dag.nodes)
+    tape = Tape.from_nodes(dag.nodes)
     requests = [
         pb.EvaluateRequest(packed_graph=codec.pack(tape)),
         pb.EvaluateRequest(

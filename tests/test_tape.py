@@ -27,7 +27,7 @@ from micrograd.errors import GraphError
 from micrograd.kernels import PythonKernel, available_kernels, get_kernel
 from micrograd.tape import Tape
 
-from tests.graphs import deep_chain, mlp_loss, random_dag, tape_from_nodes, to_torch, to_values
+from tests.graphs import deep_chain, mlp_loss, random_dag, to_torch, to_values
 
 KERNELS = available_kernels()
 RTOL = 1e-12
@@ -78,14 +78,14 @@ BAD_ARRAYS: list[tuple[str, Callable[[], Tape], int | None, str]] = [
         [INPUT, NEG], [-1, 0], [-1, -1], [1, 5]), 1, r"neg does not use a value"),
     ("name past the end", lambda: Tape.from_arrays([INPUT], [-1], [-1], [1], {"x": 3}), None,
      r"name 'x' refers to node 3, but the graph has 1 nodes"),
-    ("unknown op name", lambda: tape_from_nodes([("input", (), 1.0), ("cosh", (0,), 0.0)]), 1,
+    ("unknown op name", lambda: Tape.from_nodes([("input", (), 1.0), ("cosh", (0,), 0.0)]), 1,
      r"node 1: unknown op 'cosh'; known: input, const, add"),
-    ("unknown op code in nodes", lambda: tape_from_nodes([(99, (), 1.0)]), 0, r"unknown op 99"),
-    ("wrong arity in nodes", lambda: tape_from_nodes([("input", (), 1.0), ("add", (0,), 0.0)]), 1,
+    ("unknown op code in nodes", lambda: Tape.from_nodes([(99, (), 1.0)]), 0, r"unknown op 99"),
+    ("wrong arity in nodes", lambda: Tape.from_nodes([("input", (), 1.0), ("add", (0,), 0.0)]), 1,
      r"node 1: add takes 2 argument\(s\), got 1"),
-    ("forward reference in nodes", lambda: tape_from_nodes(
+    ("forward reference in nodes", lambda: Tape.from_nodes(
         [("input", (), 1.0), ("neg", (1,), 0.0)]), 1, r"refers to node 1"),
-    ("empty node list", lambda: tape_from_nodes([]), None, r"no nodes"),
+    ("empty node list", lambda: Tape.from_nodes([]), None, r"no nodes"),
 ]  # fmt: skip
 
 
@@ -103,7 +103,7 @@ def test_invalid_graph_raises_graph_error_naming_the_node(
 def _xy_tape() -> Tape:
     """``x * y + x`` with inputs x = 2, y = 3 (the defaults)."""
     x, y = ("input", (), 2.0, "x"), ("input", (), 3.0, "y")
-    return tape_from_nodes([x, y, ("mul", (0, 1), 0.0), ("add", (2, 0), 0.0)])
+    return Tape.from_nodes([x, y, ("mul", (0, 1), 0.0), ("add", (2, 0), 0.0)])
 
 
 @pytest.mark.parametrize("output", [4, -5, 100])
@@ -130,7 +130,7 @@ def test_wrong_bindings_shape_is_a_graph_error(bindings: Any, message: str) -> N
 
 
 def test_names_may_label_any_node_and_are_kept() -> None:
-    tape = tape_from_nodes([("input", (), 1.0, "x"), ("neg", (0,), 0.0, "minus_x")])
+    tape = Tape.from_nodes([("input", (), 1.0, "x"), ("neg", (0,), 0.0, "minus_x")])
     assert dict(tape.names) == {"x": 0, "minus_x": 1}
 
 
@@ -156,7 +156,7 @@ def test_evaluate_defaults_bindings_and_batches(kernel: str) -> None:
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_forward_then_backward_equals_evaluate(kernel: str) -> None:
     graph = random_dag(11)
-    tape, kern = tape_from_nodes(graph.nodes), get_kernel(kernel)
+    tape, kern = Tape.from_nodes(graph.nodes), get_kernel(kernel)
     for bindings in (graph.bindings[0], graph.bindings):
         values = tape.forward(bindings, kernel=kern)
         grads = tape.backward(values, kernel=kern)
@@ -167,7 +167,7 @@ def test_forward_then_backward_equals_evaluate(kernel: str) -> None:
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gradient_of_an_inner_output_touches_only_what_it_depends_on(kernel: str) -> None:
-    tape = tape_from_nodes(
+    tape = Tape.from_nodes(
         [
             ("input", (), 0.0, "x"),
             ("log", (0,), 0.0),  # d/dx = 1/0 = inf, but the output does not read it
@@ -244,7 +244,7 @@ def test_random_dags_agree_across_value_kernels_and_pytorch(seed: int, size: int
     pytest.importorskip("torch")
     graph = random_dag(seed, size=size)
     assert {name for name, _, _ in graph.nodes} == set(ops.BY_NAME)
-    tape = tape_from_nodes(graph.nodes)
+    tape = Tape.from_nodes(graph.nodes)
     batches = {k: tape.evaluate(graph.bindings, kernel=get_kernel(k)) for k in KERNELS}
     for r in range(len(graph.bindings)):
         nodes = graph.bound(r)

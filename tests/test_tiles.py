@@ -19,8 +19,6 @@ from micrograd.errors import GraphError
 from micrograd.kernels import PythonKernel
 from micrograd.tape import Tape
 
-from tests.graphs import tape_from_nodes
-
 native = pytest.importorskip("micrograd.native", reason="the C extension is not built")
 
 NATIVE = native.NativeKernel()
@@ -115,7 +113,7 @@ def test_without_gradients_only_values_come_back() -> None:
 
 def test_nodes_the_output_does_not_reach_report_zero_gradients() -> None:
     # node 3 = x * y is not an argument of the output node 4 = -x
-    tape = tape_from_nodes(
+    tape = Tape.from_nodes(
         [
             ("input", (), 1.0),
             ("input", (), 2.0),
