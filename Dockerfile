@@ -5,17 +5,21 @@
 # The build stage uses the full Python image, which has a C compiler.
 FROM python:3.11 AS build
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when that file
+# changes, not when the sources do.
+# pip's download cache is kept between builds (BuildKit and buildah cache mounts).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
-    && pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
+    && pip wheel --wheel-dir /wheels -r requirements.txt
 COPY setup.py README.md ./
 COPY engine engine
 COPY codec codec
 COPY server server
 COPY client client
 COPY proto proto
-RUN pip wheel --no-cache-dir --find-links /wheels --wheel-dir /wheels .
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip wheel --find-links /wheels --wheel-dir /wheels .
 
 FROM python:3.11-slim
 # The package's version (micrograd.__version__, checked by tests/test_docs.py).

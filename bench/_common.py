@@ -200,7 +200,7 @@ def micrograd_pypi_beside_ours() -> Any:
     import types
 
     folder = ensure_micrograd_pypi() / "micrograd"
-    loaded = {}
+    loaded: dict[str, Any] = {}
     for name in ("engine", "nn"):
         spec = importlib.util.spec_from_file_location(
             f"micrograd_pypi_{name}", folder / f"{name}.py"

@@ -24,6 +24,7 @@ import argparse
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -254,26 +255,27 @@ def heap_worker(graph: str, steps: int, repeats: int) -> dict[str, Any]:
     points = c.moons()
     runs: dict[str, Callable[[], Any]] = {}
     for system, value, mlp in (("micrograd", mg.engine.Value, mg.nn.MLP), ("value", Value, MLP)):
+        run: Callable[[], Any]
         if graph == "mlp":
             model = _with_weights(mlp(c.MLP_SIZES[0], c.MLP_SIZES[1]))
 
-            def run(model: Any = model) -> Any:
+            def run_mlp(model: Any = model) -> Any:
                 loss = c.svm_loss(model, points)
                 loss.backward()
                 return loss
 
+            run = run_mlp
         else:
 
-            def run(value: Any = value) -> Any:
+            def run_chain(value: Any = value) -> Any:
                 y0, y = c.relu_chain(value, steps)
                 y.backward()
                 return y0, y
 
-        runs[system] = (
-            run
-            if system != "micrograd" or graph == "mlp"
-            else (lambda run=run: _in_deep_thread(run))
-        )
+            run = run_chain
+        if system == "micrograd" and graph != "mlp":
+            run = partial(_in_deep_thread, run)
+        runs[system] = run
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):

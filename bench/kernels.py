@@ -276,8 +276,12 @@ def native_rows(graph: str, quick: bool) -> list[Row]:
                 _row(
                     f"ours: native, evaluate_selected (tiles, inputs only), {count} thread(s)",
                     c.timed(
-                        lambda count=count: tape.evaluate_selected(
-                            bindings, tape.inputs, kernel=kernel, threads=count
+                        partial(
+                            tape.evaluate_selected,
+                            bindings,
+                            tape.inputs,
+                            kernel=kernel,
+                            threads=count,
                         ),
                         repeats,
                     ),

@@ -40,19 +40,9 @@ LOOPBACK = ("127.0.0.1", "[::1]", "localhost")
 def seed_packed() -> Any:
     """The seed expression as a PackedGraph (its output is g)."""
     from micrograd import codec
-    from micrograd.engine import Value
+    from micrograd.seed import seed_graph
 
-    a, b = Value(-4.0), Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
+    a, b, g = seed_graph()
     packed, _, _ = codec.encode_value(g, {"a": a, "b": b})
     return packed
 

@@ -19,7 +19,7 @@ from micrograd.v1 import gradient_service_pb2 as pb
 
 from . import request as steps
 from .client import Connection
-from .request import GraphLike, Pause, SelectionLike, Steps
+from .request import Done, GraphLike, Pause, Rpc, SelectionLike, Steps
 from .result import Result
 
 __all__ = ["AsyncClient"]
@@ -137,27 +137,27 @@ class AsyncClient(Connection):
         return await self._run(steps.health(self.policy, service, timeout))
 
     async def _run(self, call: Steps[T]) -> T:
-        """Perform ``call``'s steps, awaited: each rpc on the channel, each pause a sleep."""
-        reply: Any = None
-        error: grpc.RpcError | None = None
-        while True:
+        """Perform ``call``'s steps, awaited, until it answers."""
+        step = steps.resume(call)
+        while not isinstance(step, Done):
             try:
-                step = call.send(reply) if error is None else call.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            reply = error = None
-            if isinstance(step, Pause):
-                await asyncio.sleep(step.seconds)
-                continue
-            stub = self._health if step.health else self._stub
-            try:
-                answer = getattr(stub, step.method)(step.request, timeout=step.timeout)
-                if step.into is not None:
-                    async for message in answer:
-                        step.into.add(message)
-                    answer = step.into
-                else:
-                    answer = await answer
-                reply = answer
-            except grpc.RpcError as exc:
-                error = exc
+                reply = await self._perform(step)
+            except grpc.RpcError as error:
+                step = steps.resume(call, error=error)
+            else:
+                step = steps.resume(call, reply)
+        return step.value  # type: ignore[no-any-return]
+
+    async def _perform(self, step: Rpc | Pause) -> Any:
+        """One step: the rpc on the channel (its reply, or the filled stream assembly), or
+        the pause as a sleep."""
+        if isinstance(step, Pause):
+            await asyncio.sleep(step.seconds)
+            return None
+        stub = self._health if step.health else self._stub
+        answer = getattr(stub, step.method)(step.request, timeout=step.timeout)
+        if step.into is None:
+            return await answer
+        async for message in answer:
+            step.into.add(message)
+        return step.into

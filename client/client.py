@@ -34,7 +34,7 @@ from .channel import (
     open_channel,
     token_metadata,
 )
-from .request import CallPolicy, GraphLike, Pause, SelectionLike, Steps
+from .request import CallPolicy, Done, GraphLike, Pause, Rpc, SelectionLike, Steps
 from .result import Result
 
 __all__ = ["Client", "Connection"]
@@ -249,25 +249,27 @@ class Client(Connection):
     # -- performing the steps ------------------------------------------------
 
     def _run(self, call: Steps[T]) -> T:
-        """Perform ``call``'s steps, blocking: each rpc on the channel, each pause asleep."""
-        reply: Any = None
-        error: grpc.RpcError | None = None
-        while True:
+        """Perform ``call``'s steps, blocking, until it answers."""
+        step = steps.resume(call)
+        while not isinstance(step, Done):
             try:
-                step = call.send(reply) if error is None else call.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            reply = error = None
-            if isinstance(step, Pause):
-                time.sleep(step.seconds)
-                continue
-            stub = self._health if step.health else self._stub
-            try:
-                answer = getattr(stub, step.method)(step.request, timeout=step.timeout)
-                if step.into is not None:
-                    for message in answer:
-                        step.into.add(message)
-                    answer = step.into
-                reply = answer
-            except grpc.RpcError as exc:
-                error = exc
+                reply = self._perform(step)
+            except grpc.RpcError as error:
+                step = steps.resume(call, error=error)
+            else:
+                step = steps.resume(call, reply)
+        return step.value  # type: ignore[no-any-return]
+
+    def _perform(self, step: Rpc | Pause) -> Any:
+        """One step: the rpc on the channel (its reply, or the filled stream assembly), or
+        the pause asleep."""
+        if isinstance(step, Pause):
+            time.sleep(step.seconds)
+            return None
+        stub = self._health if step.health else self._stub
+        answer = getattr(stub, step.method)(step.request, timeout=step.timeout)
+        if step.into is None:
+            return answer
+        for message in answer:
+            step.into.add(message)
+        return step.into

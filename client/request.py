@@ -40,6 +40,7 @@ from .result import Result, StreamAssembly, apply_backward, result_from_response
 
 __all__ = [
     "CallPolicy",
+    "Done",
     "GraphLike",
     "Pause",
     "Prepared",
@@ -398,8 +399,26 @@ class Pause:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The call has answered ``value``."""
+
+    value: Any
+
+
 Steps: TypeAlias = Generator[Rpc | Pause, Any, T]
 """What a call does, as steps: yields ``Rpc`` and ``Pause``, returns the call's answer."""
+
+
+def resume(
+    call: Steps[Any], reply: Any = None, error: grpc.RpcError | None = None
+) -> Rpc | Pause | Done:
+    """The next step of ``call`` after ``reply`` (or the failure ``error``) of the last one;
+    the first step when neither is given; ``Done`` once the call has answered."""
+    try:
+        return call.send(reply) if error is None else call.throw(error)
+    except StopIteration as done:
+        return Done(done.value)
 
 
 def attempts(

@@ -15,6 +15,7 @@ one is skipped, saying why, only where it cannot be had.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -285,3 +286,35 @@ def test_nginx_limits_match_the_server_limits() -> None:
         (value,) = nginx_setting(name, conf)
         assert int(value.rstrip("s")) > defaults.grace_period
     assert "$upstream_addr" in conf, "the access log names the replica of each call"
+
+
+def test_the_whole_suite_runs_the_container_stage_before_pytest() -> None:
+    script = (ROOT / "scripts" / "test").read_text()
+    assert script.index("./scripts/test-containers") < script.index("-m pytest")
+    stage = (ROOT / "scripts" / "test-containers").read_text()
+    assert "-f docker-compose.yml" in stage and "-f docker-compose.override" not in stage
+    assert "tests.compose_stack" in stage
+
+
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="needs root and setpriv to run the script as an unprivileged user",
+)
+def test_the_container_stage_says_loudly_when_it_cannot_run_and_lets_the_suite_go_on() -> None:
+    """As a user who cannot run rootful podman, the script exits 0 with a banner."""
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            str(ROOT / "scripts" / "test-containers"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "CONTAINER TESTS NOT RUN" in done.stdout and "#####" in done.stdout

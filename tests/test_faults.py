@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from micrograd import codec
-from micrograd.engine import Value
+from micrograd.seed import seed_graph
 from micrograd.server.grpc_server import PID_METADATA, SERVICE_NAME
 from micrograd.server.logs import JsonLines
 from micrograd.tape import Tape
@@ -39,17 +39,7 @@ SEED = (24.7041, 138.8338, 645.5773)
 
 def seed_request() -> pb.EvaluateRequest:
     """The seed expression as an Evaluate request reporting g's value and the inputs' gradients."""
-    a, b = Value(-4.0), Value(2.0)
-    c = a + b
-    d = a * b + b**3
-    c += c + 1
-    c += 1 + c + (-a)
-    d += d * 2 + (b + a).relu()
-    d += 3 * d + (b - a).relu()
-    e = c - d
-    f = e**2
-    g = f / 2.0
-    g += 10.0 / f
+    a, b, g = seed_graph()
     packed, _, _ = codec.encode_value(g, {"a": a, "b": b})
     return pb.EvaluateRequest(packed_graph=packed)
 
@@ -176,7 +166,9 @@ def test_killed_worker_is_restarted_while_the_other_keeps_serving(
         caller.join(30)
     assert server.process is not None and server.process.poll() is None  # still up
     assert survivor in served  # the healthy worker never stopped
-    assert not errors, errors  # wait_for_ready: every call found a live worker
+    # Only the one call that may have been in flight on the killed worker can fail, and then
+    # as UNAVAILABLE (its connection reset); every later call found a live worker.
+    assert len(errors) <= 1 and set(errors) <= {grpc.StatusCode.UNAVAILABLE}, errors
     messages = [line["msg"] for line in log_lines(server)]
     assert any(f"(pid {victim}) was killed by signal 9; restarting it in" in m for m in messages)
     channel = grpc.insecure_channel(server.target)
