@@ -45,6 +45,7 @@ setup(
                 "engine/_kernel_unpack.c",
                 "engine/_kernel_pack.c",
             ],
+            depends=["engine/_ops_list.h", "engine/_ops_math.h", "engine/_kernel_hvp.h"],
             optional=True,
         )
     ],

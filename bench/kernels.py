@@ -20,6 +20,13 @@ Four graphs, generated from fixed seeds (``--quick`` shrinks the big ones):
   vectors (the seeded weights plus Gaussian noise of 0.1), as a population
   or an ensemble would send them.
 
+On ``mlp`` the native kernel's Hessian-vector product (forward-over-reverse,
+one call) is timed beside one forward + reverse sweep and beside CasADi's
+``jtimes`` of its gradient. ``--baseline REV`` (default ``auto``: the commit
+before the op table grew ``where``) builds the native kernel of that commit
+in a temporary directory and times its sweeps on the same tapes in the same
+run, so the cost of the larger op set is measured, not remembered.
+
 The 1M graphs are built straight as tape arrays (``Tape.from_arrays``), and
 CasADi's SX graph is built from the same arrays with vector operations and
 ``substitute_inplace``, so no system is slowed by a Python object per node
@@ -29,7 +36,12 @@ that it would not otherwise need. Every system runs in its own process.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import os
+import subprocess
+import sysconfig
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -59,6 +71,7 @@ RANDOM_MIX = {
     "sigmoid": 0.15,
 }
 GRAPHS = ("mlp", "chain", "random", "batch")
+SYSTEMS = ("native", "baseline", "python", "casadi", "torch", "micrograd", "floor")
 TITLES = {
     "mlp": "MLP(2, [16, 16, 1]) SVM loss, 100 points, one binding",
     "chain": "chain y = tanh(1.0001 * y + 0.001), {chain_steps:,} steps",
@@ -187,8 +200,9 @@ Row = dict[str, Any]
 
 
 def _repeats(n_nodes: int, quick: bool) -> int:
-    """Runs to take the median of: 3 for 1M-node graphs and --quick, 5 above 100k nodes, else 31."""
-    if quick or n_nodes >= 1_000_000:
+    """Runs to take the median of: 3 for 1M-node graphs (and --quick above 100k nodes), 5 above
+    100k nodes, else 31."""
+    if n_nodes >= 1_000_000 or (quick and n_nodes > 100_000):
         return 3
     return 5 if n_nodes > 100_000 else 31
 
@@ -232,8 +246,15 @@ def native_rows(graph: str, quick: bool) -> list[Row]:
         kernel.backward(tape, buffers, grad_buffer, n - 1)
 
     rows.append(
-        _row("ours: native, sweeps into reused buffers", c.timed(sweeps, repeats), n * width)
+        _row(
+            "ours: native, sweeps into reused buffers",
+            c.timed(sweeps, repeats),
+            n * width,
+            sweeps=True,
+        )
     )
+    if graph == "mlp":
+        rows.append(_hvp_row(kernel, tape, repeats))
     if bindings is not None:
         threads = os.cpu_count() or 1
         chunks = np.array_split(bindings, threads)
@@ -268,6 +289,121 @@ def native_rows(graph: str, quick: bool) -> list[Row]:
                 )
             )
     return rows
+
+
+def _hvp_row(kernel: Any, tape: Any, repeats: int) -> Row:
+    """The native HVP of the output w.r.t. the inputs along a fixed vector, reused buffers."""
+    n = len(tape)
+    values = tape.leaf_values()
+    tangents = np.zeros(n)
+    tangents[tape.inputs] = np.random.default_rng(5).normal(size=tape.inputs.shape[0])
+    grads, grad_tangents = np.zeros(n), np.zeros(n)
+
+    def run() -> None:
+        grads.fill(0.0)
+        grad_tangents.fill(0.0)
+        kernel.hvp(tape, values, tangents, grads, grad_tangents, n - 1)
+
+    run()
+    hv = grad_tangents[tape.inputs]
+    return _row(
+        "ours: native HVP (forward-over-reverse), reused buffers",
+        c.timed(run, repeats),
+        n,
+        hvp=True,
+        hvp_check=float(hv[0]),
+    )
+
+
+def _baseline_source(rev: str) -> str | None:
+    """The commit to compare against: ``rev``, or for ``auto`` the parent of the commit that
+    added ``where`` to the op table (``None`` if there is no such commit or no git)."""
+    if rev == "none":
+        return None
+    try:
+        if rev != "auto":
+            return subprocess.run(
+                ["git", "rev-parse", rev], cwd=c.ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        found = subprocess.run(
+            ["git", "log", "--first-parent", "--format=%H", "-S", 'name="where"', "--",
+             "engine/ops.py"],
+            cwd=c.ROOT, capture_output=True, text=True, check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{found[-1]}^" if found else None
+
+
+def build_baseline(rev: str, into: Path) -> Any:
+    """Compile the native kernel of commit ``rev`` (its C sources and setup.py's flags) into
+    ``into`` and import it as a module of its own."""
+
+    def show(path: str) -> str:
+        return subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=c.ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout
+
+    listing = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, "engine/"], cwd=c.ROOT, capture_output=True,
+        text=True, check=True,
+    ).stdout.split()
+    sources = []
+    for path in listing:
+        if path.endswith((".c", ".h")):
+            (into / Path(path).name).write_text(show(path))
+            if path.endswith(".c"):
+                sources.append(str(into / Path(path).name))
+    setup_py = show("setup.py")
+    flags_at = setup_py.index("_UNIX_FLAGS = ")
+    flags = ast.literal_eval(setup_py[flags_at + len("_UNIX_FLAGS = ") :].split("]", 1)[0] + "]")
+    package = into / "mg_baseline"
+    package.mkdir()
+    target = package / f"_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()
+    include = sysconfig.get_paths()["include"]
+    subprocess.run(
+        [*compiler, *flags, "-shared", "-fPIC", f"-I{include}", *sources, "-o", str(target), "-lm"],
+        check=True, capture_output=True,
+    )
+    spec = importlib.util.spec_from_file_location("mg_baseline._kernel", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def baseline_rows(graph: str, quick: bool) -> list[Row]:
+    """The native kernel of the baseline commit: sweeps into reused buffers, as ours above."""
+    rev = _baseline_source(os.environ.get("MICROGRAD_BENCH_BASELINE", "auto"))
+    if rev is None or graph == "batch":
+        return []
+    tape = make_tape(graph, quick)
+    n = len(tape)
+    with tempfile.TemporaryDirectory() as tmp:
+        old = build_baseline(rev, Path(tmp))
+        values = tape.leaf_values()
+        grads = np.zeros_like(values)
+
+        def sweeps() -> None:
+            old.forward(tape.code, tape.arg0, tape.arg1, tape.const, values)
+            grads.fill(0.0)
+            old.backward(tape.code, tape.arg0, tape.arg1, tape.const, values, grads, n - 1)
+
+        sweeps()
+        short = subprocess.run(
+            ["git", "rev-parse", "--short", rev], cwd=c.ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return [
+            _row(
+                f"baseline {short} (before the new ops): native sweeps into reused buffers",
+                c.timed(sweeps, _repeats(n, quick)),
+                n,
+                baseline=True,
+                check=(float(values[-1]), float(grads[int(tape.inputs[0])])),
+            )
+        ]
 
 
 def python_rows(graph: str, quick: bool) -> list[Row]:
@@ -408,21 +544,48 @@ def torch_batched_row(torch: Any, quick: bool) -> Row:
     )
 
 
-# CasADi spelling of each op of the table, on SX vectors; ``c`` is a DM of constants.
-def _casadi_forms(ca: Any) -> dict[str, Callable[[Any, Any, Any], Any]]:
+# CasADi spelling of each op of the table, on SX vectors: ``(x, y, z, k)``, ``k`` a DM of
+# constants (``z`` the third argument of ``where``).
+def _casadi_forms(ca: Any) -> dict[str, Callable[[Any, Any, Any, Any], Any]]:
     return {
-        "add": lambda x, y, k: x + y,
-        "sub": lambda x, y, k: x - y,
-        "mul": lambda x, y, k: x * y,
-        "div": lambda x, y, k: x / y,
-        "neg": lambda x, y, k: -x,
-        "pow": lambda x, y, k: x**k,
-        "pow_value": lambda x, y, k: x**y,
-        "relu": lambda x, y, k: ca.fmax(x, 0),
-        "tanh": lambda x, y, k: ca.tanh(x),
-        "exp": lambda x, y, k: ca.exp(x),
-        "log": lambda x, y, k: ca.log(x),
-        "sigmoid": lambda x, y, k: 1 / (1 + ca.exp(-x)),
+        "add": lambda x, y, z, k: x + y,
+        "sub": lambda x, y, z, k: x - y,
+        "mul": lambda x, y, z, k: x * y,
+        "div": lambda x, y, z, k: x / y,
+        "neg": lambda x, y, z, k: -x,
+        "pow": lambda x, y, z, k: x**k,
+        "pow_value": lambda x, y, z, k: x**y,
+        "relu": lambda x, y, z, k: ca.fmax(x, 0),
+        "tanh": lambda x, y, z, k: ca.tanh(x),
+        "exp": lambda x, y, z, k: ca.exp(x),
+        "log": lambda x, y, z, k: ca.log(x),
+        "sigmoid": lambda x, y, z, k: 1 / (1 + ca.exp(-x)),
+        "sin": lambda x, y, z, k: ca.sin(x),
+        "cos": lambda x, y, z, k: ca.cos(x),
+        "tan": lambda x, y, z, k: ca.tan(x),
+        "asin": lambda x, y, z, k: ca.asin(x),
+        "acos": lambda x, y, z, k: ca.acos(x),
+        "atan": lambda x, y, z, k: ca.atan(x),
+        "sinh": lambda x, y, z, k: ca.sinh(x),
+        "cosh": lambda x, y, z, k: ca.cosh(x),
+        "asinh": lambda x, y, z, k: ca.asinh(x),
+        "acosh": lambda x, y, z, k: ca.acosh(x),
+        "atanh": lambda x, y, z, k: ca.atanh(x),
+        "sqrt": lambda x, y, z, k: ca.sqrt(x),
+        "abs": lambda x, y, z, k: ca.fabs(x),
+        "log1p": lambda x, y, z, k: ca.log1p(x),
+        "expm1": lambda x, y, z, k: ca.expm1(x),
+        "log2": lambda x, y, z, k: ca.log(x) / np.log(2.0),
+        "log10": lambda x, y, z, k: ca.log10(x),
+        "erf": lambda x, y, z, k: ca.erf(x),
+        "softplus": lambda x, y, z, k: ca.if_else(x > 20, x, ca.log1p(ca.exp(x))),
+        "floor": lambda x, y, z, k: ca.floor(x),
+        "ceil": lambda x, y, z, k: ca.ceil(x),
+        "sign": lambda x, y, z, k: ca.sign(x),
+        "atan2": lambda x, y, z, k: ca.atan2(x, y),
+        "maximum": lambda x, y, z, k: ca.fmax(x, y),
+        "minimum": lambda x, y, z, k: ca.fmin(x, y),
+        "where": lambda x, y, z, k: ca.if_else(x > 0, y, z),
     }
 
 
@@ -448,8 +611,9 @@ def casadi_graph(ca: Any, tape: Any) -> tuple[Any, Any]:
         if not op.arity or not at.shape[0]:
             continue
         xs = v[tape.arg0[at].tolist()]
-        ys = v[tape.arg1[at].tolist()] if op.arity == 2 else None
-        vdef[at.tolist()] = forms[op.name](xs, ys, ca.DM(tape.const[at]))
+        ys = v[tape.arg1[at].tolist()] if op.arity >= 2 else None
+        zs = v[tape.arg2[at].tolist()] if op.arity == 3 and tape.arg2 is not None else None
+        vdef[at.tolist()] = forms[op.name](xs, ys, zs, ca.DM(tape.const[at]))
     (resolved,), _ = ca.substitute_inplace([v], [vdef], [], False)
     return x, resolved
 
@@ -500,7 +664,22 @@ def casadi_rows(graph: str, quick: bool) -> list[Row]:
         return rows
     repeats = _repeats(n, quick)
     label = f"CasADi {version} SX"
-    return [
+    extra = []
+    if graph == "mlp":
+        vec = ca.SX.sym("v", x.shape[0])
+        f_hvp = ca.Function("hessian_vector", [x, vec], [ca.jtimes(grad, x, vec)])
+        v0 = ca.DM(np.random.default_rng(5).normal(size=x.shape[0]))
+        extra.append(
+            _row(
+                f"{label} (d) jtimes of the gradient: H v",
+                c.timed(lambda: f_hvp(x0, v0), repeats),
+                n,
+                instructions=f_hvp.n_instructions(),
+                casadi="d",
+                hvp_check=float(f_hvp(x0, v0)[0]),
+            )
+        )
+    return [*extra,
         _row(
             f"{label} (a) all node values",
             c.timed(lambda: f_all(x0), repeats),
@@ -563,6 +742,7 @@ def floor_rows(graph: str, quick: bool) -> list[Row]:
 
 WORKERS: dict[str, Callable[[str, bool], list[Row]]] = {
     "native": native_rows,
+    "baseline": baseline_rows,
     "python": python_rows,
     "casadi": casadi_rows,
     "torch": torch_rows,
@@ -592,8 +772,20 @@ def main() -> None:
     parser.add_argument(
         "--graphs", default=",".join(GRAPHS), help="comma-separated subset of " + ", ".join(GRAPHS)
     )
+    parser.add_argument(
+        "--baseline",
+        default="auto",
+        help="commit whose native kernel to time beside ours ('auto': the one before the ops "
+        "grew 'where'; 'none': skip)",
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated subset of " + ", ".join(SYSTEMS),
+    )
     parser.add_argument("--worker", nargs=2, metavar=("SYSTEM", "GRAPH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ["MICROGRAD_BENCH_BASELINE"] = args.baseline
     if args.worker:
         c.report(worker(args.worker[0], args.worker[1], args.quick))
         return
@@ -604,7 +796,7 @@ def main() -> None:
     found: dict[str, list[Row]] = {}
     for graph in args.graphs.split(","):
         rows: list[Row] = []
-        for system in ("native", "python", "casadi", "torch", "micrograd", "floor"):
+        for system in args.systems.split(","):
             extra = ["--quick"] if args.quick else []
             result = c.run_worker(here, [system, graph, *extra], timeout=900)
             rows += result.get("rows", [{"label": system, "error": result.get("error", "?")}])
@@ -730,6 +922,41 @@ def print_targets(found: dict[str, list[Row]]) -> None:
                     "×",
                 )
             )
+    for graph in ("mlp", "chain", "random"):
+        ours = pick(graph, partial(_flagged, "sweeps"))
+        old = pick(graph, partial(_flagged, "baseline"))
+        if ours and old:
+            lines.append(
+                c.verdict(
+                    f"{graph}: native sweeps vs the baseline commit's (same run)",
+                    _ns(ours) / _ns(old),
+                    1.05,
+                    False,
+                    "× the baseline",
+                )
+            )
+    sweeps = pick("mlp", partial(_flagged, "sweeps"))
+    hvp = pick("mlp", partial(_flagged, "hvp"))
+    jtimes = pick("mlp", lambda r: r.get("casadi") == "d")
+    if sweeps and hvp:
+        lines.append(
+            c.verdict(
+                "MLP HVP vs one forward + reverse sweep", _ns(hvp) / _ns(sweeps), 4.0, False, "×"
+            )
+        )
+    if hvp and jtimes:
+        lines.append(
+            c.verdict(
+                "MLP HVP speed-up over CasADi jtimes of the gradient",
+                _ns(jtimes) / _ns(hvp),
+                1.0,
+                True,
+                "×",
+            )
+        )
+        if abs(hvp["hvp_check"] - jtimes["hvp_check"]) > 1e-9 * max(1.0, abs(hvp["hvp_check"])):
+            ours, theirs = hvp["hvp_check"], jtimes["hvp_check"]
+            lines.append(f"- HVP disagrees: ours {ours!r}, CasADi {theirs!r}")
     print("\n### Targets\n\n" + "\n".join(lines))
 
 

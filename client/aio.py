@@ -97,6 +97,37 @@ class AsyncClient(Connection):
         """Store ``graph`` on the server and return its ``graph_id``, as ``Client.register``."""
         return await self._run(steps.register(self.policy, graph, names, timeout))
 
+    async def jacobian(
+        self,
+        outputs: Sequence[Value],
+        inputs: Sequence[Value],
+        *,
+        cotangents: Sequence[float] | None = None,
+        timeout: float | None = None,
+    ) -> list[list[float]] | list[float]:
+        """``micrograd.engine.jacobian(outputs, inputs)`` computed by the server in one call.
+
+        With ``cotangents`` (one weight per output), the vector-Jacobian product
+        ``sum_k w_k d(outputs[k])/d(inputs)`` from one reverse sweep, as one row.
+        """
+        return await self._run(steps.jacobian(self.policy, outputs, inputs, cotangents, timeout))
+
+    async def hvp(
+        self,
+        output: Value,
+        inputs: Sequence[Value],
+        vector: Sequence[float] | np.ndarray,
+        *,
+        batch: np.ndarray | Sequence[Sequence[float]] | None = None,
+        timeout: float | None = None,
+    ) -> list[float] | list[list[float]]:
+        """``micrograd.engine.hvp(output, inputs, vector)`` computed by the server.
+
+        ``batch`` (``(rows, len(inputs))``) evaluates at many bindings of ``inputs`` in one
+        call and returns one ``H v`` per row; ``vector`` is then shared or one row per binding.
+        """
+        return await self._run(steps.hvp(self.policy, output, inputs, vector, batch, timeout))
+
     async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """The server's version, operations, limits, kernel and worker count."""
         return await self._run(steps.server_info(self.policy, timeout))

@@ -500,6 +500,122 @@ def server_info(policy: CallPolicy, timeout: float | None) -> Steps[pb.GetServer
     return reply  # type: ignore[no-any-return]
 
 
+def jacobian_request(
+    outputs: Sequence[Value], inputs: Sequence[Value], cotangents: Sequence[float] | None = None
+) -> tuple[pb.JacobianRequest, list[int | None]]:
+    """The ``JacobianRequest`` of ``outputs`` w.r.t. ``inputs`` (one graph holding them all),
+    and each input's column in the response (``None``: not in the graph, so its column is 0).
+
+    A custom node (``Value(data, children, op)``) raises ``GraphError`` naming its op.
+    """
+    tape, order = Tape.from_values(list(outputs))
+    index = {v: i for i, v in enumerate(order)}
+    nodes: list[int] = []
+    column: list[int | None] = []
+    for x in inputs:
+        if x in index:
+            column.append(len(nodes))
+            nodes.append(index[x])
+        else:
+            column.append(None)
+    inner = pb.EvaluateRequest(
+        packed_graph=codec.pack(tape), selection=pb.SELECTION_LISTED, nodes=nodes
+    )
+    request = pb.JacobianRequest(request=inner, outputs=[index[o] for o in outputs])
+    if cotangents is not None:
+        request.cotangents.extend(float(w) for w in cotangents)
+    return request, column
+
+
+def _f64(values: Any, raw: bytes) -> np.ndarray:
+    """A response's numbers, whether sent as doubles or as float64 bytes."""
+    return codec.f64_array(raw) if raw else np.array(values, dtype=np.float64)
+
+
+def jacobian(
+    policy: CallPolicy,
+    outputs: Sequence[Value],
+    inputs: Sequence[Value],
+    cotangents: Sequence[float] | None,
+    timeout: float | None,
+) -> Steps[list[list[float]] | list[float]]:
+    """The Jacobian rows (one per output) or, with ``cotangents``, their weighted sum."""
+    request, column = jacobian_request(outputs, inputs, cotangents)
+    reply = yield from attempts(policy, lambda t: Rpc("Jacobian", request, t), timeout)
+    width = len(reply.nodes)
+    jac = _f64(reply.jacobian, reply.jacobian_f64).reshape(-1, width)
+
+    def row(r: np.ndarray) -> list[float]:
+        return [0.0 if j is None else float(r[j]) for j in column]
+
+    if cotangents is not None:
+        return row(jac[0])
+    return [row(r) for r in jac]
+
+
+def hvp_request(
+    output: Value,
+    inputs: Sequence[Value],
+    vector: Sequence[float] | np.ndarray,
+    batch: np.ndarray | Sequence[Sequence[float]] | None = None,
+) -> tuple[pb.HessianVectorProductRequest, list[int | None]]:
+    """The ``HessianVectorProductRequest`` of ``output`` w.r.t. the leaves ``inputs`` along
+    ``vector``, and each input's position among the graph's inputs (``None``: not in it).
+
+    ``batch`` is ``(rows, len(inputs))``: values of ``inputs`` per binding (the other
+    inputs keep their data); ``vector`` is then one vector for all rows or one per row.
+    """
+    tape, order = Tape.from_value(output)
+    position = {int(node): j for j, node in enumerate(tape.inputs.tolist())}
+    index = {v: i for i, v in enumerate(order)}
+    where: list[int | None] = []
+    for j, x in enumerate(inputs):
+        if x._a is not None or x._code == 0:
+            raise ValueError(f"inputs[{j}] is not a leaf: hvp differentiates w.r.t. inputs")
+        i = index.get(x)
+        if i is not None and i not in position:
+            raise ValueError(f"inputs[{j}] is a constant of the graph, not one of its inputs")
+        where.append(None if i is None else position[i])
+    k = int(tape.inputs.shape[0])
+    vec = np.asarray(vector, dtype=np.float64)
+    rows = 1 if batch is None else len(batch)
+    given = vec.reshape(-1, len(inputs))
+    if given.shape[0] not in (1, rows):
+        raise ValueError(f"vector must have {len(inputs)} entries, or one row per binding")
+    full = np.zeros((given.shape[0], k))
+    for j, p in enumerate(where):
+        if p is not None:
+            full[:, p] += given[:, j]
+    inner = pb.EvaluateRequest(packed_graph=codec.pack(tape), binary_output=True)
+    if batch is not None:
+        values = np.asarray(batch, dtype=np.float64).reshape(rows, len(inputs))
+        table = np.repeat(tape.const[tape.inputs][None, :], rows, axis=0)
+        for j, p in enumerate(where):
+            if p is not None:
+                table[:, p] = values[:, j]
+        inner.batch.values_f64 = codec.f64_bytes(np.ascontiguousarray(table))
+    request = pb.HessianVectorProductRequest(request=inner, vector=full.ravel().tolist())
+    return request, where
+
+
+def hvp(
+    policy: CallPolicy,
+    output: Value,
+    inputs: Sequence[Value],
+    vector: Sequence[float] | np.ndarray,
+    batch: np.ndarray | Sequence[Sequence[float]] | None,
+    timeout: float | None,
+) -> Steps[list[float] | list[list[float]]]:
+    """``H v`` at the inputs: a list, or one list per binding of ``batch``."""
+    request, where = hvp_request(output, inputs, vector, batch)
+    reply = yield from attempts(
+        policy, lambda t: Rpc("HessianVectorProduct", request, t), timeout
+    )
+    table = _f64(reply.hvp, reply.hvp_f64).reshape(reply.rows, -1)
+    rows = [[0.0 if p is None else float(r[p]) for p in where] for r in table]
+    return rows if batch is not None else rows[0]
+
+
 def health(policy: CallPolicy, service: str, timeout: float | None) -> Steps[str]:
     """The grpc.health.v1 status name of ``service`` (``""``: the whole server)."""
     request = health_pb2.HealthCheckRequest(service=service)

@@ -45,6 +45,9 @@ __all__ = [
     "unpack",
 ]
 
+_VALUE_OPS = [op.name for op in _ops.OPS if op.uses_value]
+_VALUE_USERS = ", ".join(_VALUE_OPS[:-1]) + " and " + _VALUE_OPS[-1]
+"""The ops whose nodes carry a value, for messages."""
 _U32 = np.dtype("<u4")
 _F64 = np.dtype("<f8")
 
@@ -64,8 +67,12 @@ def _check_size(n: int, max_nodes: int | None, field: str) -> None:
 def pack(tape: Tape) -> graph_pb2.PackedGraph:
     """The tape as a ``PackedGraph``: little-endian byte columns."""
     arity = _ops.ARITY[tape.code]
-    both = np.stack((tape.arg0, tape.arg1), axis=1)
-    present = np.stack((arity >= 1, arity == 2), axis=1)
+    if tape.arg2 is None:
+        both = np.stack((tape.arg0, tape.arg1), axis=1)
+        present = np.stack((arity >= 1, arity == 2), axis=1)
+    else:
+        both = np.stack((tape.arg0, tape.arg1, tape.arg2), axis=1)
+        present = np.stack((arity >= 1, arity >= 2, arity == 3), axis=1)
     return graph_pb2.PackedGraph(
         ops=tape.code.tobytes(),
         args=both[present].astype(_U32).tobytes(),
@@ -99,15 +106,16 @@ def unpack(
     code = np.frombuffer(ops, dtype=np.uint8)
     names = _names(((nn.node, nn.name) for nn in msg.names), "names", max_name_bytes)
     if _native_unpack_columns is not None:
-        arg0, arg1, const = _native_unpack_columns(ops, args, values)
-        return Tape.from_checked_columns(code, arg0, arg1, const, names)
-    return Tape.from_arrays(code, *_unpack_numpy(code, args, values), names)
+        arg0, arg1, arg2, const = _native_unpack_columns(ops, args, values)
+        return Tape.from_checked_columns(code, arg0, arg1, const, names, arg2)
+    arg0, arg1, arg2, const = _unpack_numpy(code, args, values)
+    return Tape.from_arrays(code, arg0, arg1, const, names, arg2)
 
 
 def _unpack_numpy(
     code: np.ndarray, args_bytes: bytes, values_bytes: bytes
 ) -> tuple[np.ndarray, ...]:
-    """``(arg0, arg1, const)`` of packed columns with numpy (no native kernel here)."""
+    """``(arg0, arg1, arg2, const)`` of packed columns with numpy (no native kernel here)."""
     bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
     if bad.size:
         i = int(bad[0])
@@ -126,21 +134,23 @@ def _unpack_numpy(
     start = np.cumsum(arity) - arity
     arg0 = np.full(code.shape[0], -1, dtype=np.int64)
     arg1 = np.full(code.shape[0], -1, dtype=np.int64)
-    one, two = arity >= 1, arity == 2
+    arg2 = np.full(code.shape[0], -1, dtype=np.int64)
+    one, two, three = arity >= 1, arity >= 2, arity == 3
     arg0[one] = args[start[one]]
     arg1[two] = args[start[two] + 1]
+    arg2[three] = args[start[three] + 2]
     values = np.frombuffer(values_bytes, dtype=_F64)
     uses = _ops.USES_VALUE[code]
     if values.shape[0] != int(uses.sum()):
         raise GraphError(
             None,
             f"values holds {values.shape[0]} numbers but {int(uses.sum())} nodes use one "
-            "(input, const and pow nodes, in order)",
+            f"({_VALUE_USERS} nodes, in order)",
             "values",
         )
     const = np.zeros(code.shape[0], dtype=np.float64)
     const[uses] = values
-    return arg0, arg1, const
+    return arg0, arg1, arg2, const
 
 
 def from_graph(
@@ -156,23 +166,24 @@ def from_graph(
     code = np.zeros(n, dtype=np.int64)
     arg0 = np.full(n, -1, dtype=np.int64)
     arg1 = np.full(n, -1, dtype=np.int64)
+    arg2 = np.full(n, -1, dtype=np.int64)
     const = np.zeros(n, dtype=np.float64)
     named: list[tuple[int, str]] = []
     for i, node in enumerate(msg.nodes):
         code[i] = node.op
         args = node.args
-        if len(args) > 2:
+        if len(args) > _ops.MAX_ARITY:
             raise GraphError(
-                i, f"has {len(args)} arguments; no op takes more than 2", f"nodes[{i}].args"
+                i,
+                f"has {len(args)} arguments; no op takes more than {_ops.MAX_ARITY}",
+                f"nodes[{i}].args",
             )
-        if args:
-            arg0[i] = args[0]
-            if len(args) == 2:
-                arg1[i] = args[1]
+        for col, arg in zip((arg0, arg1, arg2), args):
+            col[i] = arg
         const[i] = node.value
         if node.name:
             named.append((i, node.name))
-    return _tape_from_columns(code, arg0, arg1, const, named, max_name_bytes)
+    return _tape_from_columns(code, arg0, arg1, arg2, const, named, max_name_bytes)
 
 
 def from_graph_bytes(
@@ -181,18 +192,19 @@ def from_graph_bytes(
     """Decode a serialized ``Graph`` straight from its wire bytes (native decoder if built)."""
     if _native_decode_graph is None:
         return from_graph(graph_pb2.Graph.FromString(data), max_nodes, max_name_bytes)
-    code, arg0, arg1, const, named = _native_decode_graph(data)  # GraphError when malformed
+    code, arg0, arg1, arg2, const, named = _native_decode_graph(data)  # GraphError if malformed
     n = len(code)
     if n == 0:
         raise GraphError(None, "the graph has no nodes", "nodes")
     _check_size(n, max_nodes, "nodes")
-    return _tape_from_columns(code, arg0, arg1, const, named, max_name_bytes)
+    return _tape_from_columns(code, arg0, arg1, arg2, const, named, max_name_bytes)
 
 
 def _tape_from_columns(
     code: np.ndarray,
     arg0: np.ndarray,
     arg1: np.ndarray,
+    arg2: np.ndarray | None,
     const: np.ndarray,
     named: list[tuple[int, str]],
     max_name_bytes: int | None = None,
@@ -204,7 +216,7 @@ def _tape_from_columns(
         what = "OP_UNSPECIFIED (0) is not an op" if code[i] == 0 else f"unknown op {int(code[i])}"
         raise GraphError(i, f"{what}; known ops are 1..{_ops.MAX_CODE}", f"nodes[{i}].op")
     names = _names(named, "nodes", max_name_bytes, per_node=True)
-    return Tape.from_arrays(code, arg0, arg1, const, names)
+    return Tape.from_arrays(code, arg0, arg1, const, names, arg2)
 
 
 def _names(
@@ -242,10 +254,13 @@ def to_graph(tape: Tape) -> graph_pb2.Graph:
     arity = _ops.ARITY.tolist()
     name_of = {i: name for name, i in tape.names.items()}
     nodes = []
-    for i, (k, a, b, c) in enumerate(
-        zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
+    third = [-1] * len(tape) if tape.arg2 is None else tape.arg2.tolist()
+    for i, (k, a, b, z, c) in enumerate(
+        zip(
+            tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), third, tape.const.tolist()
+        )
     ):
-        args = [a, b][: arity[k]]
+        args = [a, b, z][: arity[k]]
         nodes.append(graph_pb2.Node(op=k, args=args, value=c, name=name_of.get(i, "")))
     return graph_pb2.Graph(nodes=nodes)
 
@@ -258,6 +273,9 @@ def graph_id(tape: Tape) -> str:
     h.update(np.ascontiguousarray(tape.code).data)
     h.update(np.ascontiguousarray(tape.arg0, dtype="<i4").data)
     h.update(np.ascontiguousarray(tape.arg1, dtype="<i4").data)
+    if tape.arg2 is not None:  # only graphs with a ternary node: older ids stay as they were
+        h.update(b"arg2\0")
+        h.update(np.ascontiguousarray(tape.arg2, dtype="<i4").data)
     h.update(np.ascontiguousarray(tape.const, dtype=_F64).data)
     for name, i in sorted(tape.names.items()):
         h.update(f"{i}\0{name}\0".encode())

@@ -42,92 +42,13 @@ PyObject *mg_pack_value(PyObject *module, PyObject *args);
 PyObject *mg_assign_values(PyObject *module, PyObject *args);
 PyObject *mg_value_backward(PyObject *module, PyObject *args);
 
-/* ---- the ops: forward value and local partials ------------------------ */
-/* f(x, y, c) is the output; d(x, y, c, o, &dx, &dy) its partials, where o is
- * the output. y is 0 for unary ops. Mirrors micrograd.ops entry by entry. */
-
-static inline double add_f(double x, double y, double c) { (void)c; return x + y; }
-static inline void add_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)y; (void)c; (void)o; *dx = 1.0; *dy = 1.0; }
-
-static inline double sub_f(double x, double y, double c) { (void)c; return x - y; }
-static inline void sub_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)y; (void)c; (void)o; *dx = 1.0; *dy = -1.0; }
-
-static inline double mul_f(double x, double y, double c) { (void)c; return x * y; }
-static inline void mul_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)c; (void)o; *dx = y; *dy = x; }
-
-static inline double div_f(double x, double y, double c) { (void)c; return x / y; }
-static inline void div_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)c; *dx = 1.0 / y; *dy = -(o / y); }
-
-static inline double neg_f(double x, double y, double c) { (void)y; (void)c; return -x; }
-static inline void neg_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)y; (void)c; (void)o; *dx = -1.0; *dy = 0.0; }
-
-/* x ** c; the derivative is 0 when c == 0 (not 0 * inf at x == 0). */
-static inline double pow_f(double x, double y, double c) { (void)y; return pow(x, c); }
-static inline void pow_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)y; (void)o; *dx = c == 0.0 ? 0.0 : c * pow(x, c - 1.0); *dy = 0.0; }
-
-/* x ** y with both operands nodes, masked at 0 as PyTorch does. */
-static inline double pow_value_f(double x, double y, double c) { (void)c; return pow(x, y); }
-static inline void pow_value_d(double x, double y, double c, double o, double *dx, double *dy)
-{
-    (void)c;
-    *dx = y == 0.0 ? 0.0 : y * pow(x, y - 1.0);
-    *dy = (x == 0.0 && y >= 0.0) ? 0.0 : o * log(x);
-}
-
-/* max(0, x) that keeps nan; derivative 0 at x == 0. */
-static inline double relu_f(double x, double y, double c) { (void)y; (void)c; return x <= 0.0 ? 0.0 : x; }
-static inline void relu_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)y; (void)c; (void)o; *dx = x > 0.0 ? 1.0 : 0.0; *dy = 0.0; }
-
-static inline double tanh_f(double x, double y, double c) { (void)y; (void)c; return tanh(x); }
-static inline void tanh_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)y; (void)c; *dx = 1.0 - o * o; *dy = 0.0; }
-
-static inline double exp_f(double x, double y, double c) { (void)y; (void)c; return exp(x); }
-static inline void exp_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)y; (void)c; *dx = o; *dy = 0.0; }
-
-static inline double log_f(double x, double y, double c) { (void)y; (void)c; return log(x); }
-static inline void log_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)y; (void)c; (void)o; *dx = 1.0 / x; *dy = 0.0; }
-
-/* Logistic function, computed so that neither tail overflows. */
-static inline double sigmoid_f(double x, double y, double c)
-{
-    (void)y; (void)c;
-    if (x >= 0.0)
-        return 1.0 / (1.0 + exp(-x));
-    if (x != x)
-        return x;
-    double e = exp(x);
-    return e / (1.0 + e);
-}
-static inline void sigmoid_d(double x, double y, double c, double o, double *dx, double *dy)
-{ (void)x; (void)y; (void)c; *dx = o * (1.0 - o); *dy = 0.0; }
-
-/* Every op this kernel implements: X(wire code, name, arity). Leaves (arity
- * 0) have no functions: their rows arrive filled. */
-#define MG_OPS(X)            \
-    X(1, input, 0)           \
-    X(2, const, 0)           \
-    X(3, add, 2)             \
-    X(4, sub, 2)             \
-    X(5, mul, 2)             \
-    X(6, div, 2)             \
-    X(7, neg, 1)             \
-    X(8, pow, 1)             \
-    X(9, pow_value, 2)       \
-    X(10, relu, 1)           \
-    X(11, tanh, 1)           \
-    X(12, exp, 1)            \
-    X(13, log, 1)            \
-    X(14, sigmoid, 1)
+/* ---- the ops ------------------------------------------------------------ */
+/* Each op's math (value, partials, second derivatives) is in _ops_math.h;
+ * MG_OPS(X), the list of every op as X(wire code, name, arity), is
+ * generated from micrograd.ops into _ops_list.h. The sweeps below are built
+ * from that list, per arity. */
+#include "_ops_list.h"
+#include "_ops_math.h"
 
 /* ---- the tape as the sweeps see it ------------------------------------- */
 
@@ -135,6 +56,7 @@ typedef struct {
     const uint8_t *code;
     const int32_t *a;
     const int32_t *b;
+    const int32_t *z; /* third arguments; NULL when the tape has no ternary node */
     const double *c;
     Py_ssize_t n;
 } Columns;
@@ -145,6 +67,9 @@ typedef struct {
  * node: (size_t)a < i rejects negatives and forward references at once. */
 #define ARG_OK1 ((size_t)ai < (size_t)i)
 #define ARG_OK2 ((size_t)ai < (size_t)i && (size_t)bi < (size_t)i)
+#define ARG_OK3 (ARG_OK2 && (size_t)zi < (size_t)i)
+/* The third argument of node i: -1 (never valid) when the tape has none. */
+#define THIRD(t, i) ((t)->z != NULL ? (Py_ssize_t)(t)->z[i] : (Py_ssize_t)-1)
 
 /* A sweep returns -1, or the index of the first node it could not evaluate,
  * or MG_STOPPED when told to stop part-way. */
@@ -212,11 +137,12 @@ static const uint8_t ARITY_PLUS_1[256] = {
 /* Whether node i's arguments are all earlier nodes (an unknown op is not). */
 static int node_ok(const Columns *t, Py_ssize_t i)
 {
-    const Py_ssize_t ai = t->a[i], bi = t->b[i];
+    const Py_ssize_t ai = t->a[i], bi = t->b[i], zi = THIRD(t, i);
     switch (ARITY_PLUS_1[t->code[i]]) {
     case 1: return 1;
     case 2: return ARG_OK1;
     case 3: return ARG_OK2;
+    case 4: return ARG_OK3;
     default: return 0;
     }
 }
@@ -264,6 +190,10 @@ static int node_ok(const Columns *t, Py_ssize_t i)
         P = name##_f(x, y, C[i]);                                    \
         v[i] = P;                                                    \
     }
+/* Ternary nodes are not swept here: a tape with a third-argument column goes
+ * to the batch sweeps with rows of one (see kernel_forward), so that these
+ * register-hungry loops never need the column. */
+#define FWD1_3(name, P, Q) return i;
 #define FWD1_EVEN_LABEL(code_, name, arity) [code_] = &&even_##name,
 #define FWD1_ODD_LABEL(code_, name, arity) [code_] = &&odd_##name,
 #define FWD1_HANDLERS(code_, name, arity)                            \
@@ -316,6 +246,12 @@ unknown:
 #define FWD1_2(name)                                   \
     if (MG_UNLIKELY(!ARG_OK2)) return i;               \
     v[i] = name##_f(v[ai], v[bi], C[i]);
+#define FWD1_3(name)                                   \
+    {                                                  \
+        const Py_ssize_t zi = THIRD(t, i);             \
+        if (MG_UNLIKELY(!ARG_OK3)) return i;           \
+        v[i] = name##_f(v[ai], v[bi], v[zi]);          \
+    }
 #define FWD1_CASE(code_, name, arity) \
     case code_: { FWD1_##arity(name) } break;
 
@@ -383,6 +319,7 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, 
         reached[ai] = 1;                                             \
         reached[bi] = 1;                                             \
     }
+#define BWD1_3(name) return i; /* ternary tapes take the batch sweeps, as forward */
 #define BWD1_LABEL(code_, name, arity) [code_] = &&grad_##name,
 /* Leave node i: store its gradient, slide the window down to the next
  * reached node and dispatch it. */
@@ -410,14 +347,15 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, 
 
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
                                            uint8_t *restrict reached, Py_ssize_t out,
-                                           const Stop *stop)
+                                           const Stop *stop, int seeded)
 {
     static const void *const labels[256] = {[0 ... 255] = &&unknown, MG_OPS(BWD1_LABEL)};
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     Py_ssize_t i = out, lim = check_down(stop, out);
-    double G0 = 1.0, G1 = out >= 1 ? g[out - 1] : 0.0, G2 = out >= 2 ? g[out - 2] : 0.0;
+    double G0 = seeded ? g[out] : 1.0, G1 = out >= 1 ? g[out - 1] : 0.0,
+           G2 = out >= 2 ? g[out - 2] : 0.0;
     reached[out] = 1;
     goto *labels[code[i]];
     MG_OPS(BWD1_HANDLER)
@@ -447,18 +385,32 @@ unknown:
         reached[ai] = 1;                               \
         reached[bi] = 1;                               \
     }
+#define BWD1_3(name)                                           \
+    {                                                          \
+        const Py_ssize_t zi = THIRD(t, i);                     \
+        if (MG_UNLIKELY(!ARG_OK3)) return i;                   \
+        double dx, dy, dz;                                     \
+        name##_d(v[ai], v[bi], v[zi], v[i], &dx, &dy, &dz);    \
+        g[ai] += dx * gi;                                      \
+        g[bi] += dy * gi;                                      \
+        g[zi] += dz * gi;                                      \
+        reached[ai] = 1;                                       \
+        reached[bi] = 1;                                       \
+        reached[zi] = 1;                                       \
+    }
 #define BWD1_CASE(code_, name, arity) \
     case code_: { BWD1_##arity(name) } break;
 
 static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, double *restrict g,
                                            uint8_t *restrict reached, Py_ssize_t out,
-                                           const Stop *stop)
+                                           const Stop *stop, int seeded)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     Py_ssize_t lim = check_down(stop, out);
-    g[out] = 1.0;
+    if (!seeded)
+        g[out] = 1.0;
     reached[out] = 1;
     for (Py_ssize_t i = out; i >= 0; i--) {
         STOP_POINT_DOWN
@@ -505,6 +457,29 @@ static MG_NOINLINE Py_ssize_t backward_one(const Columns *t, const double *v, do
 #define ROW_FWD_0(code_, name, arity)
 #define ROW_FWD_1(code_, name, arity) ROW_FWD(code_, name, arity)
 #define ROW_FWD_2(code_, name, arity) ROW_FWD(code_, name, arity)
+/* Ternary rows: arguments may be one node twice (where(c, x, x)), so the
+ * gradient rows are not restrict; each element's three additions happen in
+ * argument order, as in the one-binding sweep. */
+#define ROW_FWD_3(code_, name, arity)                                                    \
+    static inline void name##_row_f(double *restrict o, const double *x, const double *y, \
+                                    const double *z, Py_ssize_t m)                       \
+    {                                                                                    \
+        for (Py_ssize_t j = 0; j < m; j++)                                               \
+            o[j] = name##_f(x[j], y[j], z[j]);                                           \
+    }                                                                                    \
+    static inline void name##_row_d(double *gx, double *gy, double *gz, const double *x, \
+                                    const double *y, const double *z, const double *o,   \
+                                    const double *go, Py_ssize_t m)                      \
+    {                                                                                    \
+        for (Py_ssize_t j = 0; j < m; j++) {                                             \
+            double dx, dy, dz;                                                           \
+            const double gj = go[j];                                                     \
+            name##_d(x[j], y[j], z[j], o[j], &dx, &dy, &dz);                             \
+            gx[j] += dx * gj;                                                            \
+            gy[j] += dy * gj;                                                            \
+            gz[j] += dz * gj;                                                            \
+        }                                                                                \
+    }
 MG_OPS(ROW_FWD_IF_NOT_LEAF)
 
 #define FWDB_0(name)
@@ -514,6 +489,12 @@ MG_OPS(ROW_FWD_IF_NOT_LEAF)
 #define FWDB_2(name)                                                        \
     if (MG_UNLIKELY(!ARG_OK2)) return i;                                    \
     name##_row_f(v + i * m, v + ai * m, v + bi * m, C[i], m);
+#define FWDB_3(name)                                                        \
+    {                                                                       \
+        const Py_ssize_t zi = THIRD(t, i);                                  \
+        if (MG_UNLIKELY(!ARG_OK3)) return i;                                \
+        name##_row_f(v + i * m, v + ai * m, v + bi * m, v + zi * m, m);     \
+    }
 #define FWDB_CASE(code_, name, arity) \
     case code_: { FWDB_##arity(name) } break;
 
@@ -559,18 +540,29 @@ static MG_NOINLINE Py_ssize_t forward_batch(const Columns *t, double *v, Py_ssiz
     }                                                                                 \
     reached[ai] = 1;                                                                  \
     reached[bi] = 1;
+#define BWDB_3(name)                                                                  \
+    {                                                                                 \
+        const Py_ssize_t zi = THIRD(t, i);                                            \
+        if (MG_UNLIKELY(!ARG_OK3)) return i;                                          \
+        name##_row_d(g + ai * m, g + bi * m, g + zi * m, v + ai * m, v + bi * m,      \
+                     v + zi * m, v + i * m, g + i * m, m);                            \
+        reached[ai] = 1;                                                              \
+        reached[bi] = 1;                                                              \
+        reached[zi] = 1;                                                              \
+    }
 #define BWDB_CASE(code_, name, arity) \
     case code_: { BWDB_##arity(name) } break;
 
 static MG_NOINLINE Py_ssize_t backward_batch(const Columns *t, const double *v, double *g,
                                              uint8_t *restrict reached, Py_ssize_t out,
-                                             Py_ssize_t m, double *scratch, const Stop *stop)
+                                             Py_ssize_t m, double *scratch, const Stop *stop,
+                                             int seeded)
 {
     const uint8_t *code = t->code;
     const int32_t *A = t->a, *B = t->b;
     const double *C = t->c;
     Py_ssize_t lim = check_down(stop, out);
-    for (Py_ssize_t j = 0; j < m; j++)
+    for (Py_ssize_t j = 0; j < m && !seeded; j++)
         g[out * m + j] = 1.0;
     reached[out] = 1;
     for (Py_ssize_t i = out; i >= 0; i--) {
@@ -587,6 +579,22 @@ static MG_NOINLINE Py_ssize_t backward_batch(const Columns *t, const double *v, 
     }
     return -1;
 }
+
+/* ---- several outputs, second order ---------------------------------------- */
+
+/* Seeded reverse sweeps: every row up to `out` holding a nonzero cotangent
+ * (in any of its m columns) starts as reached. */
+static void mark_seeds(const double *g, uint8_t *reached, Py_ssize_t out, Py_ssize_t m)
+{
+    for (Py_ssize_t i = 0; i <= out; i++)
+        for (Py_ssize_t j = 0; j < m; j++)
+            if (g[i * m + j] != 0.0) {
+                reached[i] = 1;
+                break;
+            }
+}
+
+#include "_kernel_hvp.h"
 
 /* ---- denormals ----------------------------------------------------------- */
 
@@ -693,10 +701,11 @@ fail:
     return -1;
 }
 
-/* The four tape columns, all of one length n. */
+/* The tape columns, all of one length n; the third arguments (arg2) are
+ * optional (None: the tape has no ternary node). */
 typedef struct {
-    Py_buffer code, a, b, c;
-    int held;
+    Py_buffer code, a, b, c, z;
+    int held, has_z;
     Columns cols;
 } TapeBuffers;
 
@@ -706,11 +715,16 @@ static void release_tape(TapeBuffers *tb)
     for (int k = 0; k < tb->held; k++)
         PyBuffer_Release(views[k]);
     tb->held = 0;
+    if (tb->has_z)
+        PyBuffer_Release(&tb->z);
+    tb->has_z = 0;
 }
 
-static int get_tape(PyObject *code, PyObject *a, PyObject *b, PyObject *c, TapeBuffers *tb)
+static int get_tape(PyObject *code, PyObject *a, PyObject *b, PyObject *z, PyObject *c,
+                    TapeBuffers *tb)
 {
     tb->held = 0;
+    tb->has_z = 0;
     if (get_array(code, "code", 'B', 1, 0, 1, &tb->code) < 0)
         return -1;
     tb->held = 1;
@@ -729,6 +743,18 @@ static int get_tape(PyObject *code, PyObject *a, PyObject *b, PyObject *c, TapeB
                      "code, arg0, arg1 and const must have the same length, got %zd, %zd, %zd "
                      "and %zd", n, tb->a.shape[0], tb->b.shape[0], tb->c.shape[0]);
         goto fail;
+    }
+    tb->cols.z = NULL;
+    if (z != NULL && z != Py_None) {
+        if (get_array(z, "arg2", 'i', 4, 0, 1, &tb->z) < 0)
+            goto fail;
+        tb->has_z = 1;
+        if (tb->z.shape[0] != n) {
+            PyErr_Format(PyExc_ValueError, "arg2 has %zd entries but the tape has %zd nodes",
+                         tb->z.shape[0], n);
+            goto fail;
+        }
+        tb->cols.z = (const int32_t *)tb->z.buf;
     }
     tb->cols.code = (const uint8_t *)tb->code.buf;
     tb->cols.a = (const int32_t *)tb->a.buf;
@@ -764,7 +790,7 @@ static void raise_bad_node(const Columns *t, Py_ssize_t i)
         PyErr_Format(PyExc_ValueError, "node %zd: unknown op code %u", i, k);
         return;
     }
-    Py_ssize_t args[2] = {t->a[i], t->b[i]};
+    Py_ssize_t args[3] = {t->a[i], t->b[i], THIRD(t, i)};
     for (int s = 0; s < ARITY_PLUS_1[k] - 1; s++) {
         if (args[s] < 0 || args[s] >= i) {
             PyErr_Format(PyExc_ValueError,
@@ -782,8 +808,8 @@ Py_ssize_t mg_backward_columns(const uint8_t *code, const int32_t *a, const int3
                                const double *c, Py_ssize_t n, const double *v, double *g,
                                uint8_t *reached, Py_ssize_t out)
 {
-    Columns t = {code, a, b, c, n};
-    return backward_one(&t, v, g, reached, out, NULL);
+    Columns t = {code, a, b, NULL, c, n};
+    return backward_one(&t, v, g, reached, out, NULL, 0);
 }
 
 /* The arity of an op these sweeps implement, -1 for any other code. */
@@ -886,6 +912,7 @@ typedef struct {
 #define TILE_SAME_0(code_, name, arity)
 #define TILE_SAME_1(code_, name, arity)
 #define TILE_SAME_2(code_, name, arity) TILE_SAME(code_, name, arity)
+#define TILE_SAME_3(code_, name, arity)
 MG_OPS(TILE_SAME_IF_BINARY)
 
 static inline void tile_zero(double *row)
@@ -904,6 +931,9 @@ static inline void tile_zero(double *row)
 #define TF_1(name) name##_row_f(o, v + (Py_ssize_t)s->a * MG_TILE, NULL, s->c, MG_TILE);
 #define TF_2(name)                                                  \
     name##_row_f(o, v + (Py_ssize_t)s->a * MG_TILE, v + (Py_ssize_t)s->b * MG_TILE, s->c, MG_TILE);
+/* Ternary ops never reach a tile: tapes with a third argument column are
+ * swept whole (compile_steps sees no arg2 and refuses them). */
+#define TF_3(name)
 #define TF_CASE(code_, name, arity) \
     case code_: { TF_##arity(name) } break;
 
@@ -948,6 +978,7 @@ static MG_CLONES int forward_tile(const Step *prog, Py_ssize_t n, const double *
             name##_row_d(ga, gb, x, v + (Py_ssize_t)s->b * MG_TILE, o, go, s->c, MG_TILE); \
         }                                                           \
     }
+#define TB_3(name)
 #define TB_CASE(code_, name, arity) \
     case code_: { TB_##arity(name) } break;
 
@@ -1164,25 +1195,28 @@ static Py_ssize_t compile_steps(const Columns *t, Py_ssize_t out, Step *prog, St
 /* ---- Python entry points ------------------------------------------------ */
 
 PyDoc_STRVAR(forward_doc,
-"forward(code, arg0, arg1, const, values, flush_denormals=False, stop=None, expires=0.0)\n--\n\n"
+"forward(code, arg0, arg1, const, values, flush_denormals=False, stop=None, expires=0.0,\n"
+"        arg2=None)\n--\n\n"
 "Forward sweep: fill the non-leaf rows of values ((n,) or (n, B) float64,\n"
 "C-contiguous, leaf rows already filled) in place. Returns True, or False\n"
 "if it stopped early: when the first byte of the buffer stop became non-zero\n"
-"or time.monotonic() passed expires (looked at every few thousand cells).");
+"or time.monotonic() passed expires (looked at every few thousand cells).\n"
+"arg2 holds the third arguments (int32, -1 where none), None when no node\n"
+"has one.");
 
 static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "flush_denormals",
-                               "stop", "expires", NULL};
-    PyObject *code, *a, *b, *c, *values, *stop_flag = NULL;
+                               "stop", "expires", "arg2", NULL};
+    PyObject *code, *a, *b, *c, *values, *stop_flag = NULL, *z = Py_None;
     int flush = 0, use_stop = 0;
     double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|pOd:forward", keywords, &code, &a, &b,
-                                     &c, &values, &flush, &stop_flag, &expires))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|pOdO:forward", keywords, &code, &a, &b,
+                                     &c, &values, &flush, &stop_flag, &expires, &z))
         return NULL;
     TapeBuffers tb;
-    if (get_tape(code, a, b, c, &tb) < 0)
+    if (get_tape(code, a, b, z, c, &tb) < 0)
         return NULL;
     Py_buffer vv;
     Py_ssize_t m;
@@ -1201,10 +1235,12 @@ static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwar
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
-    if (vv.ndim == 1)
+    if (vv.ndim == 1 && tb.cols.z == NULL)
         bad = forward_one(&tb.cols, (double *)vv.buf, sp);
-    else
-        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m, sp);
+    else /* a batch, or one binding of a tape with ternary nodes: rows of m (or 1) */
+        bad = (vv.ndim == 2 && m == 0) ? -1
+                                       : forward_batch(&tb.cols, (double *)vv.buf,
+                                                       vv.ndim == 1 ? 1 : m, sp);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
@@ -1219,25 +1255,29 @@ static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwar
 
 PyDoc_STRVAR(backward_doc,
 "backward(code, arg0, arg1, const, values, grads, output, flush_denormals=False, stop=None,\n"
-"         expires=0.0)\n--\n\n"
+"         expires=0.0, arg2=None, seeded=False)\n--\n\n"
 "Reverse sweep: add d(output)/d(node) into grads (zeroed, shaped like the\n"
 "forward-filled values) for every node the output depends on. Returns True,\n"
-"or False if it stopped early (stop and expires as in forward).");
+"or False if it stopped early (stop and expires as in forward). seeded:\n"
+"grads arrives holding cotangent weights in any rows up to output, and one\n"
+"sweep from output propagates all of them (a vector-Jacobian product; in\n"
+"a batch, each column its own seeds).");
 
 static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "grads", "output",
-                               "flush_denormals", "stop", "expires", NULL};
-    PyObject *code, *a, *b, *c, *values, *grads, *stop_flag = NULL;
+                               "flush_denormals", "stop", "expires", "arg2", "seeded", NULL};
+    PyObject *code, *a, *b, *c, *values, *grads, *stop_flag = NULL, *z = Py_None;
     Py_ssize_t out;
-    int flush = 0, use_stop = 0;
+    int flush = 0, use_stop = 0, seeded = 0;
     double expires = 0.0;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|pOd:backward", keywords, &code, &a,
-                                     &b, &c, &values, &grads, &out, &flush, &stop_flag, &expires))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOn|pOdOp:backward", keywords, &code, &a,
+                                     &b, &c, &values, &grads, &out, &flush, &stop_flag, &expires,
+                                     &z, &seeded))
         return NULL;
     TapeBuffers tb;
-    if (get_tape(code, a, b, c, &tb) < 0)
+    if (get_tape(code, a, b, z, c, &tb) < 0)
         return NULL;
     const Py_ssize_t n = tb.cols.n;
     Py_buffer vv, gv;
@@ -1267,9 +1307,11 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
     if (get_stop(stop_flag, expires, m, &stop, &sv, &use_stop) < 0)
         goto done;
     reached = PyMem_RawCalloc((size_t)out + 1, 1);
-    if (vv.ndim == 2 && m > 0)
-        scratch = PyMem_RawMalloc((size_t)m * sizeof(double));
-    if (reached == NULL || (vv.ndim == 2 && m > 0 && scratch == NULL)) {
+    const int rowwise = vv.ndim == 2 || tb.cols.z != NULL; /* as in kernel_forward */
+    const Py_ssize_t width = vv.ndim == 2 ? m : 1;
+    if (rowwise && width > 0)
+        scratch = PyMem_RawMalloc((size_t)width * sizeof(double));
+    if (reached == NULL || (rowwise && width > 0 && scratch == NULL)) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1277,12 +1319,15 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
-    if (vv.ndim == 1)
-        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out, sp);
+    if (seeded)
+        mark_seeds((const double *)gv.buf, reached, out, vv.ndim == 1 ? 1 : m);
+    if (!rowwise)
+        bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out, sp,
+                           seeded);
     else
-        bad = m == 0 ? -1
-                     : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached,
-                                      out, m, scratch, sp);
+        bad = width == 0 ? -1
+                         : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf,
+                                          reached, out, width, scratch, sp, seeded);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
@@ -1297,6 +1342,82 @@ done:
 done_values:
     PyBuffer_Release(&vv);
 done_tape:
+    release_tape(&tb);
+    return result;
+}
+
+PyDoc_STRVAR(hvp_doc,
+"hvp(code, arg0, arg1, const, values, tangents, grads, grad_tangents, output,\n"
+"    flush_denormals=False, arg2=None)\n--\n\n"
+"Forward-over-reverse: fill values and tangents (leaf rows filled: the\n"
+"tangent v at the inputs, 0 elsewhere), then grads (d output/d node) and\n"
+"grad_tangents (zeroed; at the inputs, the Hessian-vector product H v).\n"
+"All four (n,) or (n, B) float64, C-contiguous, distinct.");
+
+static PyObject *kernel_hvp(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "values", "tangents", "grads",
+                               "grad_tangents", "output", "flush_denormals", "arg2", NULL};
+    PyObject *code, *a, *b, *c, *arrays[4], *z = Py_None;
+    static const char *const names[4] = {"values", "tangents", "grads", "grad_tangents"};
+    Py_ssize_t out;
+    int flush = 0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOn|pO:hvp", keywords, &code, &a, &b, &c,
+                                     &arrays[0], &arrays[1], &arrays[2], &arrays[3], &out, &flush,
+                                     &z))
+        return NULL;
+    TapeBuffers tb;
+    if (get_tape(code, a, b, z, c, &tb) < 0)
+        return NULL;
+    const Py_ssize_t n = tb.cols.n;
+    Py_buffer views[4];
+    Py_ssize_t m[4];
+    int held = 0;
+    uint8_t *reached = NULL;
+    PyObject *result = NULL;
+    for (; held < 4; held++)
+        if (get_rows(arrays[held], names[held], n, &views[held], &m[held]) < 0)
+            goto done;
+    for (int k = 1; k < 4; k++) {
+        if (views[k].ndim != views[0].ndim || m[k] != m[0]) {
+            PyErr_Format(PyExc_ValueError, "%s must have the same shape as values", names[k]);
+            goto done;
+        }
+        for (int l = 0; l < k; l++)
+            if (views[k].buf == views[l].buf && n > 0) {
+                PyErr_Format(PyExc_ValueError, "%s and %s must be different arrays", names[l],
+                             names[k]);
+                goto done;
+            }
+    }
+    if (out < 0 || out >= n) {
+        PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
+        goto done;
+    }
+    reached = PyMem_RawCalloc((size_t)out + 1, 1);
+    if (reached == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t bad = -1;
+    double *v = views[0].buf, *dv = views[1].buf, *g = views[2].buf, *dg = views[3].buf;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned int saved = flush_enter(flush);
+    if (views[0].ndim == 1)
+        bad = hvp_one(&tb.cols, v, dv, g, dg, reached, out);
+    else if (m[0] > 0)
+        bad = hvp_batch(&tb.cols, v, dv, g, dg, reached, out, m[0]);
+    flush_leave(flush, saved);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0)
+        raise_bad_node(&tb.cols, bad);
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(reached);
+    for (int k = 0; k < held; k++)
+        PyBuffer_Release(&views[k]);
     release_tape(&tb);
     return result;
 }
@@ -1328,7 +1449,7 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
                                      &expires))
         return NULL;
     TapeBuffers tb;
-    if (get_tape(code, a, b, c, &tb) < 0)
+    if (get_tape(code, a, b, NULL, c, &tb) < 0)
         return NULL;
     const Py_ssize_t n = tb.cols.n;
     Py_buffer iv, bv, sv, vo, go;
@@ -1442,14 +1563,16 @@ done:
 PyDoc_STRVAR(decode_graph_doc,
 "decode_graph(buf)\n--\n\n"
 "Decode the protobuf wire bytes of a micrograd.v1.Graph into columns:\n"
-"(n, code, arg0, arg1, const, names), the four columns as bytearrays of\n"
-"uint8, int32, int32 and float64 items and names a list of (node, name)\n"
-"for the nodes with a non-empty name. Raises ValueError((node, reason)).");
+"(n, code, arg0, arg1, arg2, const, names), the columns as bytearrays of\n"
+"uint8, int32, int32, int32 and float64 items (arg2 None when no node has a\n"
+"third argument) and names a list of (node, name) for the nodes with a\n"
+"non-empty name. Raises ValueError((node, reason)).");
 
 PyDoc_STRVAR(unpack_columns_doc,
 "unpack_columns(ops, args, values, arity, uses_value)\n--\n\n"
-"Validate a PackedGraph's byte columns and return (arg0, arg1, const) as\n"
-"bytearrays of int32, int32 and float64 items; ops is already the code\n"
+"Validate a PackedGraph's byte columns and return (arg0, arg1, arg2, const)\n"
+"as bytearrays of int32 and float64 items (arg2 None when no node has a\n"
+"third argument); ops is already the code\n"
 "column. arity and uses_value are per-code tables from micrograd.ops (arity\n"
 "255: not an op). Raises ValueError((node, field, reason)), node -1 for the\n"
 "graph as a whole.");
@@ -1459,6 +1582,7 @@ static PyMethodDef kernel_methods[] = {
      forward_doc},
     {"backward", (PyCFunction)(void (*)(void))kernel_backward, METH_VARARGS | METH_KEYWORDS,
      backward_doc},
+    {"hvp", (PyCFunction)(void (*)(void))kernel_hvp, METH_VARARGS | METH_KEYWORDS, hvp_doc},
     {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
      METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},

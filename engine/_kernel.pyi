@@ -16,6 +16,7 @@ def forward(
     const: Any,
     values: Any,
     flush_denormals: bool = False,
+    arg2: Any = None,
     stop: Any = None,
     expires: float = 0.0,
 ) -> bool:
@@ -31,21 +32,40 @@ def backward(
     grads: Any,
     output: int,
     flush_denormals: bool = False,
+    arg2: Any = None,
+    seeded: bool = False,
     stop: Any = None,
     expires: float = 0.0,
 ) -> bool:
-    """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place; False if
-    it stopped early (as ``forward``)."""
+    """Add d(output)/d(node) into ``grads`` (zeroed, or holding cotangent seeds) in place;
+    False if it stopped early (as ``forward``)."""
+
+def hvp(
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    values: Any,
+    tangents: Any,
+    grads: Any,
+    grad_tangents: Any,
+    output: int,
+    flush_denormals: bool = False,
+    arg2: Any = None,
+) -> None:
+    """Forward-over-reverse: values, tangents, grads and grad_tangents (H v at the inputs)."""
 
 def decode_graph(
     buf: bytes | bytearray | memoryview,
-) -> tuple[int, bytearray, bytearray, bytearray, bytearray, list[tuple[int, str]]]:
-    """Columns of a wire ``micrograd.v1.Graph``: ``(n, code, arg0, arg1, const, names)``."""
+) -> tuple[
+    int, bytearray, bytearray, bytearray, bytearray | None, bytearray, list[tuple[int, str]]
+]:
+    """Columns of a wire ``micrograd.v1.Graph``: ``(n, code, arg0, arg1, arg2, const, names)``."""
 
 def unpack_columns(
     ops: bytes, args: bytes, values: bytes, arity: bytes, uses_value: bytes
-) -> tuple[bytearray, bytearray, bytearray]:
-    """Validated ``(arg0, arg1, const)`` of a PackedGraph's columns; ``ops`` is the code column."""
+) -> tuple[bytearray, bytearray, bytearray | None, bytearray]:
+    """Validated ``(arg0, arg1, arg2, const)`` of a PackedGraph's columns (arg2 None if unused)."""
 
 def evaluate_tiles(
     code: Any,

@@ -201,13 +201,18 @@ typedef struct {
     uint8_t *code;
     int32_t *a;
     int32_t *b;
+    int32_t *z; /* third arguments */
     double *c;
+    int any_third; /* whether some node has a third argument */
 } OutColumns;
 
-static int add_arg(uint64_t value, int32_t args[2], int *count, DecodeError *err, Py_ssize_t node)
+#define MAX_ARGS 3
+
+static int add_arg(uint64_t value, int32_t args[MAX_ARGS], int *count, DecodeError *err,
+                   Py_ssize_t node)
 {
-    if (*count == 2)
-        return fail(err, node, "more than 2 args (no op takes more than two arguments)");
+    if (*count == MAX_ARGS)
+        return fail(err, node, "more than 3 args (no op takes more than three arguments)");
     if (value > INT32_MAX)
         return fail(err, node, "argument %d is %llu, which is not a node index", *count,
                     (unsigned long long)value);
@@ -235,7 +240,7 @@ static int decode_node(const uint8_t *p, const uint8_t *end, const uint8_t *base
                        OutColumns *out, NameList *names, DecodeError *err)
 {
     uint64_t op = 0;
-    int32_t args[2] = {-1, -1};
+    int32_t args[MAX_ARGS] = {-1, -1, -1};
     int count = 0;
     double value = 0.0;
     const uint8_t *name = NULL;
@@ -304,6 +309,8 @@ static int decode_node(const uint8_t *p, const uint8_t *end, const uint8_t *base
     out->code[node] = (uint8_t)op;
     out->a[node] = args[0];
     out->b[node] = args[1];
+    out->z[node] = args[2];
+    out->any_third |= args[2] != -1;
     out->c[node] = value;
     if (name_len > 0 && add_name(names, node, name - base, name_len, err) < 0)
         return -1;
@@ -387,7 +394,7 @@ PyObject *mg_decode_graph(PyObject *module, PyObject *arg)
     const uint8_t *end = base + view.len;
     DecodeError err = {0, {0}};
     NameList names = {NULL, 0, 0};
-    PyObject *cols[4] = {NULL, NULL, NULL, NULL};
+    PyObject *cols[5] = {NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
     Py_ssize_t n;
 
@@ -398,8 +405,8 @@ PyObject *mg_decode_graph(PyObject *module, PyObject *arg)
         raise_decode_error(&err);
         goto done;
     }
-    const Py_ssize_t sizes[4] = {1, 4, 4, 8};
-    for (int k = 0; k < 4; k++) {
+    const Py_ssize_t sizes[5] = {1, 4, 4, 4, 8};
+    for (int k = 0; k < 5; k++) {
         if (n > PY_SSIZE_T_MAX / sizes[k]) {
             PyErr_NoMemory();
             goto done;
@@ -412,7 +419,9 @@ PyObject *mg_decode_graph(PyObject *module, PyObject *arg)
         (uint8_t *)PyByteArray_AS_STRING(cols[0]),
         (int32_t *)(void *)PyByteArray_AS_STRING(cols[1]),
         (int32_t *)(void *)PyByteArray_AS_STRING(cols[2]),
-        (double *)(void *)PyByteArray_AS_STRING(cols[3]),
+        (int32_t *)(void *)PyByteArray_AS_STRING(cols[3]),
+        (double *)(void *)PyByteArray_AS_STRING(cols[4]),
+        0,
     };
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -425,9 +434,10 @@ PyObject *mg_decode_graph(PyObject *module, PyObject *arg)
     PyObject *name_list = build_names(base, &names);
     if (name_list == NULL)
         goto done;
-    result = Py_BuildValue("(nOOOON)", n, cols[0], cols[1], cols[2], cols[3], name_list);
+    result = Py_BuildValue("(nOOOOON)", n, cols[0], cols[1], cols[2],
+                           out.any_third ? cols[3] : Py_None, cols[4], name_list);
 done:
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 5; k++)
         Py_XDECREF(cols[k]);
     PyMem_RawFree(names.items);
     PyBuffer_Release(&view);

@@ -85,13 +85,14 @@ static int length_error(const Packed *pk, UnpackError *err, int which)
     return -1;
 }
 
-static int unpack(const Packed *pk, int32_t *a0, int32_t *a1, double *c, UnpackError *err)
+static int unpack(const Packed *pk, int32_t *a0, int32_t *a1, int32_t *a2, double *c,
+                  int *any_third, UnpackError *err)
 {
     Py_ssize_t pos = 0, vpos = 0;
     for (Py_ssize_t i = 0; i < pk->n; i++) {
         const uint8_t k = pk->ops[i];
         const uint8_t ar = k < pk->n_codes ? pk->arity[k] : NOT_AN_OP;
-        if (ar == NOT_AN_OP) {
+        if (ar == NOT_AN_OP || ar > 3) {
             err->node = i;
             snprintf(err->field, sizeof err->field, "ops[%zd]", i);
             snprintf(err->reason, sizeof err->reason, "unknown op %u; known ops are 1..%zd",
@@ -100,7 +101,7 @@ static int unpack(const Packed *pk, int32_t *a0, int32_t *a1, double *c, UnpackE
         }
         if (pos + ar > pk->n_args)
             return length_error(pk, err, 0);
-        int32_t slots[2] = {-1, -1};
+        int32_t slots[3] = {-1, -1, -1};
         for (int s = 0; s < ar; s++) {
             const uint32_t ref = load_u32(pk->args + 4 * (pos + s));
             if ((Py_ssize_t)ref >= i) {
@@ -117,6 +118,8 @@ static int unpack(const Packed *pk, int32_t *a0, int32_t *a1, double *c, UnpackE
         pos += ar;
         a0[i] = slots[0];
         a1[i] = slots[1];
+        a2[i] = slots[2];
+        *any_third |= slots[2] != -1;
         if (pk->uses_value[k]) {
             if (vpos >= pk->n_values)
                 return length_error(pk, err, 1);
@@ -138,7 +141,7 @@ PyObject *mg_unpack_columns(PyObject *module, PyObject *args)
     Py_buffer ops, arg, val, arity, uses;
     if (!PyArg_ParseTuple(args, "y*y*y*y*y*:unpack_columns", &ops, &arg, &val, &arity, &uses))
         return NULL;
-    PyObject *cols[3] = {NULL, NULL, NULL};
+    PyObject *cols[4] = {NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
     if (arg.len % 4 || val.len % 8 || arity.len != uses.len || arity.len == 0 ||
         arity.len > 256) {
@@ -148,8 +151,8 @@ PyObject *mg_unpack_columns(PyObject *module, PyObject *args)
         goto done;
     }
     const Py_ssize_t n = ops.len;
-    const Py_ssize_t sizes[3] = {4, 4, 8};
-    for (int k = 0; k < 3; k++) {
+    const Py_ssize_t sizes[4] = {4, 4, 4, 8};
+    for (int k = 0; k < 4; k++) {
         cols[k] = PyByteArray_FromStringAndSize(NULL, n * sizes[k]);
         if (cols[k] == NULL)
             goto done;
@@ -160,11 +163,12 @@ PyObject *mg_unpack_columns(PyObject *module, PyObject *args)
         (const uint8_t *)arity.buf, (const uint8_t *)uses.buf, arity.len,
     };
     UnpackError err = {0, {0}, {0}};
-    int rc;
+    int rc, any_third = 0;
     Py_BEGIN_ALLOW_THREADS
     rc = unpack(&pk, (int32_t *)(void *)PyByteArray_AS_STRING(cols[0]),
                 (int32_t *)(void *)PyByteArray_AS_STRING(cols[1]),
-                (double *)(void *)PyByteArray_AS_STRING(cols[2]), &err);
+                (int32_t *)(void *)PyByteArray_AS_STRING(cols[2]),
+                (double *)(void *)PyByteArray_AS_STRING(cols[3]), &any_third, &err);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyObject *detail = Py_BuildValue("(nss)", err.node, err.field, err.reason);
@@ -174,9 +178,9 @@ PyObject *mg_unpack_columns(PyObject *module, PyObject *args)
         }
         goto done;
     }
-    result = Py_BuildValue("(OOO)", cols[0], cols[1], cols[2]);
+    result = Py_BuildValue("(OOOO)", cols[0], cols[1], any_third ? cols[2] : Py_None, cols[3]);
 done:
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 4; k++)
         Py_XDECREF(cols[k]);
     PyBuffer_Release(&ops);
     PyBuffer_Release(&arg);

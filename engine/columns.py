@@ -29,5 +29,9 @@ class Columns(Protocol):
         """int32 second argument of each node (-1 where none)."""
 
     @property
+    def arg2(self) -> np.ndarray | None:
+        """int32 third argument of each node (-1 where none), or None when no node has one."""
+
+    @property
     def const(self) -> np.ndarray:
         """float64 constant of each node (values of leaves, ``pow`` exponents)."""

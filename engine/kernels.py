@@ -29,7 +29,7 @@ import numpy as np
 
 from . import ops as _ops
 from .columns import Columns
-from .engine import Value
+from .engine import Value, hvp, jacobian, where
 
 try:  # the C kernel is optional: without the built extension, PythonKernel serves alone
     from .native import NativeKernel
@@ -46,7 +46,9 @@ __all__ = [
 
 
 class Kernel(Protocol):
-    """What evaluates a tape: a forward and a reverse sweep over its arrays."""
+    """What evaluates a tape: a forward and a reverse sweep over its arrays, and the two
+    sweeps beyond one gradient (a reverse sweep seeded at several nodes, and
+    forward-over-reverse for Hessian-vector products)."""
 
     name: str
 
@@ -55,6 +57,27 @@ class Kernel(Protocol):
 
     def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
         """Fill ``grads`` (zeroed, shaped like ``values``) with d(output)/d(node) in place."""
+
+    def vjp(self, tape: Columns, values: np.ndarray, cotangents: np.ndarray, output: int) -> None:
+        """One reverse sweep from every row of ``cotangents`` (up to ``output``) that holds a
+        nonzero weight; ``cotangents`` becomes sum_k w_k d(node_k)/d(node), per column."""
+
+    def hvp(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        tangents: np.ndarray,
+        grads: np.ndarray,
+        grad_tangents: np.ndarray,
+        output: int,
+    ) -> None:
+        """Forward-over-reverse: fill ``values`` and ``tangents`` (leaf rows given), then
+        ``grads`` and ``grad_tangents`` (zeroed); at the inputs the latter is ``H v``."""
+
+
+def _third(tape: Columns) -> list[int]:
+    """The third-argument column as a list (-1 everywhere when the tape has none)."""
+    return [-1] * int(tape.code.shape[0]) if tape.arg2 is None else tape.arg2.tolist()
 
 
 class PythonKernel:
@@ -72,6 +95,7 @@ class PythonKernel:
         code = tape.code.tolist()
         a = tape.arg0.tolist()
         b = tape.arg1.tolist()
+        z = _third(tape)
         c = tape.const.tolist()
         arity = _ops.ARITY.tolist()
         for i in range(len(code)):
@@ -81,22 +105,40 @@ class PythonKernel:
                 v[i] = fwd[k](v[a[i]], v[b[i]], c[i])  # type: ignore[misc]
             elif n_args == 1:
                 v[i] = fwd[k](v[a[i]], 0.0, c[i])  # type: ignore[misc]
+            elif n_args == 3:
+                v[i] = fwd[k](v[a[i]], v[b[i]], v[z[i]])  # type: ignore[misc]
         values[:] = v
 
     def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
         """Reverse sweep from ``output`` through the nodes it depends on."""
+        self._reverse(tape, values, grads, output, seeded=False)
+
+    def vjp(self, tape: Columns, values: np.ndarray, cotangents: np.ndarray, output: int) -> None:
+        """Reverse sweep seeded with the weights in ``cotangents`` (see ``Kernel.vjp``)."""
+        self._reverse(tape, values, cotangents, output, seeded=True)
+
+    def _reverse(
+        self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int, seeded: bool
+    ) -> None:
         if values.ndim == 2:
-            self._backward_batch(tape, values, grads, output)
+            self._backward_batch(tape, values, grads, output, seeded)
             return
         part = [None] + [op.partials for op in _ops.OPS]
         v = values.tolist()
-        g = [0.0] * len(v)
-        g[output] = 1.0
-        reached = bytearray(len(v))
+        n = len(v)
+        reached = bytearray(n)
+        if seeded:
+            g = grads.tolist()
+            for i in np.flatnonzero(grads[: output + 1] != 0.0).tolist():
+                reached[i] = 1
+        else:
+            g = [0.0] * n
+            g[output] = 1.0
         reached[output] = 1
         code = tape.code.tolist()
         a = tape.arg0.tolist()
         b = tape.arg1.tolist()
+        z = _third(tape)
         c = tape.const.tolist()
         arity = _ops.ARITY.tolist()
         for i in range(output, -1, -1):
@@ -115,9 +157,17 @@ class PythonKernel:
                 dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
                 g[ai] += dx * gi
                 g[bi] += dy * gi
-            else:
+            elif n_args == 1:
                 dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
                 g[ai] += dx * gi
+            else:
+                bi, zi = b[i], z[i]
+                reached[bi] = 1
+                reached[zi] = 1
+                dx, dy, dz = part[k](v[ai], v[bi], v[zi], v[i])  # type: ignore[misc]
+                g[ai] += dx * gi
+                g[bi] += dy * gi
+                g[zi] += dz * gi
         grads[:] = g
 
     @staticmethod
@@ -125,28 +175,43 @@ class PythonKernel:
         """Batch forward: one numpy call per node over all bindings."""
         ops = _ops.BY_CODE
         with np.errstate(all="ignore"):
-            for i, (k, ai, bi, ci) in enumerate(
-                zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
+            for i, (k, ai, bi, zi, ci) in enumerate(
+                zip(
+                    tape.code.tolist(),
+                    tape.arg0.tolist(),
+                    tape.arg1.tolist(),
+                    _third(tape),
+                    tape.const.tolist(),
+                )
             ):
                 op = ops[k]
                 if op.arity == 2:
                     values[i] = op.vforward(values[ai], values[bi], ci)
                 elif op.arity == 1:
                     values[i] = op.vforward(values[ai], 0.0, ci)
+                elif op.arity == 3:
+                    values[i] = op.vforward(values[ai], values[bi], values[zi])
 
     @staticmethod
-    def _backward_batch(tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
+    def _backward_batch(
+        tape: Columns, values: np.ndarray, grads: np.ndarray, output: int, seeded: bool
+    ) -> None:
         """Batch reverse sweep: one numpy call per node over all bindings."""
         ops = _ops.BY_CODE
-        code, a, b, c = (
+        code, a, b, z, c = (
             tape.code.tolist(),
             tape.arg0.tolist(),
             tape.arg1.tolist(),
+            _third(tape),
             tape.const.tolist(),
         )
         reached = bytearray(len(code))
+        if seeded:
+            for i in np.flatnonzero((grads[: output + 1] != 0.0).any(axis=1)).tolist():
+                reached[i] = 1
+        else:
+            grads[output] = 1.0
         reached[output] = 1
-        grads[output] = 1.0
         with np.errstate(all="ignore"):
             for i in range(output, -1, -1):
                 op = ops[code[i]]
@@ -161,18 +226,101 @@ class PythonKernel:
                     dx, dy = op.vpartials(values[ai], values[bi], c[i], values[i])
                     grads[ai] += dx * gi
                     grads[bi] += dy * gi
-                else:
+                elif op.arity == 1:
                     dx, _ = op.vpartials(values[ai], 0.0, c[i], values[i])
                     grads[ai] += dx * gi
+                else:
+                    bi, zi = b[i], z[i]
+                    reached[bi] = 1
+                    reached[zi] = 1
+                    dx, dy, dz = op.vpartials(values[ai], values[bi], values[zi], values[i])
+                    grads[ai] += dx * gi
+                    grads[bi] += dy * gi
+                    grads[zi] += dz * gi
+
+    def hvp(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        tangents: np.ndarray,
+        grads: np.ndarray,
+        grad_tangents: np.ndarray,
+        output: int,
+    ) -> None:
+        """Forward-over-reverse with the table's numpy forms, in the C kernel's order."""
+        single = values.ndim == 1
+        arrays = (values, tangents, grads, grad_tangents)
+        v, t, g, gt = (x[:, None] if single else x for x in arrays)
+        ops = _ops.BY_CODE
+        code, a, b, z, c = (
+            tape.code.tolist(),
+            tape.arg0.tolist(),
+            tape.arg1.tolist(),
+            _third(tape),
+            tape.const.tolist(),
+        )
+        with np.errstate(all="ignore"):
+            for i, k in enumerate(code):
+                op = ops[k]
+                ai, bi, zi = a[i], b[i], z[i]
+                if op.arity == 1:
+                    v[i] = op.vforward(v[ai], 0.0, c[i])
+                    dx, _ = op.vpartials(v[ai], 0.0, c[i], v[i])
+                    t[i] = dx * t[ai]
+                elif op.arity == 2:
+                    v[i] = op.vforward(v[ai], v[bi], c[i])
+                    dx, dy = op.vpartials(v[ai], v[bi], c[i], v[i])
+                    t[i] = dx * t[ai] + dy * t[bi]
+                elif op.arity == 3:
+                    v[i] = op.vforward(v[ai], v[bi], v[zi])
+                    dx, dy, dz = op.vpartials(v[ai], v[bi], v[zi], v[i])
+                    t[i] = dx * t[ai] + dy * t[bi] + dz * t[zi]
+            reached = bytearray(len(code))
+            reached[output] = 1
+            g[output] = 1.0
+            for i in range(output, -1, -1):
+                op = ops[code[i]]
+                if not reached[i] or op.arity == 0:
+                    continue
+                gi, dgi = g[i].copy(), gt[i].copy()
+                ai, bi, zi = a[i], b[i], z[i]
+                if op.arity == 1:
+                    reached[ai] = 1
+                    dx, _ = op.vpartials(v[ai], 0.0, c[i], v[i])
+                    dxx, _, _ = op.vsecond(v[ai], 0.0, c[i], v[i])
+                    g[ai] += dx * gi
+                    gt[ai] += dx * dgi + gi * (dxx * t[ai])
+                elif op.arity == 2:
+                    reached[ai] = reached[bi] = 1
+                    dx, dy = op.vpartials(v[ai], v[bi], c[i], v[i])
+                    dxx, dxy, dyy = op.vsecond(v[ai], v[bi], c[i], v[i])
+                    ta, tb = t[ai], t[bi]
+                    g[ai] += dx * gi
+                    g[bi] += dy * gi
+                    gt[ai] += dx * dgi + gi * (dxx * ta + dxy * tb)
+                    gt[bi] += dy * dgi + gi * (dxy * ta + dyy * tb)
+                else:
+                    reached[ai] = reached[bi] = reached[zi] = 1
+                    dx, dy, dz = op.vpartials(v[ai], v[bi], v[zi], v[i])
+                    xx, xy, yy, xz, yz, zz = op.vsecond(v[ai], v[bi], v[zi], v[i])
+                    ta, tb, tz = t[ai], t[bi], t[zi]
+                    g[ai] += dx * gi
+                    g[bi] += dy * gi
+                    g[zi] += dz * gi
+                    gt[ai] += dx * dgi + gi * (xx * ta + xy * tb + xz * tz)
+                    gt[bi] += dy * dgi + gi * (xy * ta + yy * tb + yz * tz)
+                    gt[zi] += dz * dgi + gi * (xz * ta + yz * tb + zz * tz)
 
 
-def _node_builder(op: _ops.Op) -> Callable[[Value, Value, float], Value]:
+def _node_builder(op: _ops.Op) -> Callable[[Value, Value, Value, float], Value]:
     """``op``'s ``expr`` as a function of argument nodes and the constant, via Value's operators."""
-    built = eval(f"lambda x, y, c: {op.expr}", {"__builtins__": {}, "Value": Value})
+    built = eval(
+        f"lambda x, y, z, c: {op.expr}", {"__builtins__": {}, "Value": Value, "where": where}
+    )
     return built  # type: ignore[no-any-return]
 
 
-_BUILD: list[Callable[[Value, Value, float], Value] | None] = [None] * (_ops.MAX_CODE + 1)
+_BUILD: list[Callable[[Value, Value, Value, float], Value] | None] = [None] * (_ops.MAX_CODE + 1)
 for _op in _ops.OPS:
     if _op.arity:
         _BUILD[_op.code] = _node_builder(_op)
@@ -190,14 +338,21 @@ class ValueKernel:
         append = nodes.append
         build = _BUILD
         leaf_values = leaves.tolist()
-        for i, (k, a, b, c) in enumerate(
-            zip(tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), tape.const.tolist())
+        for i, (k, a, b, z, c) in enumerate(
+            zip(
+                tape.code.tolist(),
+                tape.arg0.tolist(),
+                tape.arg1.tolist(),
+                _third(tape),
+                tape.const.tolist(),
+            )
         ):
             make = build[k]
             if make is None:
                 append(Value(leaf_values[i]))
             else:
-                append(make(nodes[a], nodes[b] if b >= 0 else nodes[a], c))
+                x = nodes[a]
+                append(make(x, nodes[b] if b >= 0 else x, nodes[z] if z >= 0 else x, c))
         return nodes
 
     def forward(self, tape: Columns, values: np.ndarray) -> None:
@@ -215,6 +370,42 @@ class ValueKernel:
             nodes = self._build(tape, columns[:, j])
             nodes[output].backward()
             grad_columns[:, j] = [v.grad for v in nodes]
+
+    def vjp(self, tape: Columns, values: np.ndarray, cotangents: np.ndarray, output: int) -> None:
+        """The weighted sum of ``jacobian`` rows of the seeded nodes, per binding."""
+        columns = values[:, None] if values.ndim == 1 else values
+        seeds = cotangents[:, None] if cotangents.ndim == 1 else cotangents
+        for j in range(columns.shape[1]):
+            nodes = self._build(tape, columns[:, j])
+            rows = np.flatnonzero(seeds[: output + 1, j] != 0.0)
+            weights = seeds[rows, j].copy()
+            rows_of = jacobian([nodes[r] for r in rows.tolist()], nodes)
+            jac = np.array(rows_of, dtype=np.float64).reshape(-1, len(nodes))
+            seeds[:, j] = weights @ jac
+
+    def hvp(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        tangents: np.ndarray,
+        grads: np.ndarray,
+        grad_tangents: np.ndarray,
+        output: int,
+    ) -> None:
+        """``micrograd.engine.hvp`` per binding: fills values, grads and the leaf rows of
+        ``grad_tangents`` (interior rows and ``tangents`` are left as they came)."""
+        columns = values[:, None] if values.ndim == 1 else values
+        tan = tangents[:, None] if tangents.ndim == 1 else tangents
+        g = grads[:, None] if grads.ndim == 1 else grads
+        gt = grad_tangents[:, None] if grad_tangents.ndim == 1 else grad_tangents
+        leaves = np.flatnonzero(_ops.ARITY[tape.code] == 0)
+        for j in range(columns.shape[1]):
+            nodes = self._build(tape, columns[:, j])
+            columns[:, j] = [v.data for v in nodes]
+            nodes[output].backward()
+            g[:, j] = [v.grad for v in nodes]
+            leaf_nodes = [nodes[i] for i in leaves.tolist()]
+            gt[leaves, j] = hvp(nodes[output], leaf_nodes, tan[leaves, j].tolist())
 
 
 _KERNELS: dict[str, Kernel] = {"python": PythonKernel(), "value": ValueKernel()}

@@ -96,6 +96,7 @@ class NativeKernel:
             tape.const,
             target,
             flush_denormals=self.flush_denormals,
+            arg2=tape.arg2,
             stop=stop,
             expires=expires or 0.0,
         )
@@ -114,6 +115,31 @@ class NativeKernel:
         expires: float | None = None,
     ) -> None:
         """Add d(output)/d(node) into ``grads`` (zeroed, shaped like ``values``) in place."""
+        self._reverse(tape, values, grads, output, False, stop, expires)
+
+    def vjp(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        cotangents: np.ndarray,
+        output: int,
+        stop: np.ndarray | None = None,
+        expires: float | None = None,
+    ) -> None:
+        """One reverse sweep seeded at several nodes: ``cotangents`` holds the weights in rows
+        up to ``output`` and becomes the vector-Jacobian product (per column for a batch)."""
+        self._reverse(tape, values, cotangents, output, True, stop, expires)
+
+    def _reverse(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        grads: np.ndarray,
+        output: int,
+        seeded: bool,
+        stop: np.ndarray | None,
+        expires: float | None,
+    ) -> None:
         _check_float64("values", values)
         _check_float64("grads", grads)
         target = grads if grads.flags.c_contiguous else np.ascontiguousarray(grads)
@@ -126,6 +152,8 @@ class NativeKernel:
             target,
             output,
             flush_denormals=self.flush_denormals,
+            arg2=tape.arg2,
+            seeded=seeded,
             stop=stop,
             expires=expires or 0.0,
         )
@@ -133,6 +161,38 @@ class NativeKernel:
             raise SweepStopped("the reverse sweep was stopped")
         if target is not grads:
             grads[...] = target
+
+    def hvp(
+        self,
+        tape: Columns,
+        values: np.ndarray,
+        tangents: np.ndarray,
+        grads: np.ndarray,
+        grad_tangents: np.ndarray,
+        output: int,
+    ) -> None:
+        """Forward-over-reverse in C: values and tangents forward, then grads and
+        ``grad_tangents`` (zeroed; at the inputs, the Hessian-vector product)."""
+        arrays = [values, tangents, grads, grad_tangents]
+        for what, array in zip(("values", "tangents", "grads", "grad_tangents"), arrays):
+            _check_float64(what, array)
+        work = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
+        _kernel.hvp(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            work[0],
+            work[1],
+            work[2],
+            work[3],
+            output,
+            flush_denormals=self.flush_denormals,
+            arg2=tape.arg2,
+        )
+        for given, used in zip(arrays, work):
+            if used is not given:
+                given[...] = used
 
     def evaluate_selected(
         self,
@@ -157,7 +217,7 @@ class NativeKernel:
         bind = np.ascontiguousarray(bindings, dtype=np.float64)
         sel = np.ascontiguousarray(selection, dtype=np.int64)
         rows = int(bind.shape[0])
-        if rows < TILE:
+        if rows < TILE or tape.arg2 is not None:  # the tiles sweep unary and binary ops only
             values = np.repeat(tape.const[:, None], rows, axis=1)
             values[inputs, :] = bind.T
             self.forward(tape, values, stop, expires)
@@ -206,6 +266,8 @@ class DecodedGraph(NamedTuple):
     """int32 first argument of each node, -1 where the node has none."""
     arg1: np.ndarray
     """int32 second argument of each node, -1 where the node has none."""
+    arg2: np.ndarray | None
+    """int32 third argument of each node (-1 where none), or None when no node has one."""
     const: np.ndarray
     """float64 ``value`` of each node (0 where not sent)."""
     names: list[tuple[int, str]]
@@ -221,7 +283,7 @@ def decode_graph(data: bytes | bytearray | memoryview) -> DecodedGraph:
     checked here; ``Tape.from_arrays`` then checks ops and argument indices.
     """
     try:
-        n, code, arg0, arg1, const, names = _kernel.decode_graph(data)
+        n, code, arg0, arg1, arg2, const, names = _kernel.decode_graph(data)
     except ValueError as exc:
         if len(exc.args) != 2:
             raise
@@ -231,6 +293,7 @@ def decode_graph(data: bytes | bytearray | memoryview) -> DecodedGraph:
         np.frombuffer(code, dtype=np.uint8, count=n),
         np.frombuffer(arg0, dtype=np.int32, count=n),
         np.frombuffer(arg1, dtype=np.int32, count=n),
+        None if arg2 is None else np.frombuffer(arg2, dtype=np.int32, count=n),
         np.frombuffer(const, dtype=np.float64, count=n),
         names,
     )
@@ -247,8 +310,10 @@ _USES_VALUE = bytes(
 
 def unpack_columns(
     ops: bytes, args: bytes, values: bytes
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate a ``PackedGraph``'s byte columns in one C pass: ``(arg0, arg1, const)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Validate a ``PackedGraph``'s byte columns in one C pass: ``(arg0, arg1, arg2, const)``.
+
+    ``arg2`` is ``None`` when no node has a third argument.
 
     ``ops`` is itself the code column. The checks are those of
     ``micrograd.codec.unpack`` plus ``Tape.from_arrays``: known ops, exact
@@ -256,7 +321,7 @@ def unpack_columns(
     ``GraphError`` with the same node, field and reason as those would.
     """
     try:
-        arg0, arg1, const = _kernel.unpack_columns(ops, args, values, _ARITY, _USES_VALUE)
+        arg0, arg1, arg2, const = _kernel.unpack_columns(ops, args, values, _ARITY, _USES_VALUE)
     except ValueError as exc:
         if len(exc.args) != 3:
             raise
@@ -265,6 +330,7 @@ def unpack_columns(
     return (
         np.frombuffer(arg0, dtype=np.int32),
         np.frombuffer(arg1, dtype=np.int32),
+        None if arg2 is None else np.frombuffer(arg2, dtype=np.int32),
         np.frombuffer(const, dtype=np.float64),
     )
 

@@ -1,8 +1,9 @@
 """The tape: an expression graph compiled to flat arrays, and its sweeps.
 
 A ``Tape`` lists nodes in topological order as parallel numpy arrays: the
-op code of each node, the indices of its (at most two) arguments, and its
-constant ``value``. A forward sweep fills every node's value; a reverse
+op code of each node, the indices of its arguments (two columns, and a
+third, ``arg2``, only when some node is ternary), and its constant
+``value``. A forward sweep fills every node's value; a reverse
 sweep fills the gradient of one output with respect to every node. Nothing
 here holds a Python object per node, so the same arrays go straight from
 the wire decoder to a kernel and back out into a response.
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import engine as _engine
 from . import ops as _ops
-from .engine import Value, topological_order
+from .engine import Value, graph_order, topological_order
 from .errors import GraphError
 from .kernels import Kernel, get_kernel
 
@@ -30,6 +32,7 @@ except ImportError:  # pragma: no cover - pure-Python installs
 
 __all__ = ["Tape"]
 
+_WHERE = _ops.BY_NAME["where"].code
 _INPUT = _ops.INPUT.code
 
 
@@ -37,7 +40,8 @@ _INPUT = _ops.INPUT.code
 class Tape:
     """A graph as arrays in topological order: ``code``, ``arg0``, ``arg1``, ``const``.
 
-    ``arg0``/``arg1`` are ``-1`` where the op takes fewer arguments;
+    ``arg0``/``arg1`` are ``-1`` where the op takes fewer arguments; ``arg2``
+    holds third arguments (``where``), or is ``None`` when no node has one;
     ``const`` holds constants, input defaults and ``pow`` exponents.
     ``inputs`` lists the indices of the input nodes in order and ``names``
     maps node names to node indices (any node may be named; only inputs
@@ -49,6 +53,7 @@ class Tape:
     arg1: np.ndarray
     const: np.ndarray
     names: Mapping[str, int] = field(default_factory=dict)
+    arg2: np.ndarray | None = None
     inputs: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,25 +72,32 @@ class Tape:
         arg1: np.ndarray | Sequence[int],
         const: np.ndarray | Sequence[float],
         names: Mapping[str, int] | None = None,
+        arg2: np.ndarray | Sequence[int] | None = None,
     ) -> Tape:
         """Validate the columns in one vectorised pass and build a tape.
 
         Raises ``GraphError`` naming the first node that is wrong: an unknown
         op, a missing or surplus argument, an argument that is not an earlier
-        node, or a name on a node that does not exist.
+        node, or a name on a node that does not exist. ``arg2`` (third
+        arguments, -1 where none) may be left out when no node is ternary.
         """
         c = _checked_codes(code)
         a, b = np.asarray(arg0), np.asarray(arg1)
+        z = None if arg2 is None else np.asarray(arg2)
         k = np.ascontiguousarray(const, dtype=np.float64)
         n = c.shape[0]
         if n == 0:
             raise GraphError(None, "the graph has no nodes")
-        if not (a.shape == b.shape == k.shape == (n,)):
-            raise GraphError(None, "code, arg0, arg1 and const must be 1-D and of the same length")
-        _validate(c, a, b, k)
+        if not (a.shape == b.shape == k.shape == (n,)) or (z is not None and z.shape != (n,)):
+            raise GraphError(
+                None, "code, arg0, arg1, arg2 and const must be 1-D and of the same length"
+            )
+        _validate(c, a, b, k, z)
         a = np.ascontiguousarray(a, dtype=np.int32)
         b = np.ascontiguousarray(b, dtype=np.int32)
-        return cls(c, a, b, k, _checked_names(names, n))
+        if z is not None:
+            z = np.ascontiguousarray(z, dtype=np.int32) if (z != -1).any() else None
+        return cls(c, a, b, k, _checked_names(names, n), z)
 
     @classmethod
     def from_checked_columns(
@@ -95,14 +107,15 @@ class Tape:
         arg1: np.ndarray,
         const: np.ndarray,
         names: Mapping[str, int] | None = None,
+        arg2: np.ndarray | None = None,
     ) -> Tape:
         """Build from columns a decoder has already validated by ``from_arrays``'s rules.
 
         For ``micrograd.native.unpack_columns``, which checks while it
         decodes; only the names are checked here. Columns must be uint8,
-        int32, int32 and float64.
+        int32, int32 and float64 (``arg2`` int32 or ``None``).
         """
-        return cls(code, arg0, arg1, const, _checked_names(names, int(code.shape[0])))
+        return cls(code, arg0, arg1, const, _checked_names(names, int(code.shape[0])), arg2)
 
     @classmethod
     def from_nodes(
@@ -119,6 +132,7 @@ class Tape:
         code: list[int] = []
         a: list[int] = []
         b: list[int] = []
+        z: list[int] = []
         k: list[float] = []
         names: dict[str, int] = {}
         for i, node in enumerate(nodes):
@@ -130,11 +144,12 @@ class Tape:
                 raise GraphError(i, f"{op.name} takes {op.arity} argument(s), got {len(args)}")
             code.append(op.code)
             a.append(args[0] if op.arity >= 1 else -1)
-            b.append(args[1] if op.arity == 2 else -1)
+            b.append(args[1] if op.arity >= 2 else -1)
+            z.append(args[2] if op.arity == 3 else -1)
             k.append(float(value))
             if len(node) > 3 and node[3]:  # type: ignore[misc]
                 names[node[3]] = i  # type: ignore[misc]
-        return cls.from_arrays(code, a, b, k, names)
+        return cls.from_arrays(code, a, b, k, names, z)
 
     @classmethod
     def from_value(
@@ -142,8 +157,10 @@ class Tape:
     ) -> tuple[Tape, list[Value]]:
         """Compile the graph behind ``root`` (its last node); also return the nodes in order.
 
-        The walk runs in C when the extension is built (same order as
-        ``topological_order``), in Python otherwise.
+        Raises ``GraphError`` naming the op of a custom node (micrograd's
+        ``Value(data, children, op)``): it has no wire code. The walk runs in C
+        when the extension is built (same order as ``topological_order``; it
+        declines graphs with ``where`` or custom nodes), in Python otherwise.
         """
         targets = list((names or {}).values())
         walked = _native_columns(root, targets) if _native_columns is not None else None
@@ -155,6 +172,8 @@ class Tape:
                     raise GraphError(None, f"input {name!r} is not part of the graph")
                 name_index[name] = i
             return cls(code, a, b, const, name_index), order
+        if _engine._WIDE:
+            return cls.from_values([root], names)
         order = topological_order(root)
         index = {v: i for i, v in enumerate(order)}
         n = len(order)
@@ -174,6 +193,42 @@ class Tape:
                 raise GraphError(None, f"input {name!r} is not part of the graph")
             name_index[name] = index[v]
         return cls(code, a, b, const, name_index), order
+
+    @classmethod
+    def from_values(
+        cls, roots: Sequence[Value], names: Mapping[str, Value] | None = None
+    ) -> tuple[Tape, list[Value]]:
+        """Compile the graph behind several ``roots`` (any nodes: where, custom ones refused).
+
+        The nodes come in ``graph_order``; return the tape and the nodes in order.
+        """
+        order = graph_order(list(roots))
+        index = {v: i for i, v in enumerate(order)}
+        n = len(order)
+        code = np.zeros(n, dtype=np.uint8)
+        cols = np.full((3, n), -1, dtype=np.int32)
+        const = np.zeros(n, dtype=np.float64)
+        for i, v in enumerate(order):
+            if v._code == _engine._CUSTOM:
+                raise GraphError(
+                    i,
+                    f"op {v._op!r} is a custom op (Value(data, children, {v._op!r}) with a "
+                    "_backward closure) and has no wire code; build it from the op table's "
+                    f"ops instead (known: {', '.join(_ops.BY_NAME)})",
+                )
+            code[i] = v._code
+            args = _engine._arguments(v)
+            for s, arg in enumerate(args):
+                cols[s, i] = index[arg]
+            const[i] = v.data if not args else (0.0 if v._code == _WHERE else v._c)
+        name_index: dict[str, int] = {}
+        for name, v in (names or {}).items():
+            if v not in index:
+                raise GraphError(None, f"input {name!r} is not part of the graph")
+            name_index[name] = index[v]
+        arg2 = cols[2].copy() if (cols[2] != -1).any() else None
+        tape = cls(code, cols[0].copy(), cols[1].copy(), const, name_index, arg2)
+        return tape, order
 
     # -- evaluation --------------------------------------------------------
 
@@ -310,12 +365,16 @@ def _checked_codes(code: np.ndarray | Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(given, dtype=np.uint8)
 
 
-def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray, const: np.ndarray) -> None:
+def _validate(
+    code: np.ndarray, a: np.ndarray, b: np.ndarray, const: np.ndarray, z: np.ndarray | None = None
+) -> None:
     """Check argument references and constants of every node at once (numpy, no Python loop).
 
-    ``a`` and ``b`` may be any integer dtype; they are compared before narrowing.
+    ``a``, ``b`` and ``z`` may be any integer dtype; they are compared before narrowing.
     """
-    if a.dtype.kind not in "iu" or b.dtype.kind not in "iu":
+    if z is None:
+        z = np.full(code.shape[0], -1, dtype=np.int32)
+    if a.dtype.kind not in "iu" or b.dtype.kind not in "iu" or z.dtype.kind not in "iu":
         raise GraphError(None, f"argument indices must be integers, got {a.dtype} and {b.dtype}")
     arity = _ops.ARITY[code]
     idx = np.arange(code.shape[0], dtype=np.int64)
@@ -328,7 +387,7 @@ def _validate(code: np.ndarray, a: np.ndarray, b: np.ndarray, const: np.ndarray)
             f"{op.name} does not use a value, but value is {const[i]!r}; leave it 0",
             f"nodes[{i}].value",
         )
-    for slot, col, needed in ((0, a, arity >= 1), (1, b, arity == 2)):
+    for slot, col, needed in ((0, a, arity >= 1), (1, b, arity >= 2), (2, z, arity == 3)):
         missing = needed & (col < 0)
         surplus = ~needed & (col != -1)
         forward_ref = needed & (col >= idx)

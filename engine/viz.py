@@ -92,16 +92,16 @@ def _tape_of(graph: Any) -> Tape:
         native = None  # type: ignore[assignment]
     if full_name == "micrograd.v1.Graph":
         if native is not None:
-            code, a, b, c, named = native.decode_graph(graph.SerializeToString())
-            return Tape.from_arrays(code, a, b, c, {name: i for i, name in named})
+            code, a, b, z, c, named = native.decode_graph(graph.SerializeToString())
+            return Tape.from_arrays(code, a, b, c, {name: i for i, name in named}, z)
         return Tape.from_nodes(  # pragma: no cover
             (node.op, list(node.args), node.value, node.name) for node in graph.nodes
         )
     names = {nn.name: int(nn.node) for nn in graph.names}
     code = np.frombuffer(graph.ops, dtype=np.uint8)
     if native is not None:
-        a, b, c = native.unpack_columns(graph.ops, graph.args, graph.values)
-        return Tape.from_arrays(code, a, b, c, names)
+        a, b, z, c = native.unpack_columns(graph.ops, graph.args, graph.values)
+        return Tape.from_arrays(code, a, b, c, names, z)
     args = iter(np.frombuffer(graph.args, dtype="<u4").tolist())  # pragma: no cover
     consts = iter(np.frombuffer(graph.values, dtype="<f8").tolist())
     nodes = []
@@ -166,10 +166,13 @@ def _neighbourhood(tape: Tape, seeds: Sequence[int], budget: int) -> list[int]:
     if n <= budget:
         return list(range(n))
     arity = ARITY[tape.code]
+    third = np.full(n, -1, dtype=np.int32) if tape.arg2 is None else tape.arg2
     users_of = np.concatenate(
-        (np.flatnonzero(arity >= 1), np.flatnonzero(arity == 2))
+        (np.flatnonzero(arity >= 1), np.flatnonzero(arity >= 2), np.flatnonzero(arity == 3))
     )  # user index, one per edge
-    args_of = np.concatenate((tape.arg0[arity >= 1], tape.arg1[arity == 2])).astype(np.int64)
+    args_of = np.concatenate(
+        (tape.arg0[arity >= 1], tape.arg1[arity >= 2], third[arity == 3])
+    ).astype(np.int64)
     order = np.argsort(args_of, kind="stable")
     by_arg, users_sorted = args_of[order], users_of[order]
     start = np.searchsorted(by_arg, np.arange(n + 1))
@@ -180,13 +183,19 @@ def _neighbourhood(tape: Tape, seeds: Sequence[int], budget: int) -> list[int]:
         if i in picked:
             continue
         picked[i] = None
-        for j in (int(tape.arg0[i]), int(tape.arg1[i])):
+        for j in _arguments(tape, i):
             if j >= 0 and j not in picked:
                 queue.append(j)
         for j in users_sorted[start[i] : min(start[i + 1], start[i] + budget)].tolist():
             if j not in picked:
                 queue.append(int(j))
     return sorted(picked)
+
+
+def _arguments(tape: Tape, i: int) -> tuple[int, ...]:
+    """Node ``i``'s argument indices, -1 where absent (three slots)."""
+    third = -1 if tape.arg2 is None else int(tape.arg2[i])
+    return int(tape.arg0[i]), int(tape.arg1[i]), third
 
 
 def picture(
@@ -262,7 +271,7 @@ def draw_tape(
             op_label = f"**{int(c) if c.is_integer() else c!r}"
         dot.node(f"n{i}op", op_label)
         dot.edge(f"n{i}op", f"n{i}")
-        for j in (int(tape.arg0[i]), int(tape.arg1[i]))[: int(ARITY[k])]:
+        for j in _arguments(tape, i)[: int(ARITY[k])]:
             if j in drawn:
                 dot.edge(f"n{j}", f"n{i}op")
     if pic.left_out:

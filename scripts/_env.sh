@@ -13,7 +13,7 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 # Re-install only when the project's metadata or native sources changed since the last install.
 stamp=".venv/.installed-$(echo "$extras" | tr ',' '-')"
-hash="$(cat pyproject.toml setup.py engine/*.c 2>/dev/null | sha256sum | cut -c1-16)"
+hash="$(cat pyproject.toml setup.py engine/*.c engine/*.h 2>/dev/null | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
   "$VPY" -m pip install --quiet --upgrade pip
   "$VPY" -m pip install --quiet -e "$spec"

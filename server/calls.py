@@ -82,6 +82,8 @@ class CallRunner:
             "EvaluateStream": lambda r: service.cells(r.request),
             "RegisterGraph": service.register_cells,
             "GetServerInfo": _nothing,
+            "Jacobian": lambda r: service.cells(r.request) * max(1, len(r.outputs)),
+            "HessianVectorProduct": lambda r: 4 * service.cells(r.request),
         }
         """Each rpc's work estimate (node-bindings) from its undecoded request: calls larger
         than ``inline_cells`` run on the pool."""

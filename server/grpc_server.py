@@ -122,6 +122,30 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         finally:
             call.close()
 
+    async def Jacobian(
+        self, request: pb.JacobianRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JacobianResponse:
+        """Jacobian rpc."""
+        calls = self.calls
+        return await calls.unary(
+            calls.inline(self._sizes["Jacobian"](request)),
+            self.service.jacobian,
+            request,
+            context.time_remaining(),
+        )
+
+    async def HessianVectorProduct(
+        self, request: pb.HessianVectorProductRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HessianVectorProductResponse:
+        """HessianVectorProduct rpc."""
+        calls = self.calls
+        return await calls.unary(
+            calls.inline(self._sizes["HessianVectorProduct"](request)),
+            self.service.hvp,
+            request,
+            context.time_remaining(),
+        )
+
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:

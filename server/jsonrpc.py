@@ -287,6 +287,10 @@ class JsonRpc:
             "GetServerInfo": Method(
                 pb.GetServerInfoRequest, lambda r, d: s.server_info(r), size["GetServerInfo"]
             ),
+            "Jacobian": Method(pb.JacobianRequest, s.jacobian, size["Jacobian"]),
+            "HessianVectorProduct": Method(
+                pb.HessianVectorProductRequest, s.hvp, size["HessianVectorProduct"]
+            ),
         }
 
     # -- bodies ------------------------------------------------------------

@@ -566,6 +566,155 @@ class GradientService:
         deadline.check()
         return plan, arrays, len(plan.tape) * plan.rows
 
+    # -- several outputs, second order ---------------------------------------
+
+    def _check_cells(self, cells: int, what: str) -> None:
+        """RESOURCE_EXHAUSTED when a call would sweep more than ``max_batch_cells`` cells."""
+        if cells > self.settings.max_batch_cells:
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{what}: {cells} node-bindings; this server evaluates at most "
+                f"{self.settings.max_batch_cells} per call (max_batch_cells)",
+            )
+
+    def jacobian(
+        self, request: pb.JacobianRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> pb.JacobianResponse:
+        """The Jacobian rpc: rows ``outputs``, columns the selected nodes (default the inputs),
+        from one reverse sweep over ``len(outputs)`` seed columns per binding (batched), or
+        one sweep seeded with every cotangent weight."""
+        inner = request.request
+        plan = self.plan(inner, "request.")
+        tape, n = plan.tape, len(plan.tape)
+        outs = np.array(request.outputs, dtype=np.int64)
+        if outs.shape[0] == 0:
+            raise ServiceError(
+                Code.INVALID_ARGUMENT,
+                "outputs: name at least one node to differentiate",
+                [("outputs", "at least one output is required")],
+            )
+        bad = np.flatnonzero(outs >= n)
+        if bad.size:
+            j = int(bad[0])
+            reason = f"node {int(outs[j])} is out of range: the graph has {n} nodes"
+            raise ServiceError(Code.INVALID_ARGUMENT, f"outputs[{j}]: {reason}",
+                               [(f"outputs[{j}]", reason)])  # fmt: skip
+        weighted = len(request.cotangents) > 0
+        if weighted and len(request.cotangents) != outs.shape[0]:
+            reason = (
+                f"{len(request.cotangents)} cotangents for {outs.shape[0]} outputs; give one "
+                "weight per output"
+            )
+            raise ServiceError(Code.INVALID_ARGUMENT, f"cotangents: {reason}",
+                               [("cotangents", reason)])  # fmt: skip
+        if inner.selection == pb.SELECTION_UNSPECIFIED:
+            columns = tape.inputs
+        else:
+            columns = np.arange(n) if plan.selection is None else plan.selection
+        m, rows = int(outs.shape[0]), plan.rows
+        sweeps = 1 if weighted else m
+        self._check_cells(n * rows * sweeps, "outputs")
+        numbers = rows * (m + sweeps * int(columns.shape[0]))
+        if 8 * numbers > self.settings.max_message_bytes:
+            raise ServiceError(
+                Code.RESOURCE_EXHAUSTED,
+                f"the response would hold {numbers} numbers, more than one message of "
+                f"{self.settings.max_message_bytes} bytes (max_message_bytes) can carry",
+            )
+        values = self.forward(plan, deadline)
+        table = values if values.ndim == 2 else values[:, None]  # (n, rows)
+        top = int(outs.max())
+        deadline.check()
+        if weighted:
+            seeds = np.zeros((n, rows))
+            np.add.at(seeds, outs, np.array(request.cotangents, dtype=np.float64)[:, None])
+            self._sweep(deadline, self.kernel.vjp, tape, np.ascontiguousarray(table), seeds, top)
+            jac = seeds[columns].T  # (rows, s)
+        else:
+            wide = np.repeat(table, m, axis=1)  # column b*m + j: binding b, output j
+            seeds = np.zeros((n, rows * m))
+            for j, o in enumerate(outs.tolist()):
+                seeds[o, j::m] = 1.0
+            self._sweep(deadline, self.kernel.vjp, tape, wide, seeds, top)
+            jac = seeds[columns].reshape(-1, rows, m).transpose(1, 2, 0)  # (rows, m, s)
+        deadline.check()
+        resp = pb.JacobianResponse(
+            outputs=outs.tolist(),
+            nodes=columns.tolist(),
+            rows=rows,
+            node_count=n,
+            graph_id=plan.graph_id,
+            weighted=weighted,
+        )
+        out_values = np.ascontiguousarray(table[outs].T)
+        jac = np.ascontiguousarray(jac)
+        if plan.binary:
+            resp.values_f64 = codec.f64_bytes(out_values)
+            resp.jacobian_f64 = codec.f64_bytes(jac)
+        else:
+            resp.values.extend(out_values.ravel().tolist())
+            resp.jacobian.extend(jac.ravel().tolist())
+        return resp
+
+    def hvp(
+        self, request: pb.HessianVectorProductRequest, deadline: Deadline = _NO_DEADLINE
+    ) -> pb.HessianVectorProductResponse:
+        """The HessianVectorProduct rpc: forward-over-reverse in one kernel call, at one binding
+        or a batch, with respect to the OP_INPUT nodes."""
+        plan = self.plan(request.request, "request.")
+        tape, n, rows = plan.tape, len(plan.tape), plan.rows
+        k = int(tape.inputs.shape[0])
+        vector = np.array(request.vector, dtype=np.float64)
+        if vector.shape[0] == k:
+            per_row = np.broadcast_to(vector, (rows, k))
+        elif vector.shape[0] == rows * k and rows > 1:
+            per_row = vector.reshape(rows, k)
+        else:
+            reason = (
+                f"vector has {vector.shape[0]} entries; give one per input ({k}) or "
+                f"rows x inputs ({rows} x {k})"
+            )
+            raise ServiceError(Code.INVALID_ARGUMENT, f"vector: {reason}", [("vector", reason)])
+        self._check_cells(4 * n * rows, "request")
+        values = tape.leaf_values(plan.bindings)
+        tangents = np.zeros_like(values)
+        if values.ndim == 1:
+            tangents[tape.inputs] = per_row[0]
+        else:
+            tangents[tape.inputs] = per_row.T
+        grads, grad_tangents = np.zeros_like(values), np.zeros_like(values)
+        deadline.check()
+        hvp = getattr(self.kernel, "hvp", None)
+        if hvp is None:
+            raise ServiceError(
+                Code.INVALID_ARGUMENT, f"the {self.kernel.name} kernel has no HVP sweep"
+            )
+        hvp(tape, values, tangents, grads, grad_tangents, plan.output)
+        deadline.check()
+
+        def by_row(a: np.ndarray, picked: np.ndarray | int) -> np.ndarray:
+            table = a if a.ndim == 2 else a[:, None]
+            return np.ascontiguousarray(table[picked].T)
+
+        resp = pb.HessianVectorProductResponse(
+            nodes=tape.inputs.tolist(),
+            output=plan.output,
+            rows=rows,
+            node_count=n,
+            graph_id=plan.graph_id,
+        )
+        arrays = {
+            "values": by_row(values, plan.output),
+            "grads": by_row(grads, tape.inputs),
+            "hvp": by_row(grad_tangents, tape.inputs),
+        }
+        for name, array in arrays.items():
+            if plan.binary:
+                setattr(resp, f"{name}_f64", codec.f64_bytes(array))
+            else:
+                getattr(resp, name).extend(array.ravel().tolist())
+        return resp
+
     def chunk_size(self, requested: int) -> int:
         """Numbers per stream chunk: the request's or the server default, capped so that a
         chunk stays within ``max_chunk_size`` and one message of ``max_message_bytes``."""

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 from micrograd import ops
-from micrograd.engine import Value
+from micrograd.engine import Value, where
 from micrograd.nn import MLP
 from micrograd.seed import seed_expression, seed_graph
 from micrograd.tape import Tape
 
 __all__ = [
+    "TORCH_SPELLING",
     "Graph",
     "Node",
     "build",
@@ -43,7 +44,21 @@ __all__ = [
 Node = tuple[str, tuple[int, ...], float]
 """``(op name, argument indices, value)``: one entry of a ``Tape.from_nodes`` list."""
 
+TORCH_SPELLING = {
+    "softplus": "torch.nn.functional.softplus(x)",
+    "where": "torch.where(tensor(x) > 0, y, z)",
+    "atan2": "torch.atan2(x, tensor(y))",
+    "maximum": "torch.maximum(x, tensor(y))",
+    "minimum": "torch.minimum(x, tensor(y))",
+}
+"""How PyTorch spells the ops whose ``Value`` spelling is not a tensor method with tensors
+(``tensor`` makes a float64 tensor of a constant and passes a tensor through)."""
+
 _EXPR = {op.name: compile(op.expr, f"<op {op.name}>", "eval") for op in ops.OPS}
+_TORCH_EXPR = {
+    **_EXPR,
+    **{name: compile(e, f"<torch {name}>", "eval") for name, e in TORCH_SPELLING.items()},
+}
 _INNER = [op for op in ops.OPS if op.arity > 0]
 _EXPONENTS = (2.0, 3.0, -1.0, 0.5, -0.5, 1.5, 0.0, -2.0, 1.0)
 _LIMIT = 1e3
@@ -74,26 +89,43 @@ class Graph:
         return nodes
 
 
-def build(nodes: Sequence[Node], leaf: Callable[[float], Any]) -> list[Any]:
+def build(
+    nodes: Sequence[Node],
+    leaf: Callable[[float], Any],
+    names: dict[str, Any] | None = None,
+    exprs: dict[str, Any] | None = None,
+) -> list[Any]:
     """Evaluate each node's ``expr`` in order; ``leaf`` makes an input (``Value`` in the exprs).
 
     Constant nodes stay plain floats, so they must be used as an operand of a
-    binary operator beside a non-constant one (``random_dag`` makes sure).
+    binary operator beside a non-constant one, and never as the first
+    argument of a method (``random_dag`` makes sure). ``names`` adds to what
+    the expressions see (``where``), ``exprs`` replaces spellings by op name.
     """
     built: list[Any] = []
+    code = exprs or _EXPR
+    extra = {"where": where, **(names or {})}
     for name, args, value in nodes:
-        env = {"Value": leaf, "c": value, "x": None, "y": None}
-        if args:
-            env["x"] = built[args[0]]
-        if len(args) > 1:
-            env["y"] = built[args[1]]
-        built.append(eval(_EXPR[name], {"__builtins__": {}}, env))
+        env = {"Value": leaf, "c": value, "x": None, "y": None, "z": None, **extra}
+        for slot, a in zip("xyz", args):
+            env[slot] = built[a]
+        built.append(eval(code[name], {"__builtins__": {}}, env))
     return built
 
 
 def to_values(nodes: Sequence[Node]) -> list[Any]:
     """The node list as a ``Value`` graph: a ``Value`` per node, but constants stay floats."""
     return build(nodes, Value)
+
+
+def torch_names() -> dict[str, Any]:
+    """What the PyTorch spellings read: ``torch`` and ``tensor``."""
+    import torch
+
+    def tensor(v: Any) -> Any:
+        return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
+
+    return {"torch": torch, "tensor": tensor}
 
 
 def to_torch(nodes: Sequence[Node]) -> list[Any]:
@@ -103,34 +135,49 @@ def to_torch(nodes: Sequence[Node]) -> list[Any]:
     def leaf(c: float) -> Any:
         return torch.tensor(c, dtype=torch.float64, requires_grad=True)
 
-    built = build(nodes, leaf)
+    built = build(nodes, leaf, torch_names(), _TORCH_EXPR)
     for t in built:
         if isinstance(t, torch.Tensor) and not t.is_leaf:
             t.retain_grad()
     return built
 
 
-def _safe(op: ops.Op, rows: Sequence[tuple[float, float]], c: float) -> list[float] | None:
-    """The op's outputs on every row if they and its derivatives are finite, bounded and smooth."""
+def _safe(op: ops.Op, rows: Sequence[tuple[float, float, float]], c: float) -> list[float] | None:
+    """The op's outputs on every row if they and its derivatives are finite, bounded and smooth.
+
+    Second derivatives are held to the same bound, so Hessian-vector
+    products of a random DAG are as well behaved as its gradients.
+    """
     out: list[float] = []
-    for x, y in rows:
-        value = op.forward(x, y, c)
+    ternary = op.arity == 3
+    for x, y, z in rows:
+        last = z if ternary else c
+        value = op.forward(x, y, last)
         if not (math.isfinite(value) and abs(value) <= _LIMIT):
             return None
-        base = op.partials(x, y, c, value)
+        base = op.partials(x, y, last, value)
         # Well conditioned: a relative error in an argument grows at most 100-fold.
-        if not (abs(x * base[0]) + abs(y * base[1]) <= _CONDITION * abs(value)):
+        if not (sum(abs(a * d) for a, d in zip((x, y, z), base)) <= _CONDITION * abs(value)):
             return None
-        # The derivative must not jump nearby (keeps clear of relu's kink),
-        # so that one-ulp differences between libraries cannot change a branch.
-        for dx, dy in ((1e-6, 0.0), (-1e-6, 0.0), (0.0, 1e-6), (0.0, -1e-6)):
-            xs, ys = x + dx * (1 + abs(x)), y + dy * (1 + abs(y))
-            near = op.partials(xs, ys, c, op.forward(xs, ys, c))
-            for d, e in zip(base, near):
-                if not (math.isfinite(d) and abs(d) <= _LIMIT):
+        if not all(math.isfinite(d) and abs(d) <= _LIMIT for d in op.second(x, y, last, value)):
+            return None
+        # Neither value nor derivative may jump nearby (keeps clear of relu's
+        # kink, floor's steps, where's switch), so that one-ulp differences
+        # between libraries cannot change a branch.
+        for k in range(op.arity):
+            for step in (1e-6, -1e-6):
+                moved = [x, y, z]
+                moved[k] += step * (1 + abs(moved[k]))
+                xs, ys, zs = moved
+                near_value = op.forward(xs, ys, zs if ternary else c)
+                if not abs(near_value - value) <= 1e-3 * (1.0 + abs(value)):
                     return None
-                if not abs(d - e) <= 1e-3 * (1.0 + abs(d)):
-                    return None
+                near = op.partials(xs, ys, zs if ternary else c, near_value)
+                for d, e in zip(base, near):
+                    if not (math.isfinite(d) and abs(d) <= _LIMIT):
+                        return None
+                    if not abs(d - e) <= 1e-3 * (1.0 + abs(d)):
+                        return None
         out.append(value)
     return out
 
@@ -169,6 +216,7 @@ def random_dag(seed: int, size: int = 40, inputs: int = 3, batch: int = 4) -> Gr
     add(("const", (), c0), [c0] * batch, True)
     cycle: list[ops.Op] = []
     missing = {op.name for op in _INNER}
+    deferred = 0
     while len(nodes) < size or missing or is_const[-1]:
         if not cycle:
             cycle = list(_INNER)
@@ -179,12 +227,15 @@ def random_dag(seed: int, size: int = 40, inputs: int = 3, batch: int = 4) -> Gr
             continue
         op = cycle.pop()
         for args, c in _candidates(rng, op, len(nodes), used, inputs):
-            if all(is_const[a] for a in args):
+            if all(is_const[a] for a in args) or (op.expr.startswith("x.") and is_const[args[0]]):
+                continue  # a method needs a node, not a float, before the dot
+            if op.arity == 3 and is_const[args[1]] and is_const[args[2]]:
                 continue
-            pairs = [
-                (rows[args[0]][r], rows[args[1]][r] if op.arity == 2 else 0.0) for r in range(batch)
+            triples = [
+                tuple(rows[args[k]][r] if k < op.arity else 0.0 for k in range(3))
+                for r in range(batch)
             ]
-            values = _safe(op, pairs, c)
+            values = _safe(op, triples, c)  # type: ignore[arg-type]
             if values is not None:
                 for a in args:
                     used[a] = True
@@ -192,7 +243,12 @@ def random_dag(seed: int, size: int = 40, inputs: int = 3, batch: int = 4) -> Gr
                 missing.discard(op.name)
                 break
         else:
-            raise AssertionError(f"random_dag({seed}): no safe arguments found for {op.name}")
+            # Some ops need arguments that only later nodes provide (atanh wants
+            # |x| < 1): try this one again after the rest of the cycle.
+            deferred += 1
+            if deferred > 4 * len(_INNER):
+                raise AssertionError(f"random_dag({seed}): no safe arguments found for {op.name}")
+            cycle.insert(0, op)
     return Graph(nodes, bindings)
 
 
@@ -207,7 +263,7 @@ def _candidates(
     exponents = _EXPONENTS if op.uses_value else (0.0,)
     for _ in range(40):
         yield tuple(_pick(rng, range(n), used) for _ in range(op.arity)), rng.choice(exponents)
-    fallbacks = [(0,), (0, 0), (0, inputs), (inputs, 0)]
+    fallbacks = [(0,), (0, 0), (0, inputs), (inputs, 0), (0, 0, inputs), (0, inputs, 0)]
     for args in fallbacks:
         if len(args) == op.arity:
             for c in exponents:

@@ -124,3 +124,9 @@ def test_server_info_example(call: Callable[[str, Any], Any]) -> None:
     assert {k: v for k, v in info.items() if k not in ("ops", "kernel")} == {
         k: v for k, v in doc.items() if k not in ("ops", "kernel")
     }
+
+
+@pytest.mark.parametrize("method", ["Jacobian", "HessianVectorProduct"])
+def test_jacobian_and_hvp_examples(call: Callable[[str, Any], Any], method: str) -> None:
+    request, response = blocks_after(f"Request (`params` of JSON-RPC method `{method}`)", 2)
+    assert call(method, parse(request)) == parse(response)

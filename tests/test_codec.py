@@ -38,6 +38,8 @@ def same_tape(a: Tape, b: Tape) -> bool:
         np.array_equal(a.code, b.code)
         and np.array_equal(a.arg0, b.arg0)
         and np.array_equal(a.arg1, b.arg1)
+        and (a.arg2 is None) == (b.arg2 is None)
+        and (a.arg2 is None or np.array_equal(a.arg2, b.arg2))
         and np.array_equal(a.const, b.const)
         and dict(a.names) == dict(b.names)
     )
@@ -178,10 +180,10 @@ def test_both_decoders_agree_on_a_million_node_graph() -> None:
     const = np.where(code == 1, 0.5, np.where(code == 8, 2.0, 0.0))
     tape = Tape.from_arrays(code, arg0, arg1, const)
     msg = codec.pack(tape)
-    by_numpy = Tape.from_arrays(
-        np.frombuffer(msg.ops, np.uint8),
-        *codec_graph._unpack_numpy(np.frombuffer(msg.ops, np.uint8), msg.args, msg.values),
+    arg0, arg1, arg2, const = codec_graph._unpack_numpy(
+        np.frombuffer(msg.ops, np.uint8), msg.args, msg.values
     )
+    by_numpy = Tape.from_arrays(np.frombuffer(msg.ops, np.uint8), arg0, arg1, const, None, arg2)
     assert same_tape(by_numpy, tape)
     assert same_tape(codec.unpack(msg), tape)
 

@@ -166,7 +166,9 @@ def test_killed_worker_is_restarted_while_the_other_keeps_serving(
         caller.join(30)
     assert server.process is not None and server.process.poll() is None  # still up
     assert survivor in served  # the healthy worker never stopped
-    assert not errors, errors  # wait_for_ready: every call found a live worker
+    # Only the one call that may have been in flight on the killed worker can fail, and then
+    # as UNAVAILABLE (its connection reset); every later call found a live worker.
+    assert len(errors) <= 1 and set(errors) <= {grpc.StatusCode.UNAVAILABLE}, errors
     messages = [line["msg"] for line in log_lines(server)]
     assert any(f"(pid {victim}) was killed by signal 9; restarting it in" in m for m in messages)
     channel = grpc.insecure_channel(server.target)

@@ -44,6 +44,7 @@ def random_tape(seed: int, n: int = 400, leaves: int = 10, window: int = 25) -> 
     code = np.empty(n, np.uint8)
     a = np.full(n, -1, np.int32)
     b = np.full(n, -1, np.int32)
+    z = np.full(n, -1, np.int32)
     c = np.zeros(n)
     for i in range(n):
         if i < leaves:
@@ -57,11 +58,13 @@ def random_tape(seed: int, n: int = 400, leaves: int = 10, window: int = 25) -> 
         )
         code[i] = op.code
         a[i] = rng.integers(max(0, i - window), i)
-        if op.arity == 2:
+        if op.arity >= 2:
             b[i] = rng.integers(max(0, i - window), i)
+        if op.arity == 3:
+            z[i] = rng.integers(max(0, i - window), i)
         if op.uses_value:
             c[i] = EXPONENTS[rng.integers(len(EXPONENTS))]
-    return Tape.from_arrays(code, a, b, c)
+    return Tape.from_arrays(code, a, b, c, None, z)
 
 
 def evaluate(
@@ -91,22 +94,20 @@ def test_native_kernel_is_registered_first() -> None:
 
 @pytest.mark.parametrize("op", [op for op in ops.OPS if op.arity > 0], ids=lambda op: op.name)
 def test_each_op_matches_the_table_on_edge_values(op: ops.Op) -> None:
-    # Tape [x, y, op(x, y)] (or [x, op(x)]), every pair of edge values as one batch;
+    # Tape [x, (y, (z,)) op(x, ...)], every pair (triple) of edge values as one batch;
     # expected numbers: the op table's own scalar forward and partials.
-    pairs = list(itertools.product(EDGE, EDGE if op.arity == 2 else (0.0,)))
+    points = list(itertools.product(*[EDGE] * op.arity))
     for c in EXPONENTS if op.uses_value else (0.0,):
-        if op.arity == 2:
-            tape = Tape.from_nodes([("input", (), 0.0), ("input", (), 0.0), (op.name, (0, 1), c)])
-            bindings = np.array(pairs)
-        else:
-            tape = Tape.from_nodes([("input", (), 0.0), (op.name, (0,), c)])
-            bindings = np.array([[x] for x, _ in pairs])
+        inputs = [("input", (), 0.0)] * op.arity
+        tape = Tape.from_nodes([*inputs, (op.name, tuple(range(op.arity)), c)])
+        bindings = np.array(points)
         values, grads = evaluate(tape, NATIVE, bindings)
-        for row, (x, y) in enumerate(pairs):
-            out = op.forward(x, y, c)
-            dx, dy = op.partials(x, y, c, out)
-            expected_grads = [dx, dy, 1.0] if op.arity == 2 else [dx, 1.0]
-            context = f"{op.name}(x={x}, y={y}, c={c})"
+        for row, point in enumerate(points):
+            x, y, z = (*point, 0.0, 0.0)[:3]
+            out = op.forward(x, y, z if op.arity == 3 else c)
+            partials = op.partials(x, y, z if op.arity == 3 else c, out)
+            expected_grads = [*partials[: op.arity], 1.0]
+            context = f"{op.name}{point}, c={c}"
             np.testing.assert_array_equal(values[row, -1], out, err_msg=context)
             np.testing.assert_array_equal(grads[row], expected_grads, err_msg=context)
             one_values, one_grads = evaluate(tape, NATIVE, bindings[row])
@@ -406,11 +407,17 @@ def test_decoded_graph_evaluates_like_the_same_graph_built_in_python() -> None:
     message = graph_pb2.Graph()
     for i in range(len(tape)):
         node = message.nodes.add(op=int(tape.code[i]), value=float(tape.const[i]))
-        node.args.extend(int(x) for x in (tape.arg0[i], tape.arg1[i]) if x >= 0)
+        third = -1 if tape.arg2 is None else tape.arg2[i]
+        node.args.extend(int(x) for x in (tape.arg0[i], tape.arg1[i], third) if x >= 0)
     message.nodes[0].name = "first"
     decoded = native.decode_graph(message.SerializeToString())
     rebuilt = Tape.from_arrays(
-        decoded.code, decoded.arg0, decoded.arg1, decoded.const, {n: i for i, n in decoded.names}
+        decoded.code,
+        decoded.arg0,
+        decoded.arg1,
+        decoded.const,
+        {n: i for i, n in decoded.names},
+        decoded.arg2,
     )
     assert rebuilt.names == {"first": 0}
     for got, expected in zip(evaluate(rebuilt, NATIVE), evaluate(tape, PYTHON), strict=True):
@@ -497,8 +504,9 @@ MALFORMED = [
     (wire_graph(LEAF + field(5, 3) + field(6, 4)), 0, "end-group for field 6", True),
     (wire_graph(LEAF + field(5, 3)), 0, "truncated group", True),
     (wire_graph(LEAF + b"\x00"), 0, "invalid field key 0", True),
-    (wire_graph(field(2, 2, varint(0) + varint(1) + varint(2))), 0, "more than 2 args", False),
-    (wire_graph(field(2, 0, varint(0)) * 3), 0, "more than 2 args", False),
+    (wire_graph(field(2, 2, varint(0) + varint(1) + varint(2) + varint(3))), 0, "more than 3 args",
+     False),
+    (wire_graph(field(2, 0, varint(0)) * 4), 0, "more than 3 args", False),
     (wire_graph(LEAF, field(2, 0, varint(2**31))), 1, "argument 0 is 2147483648", False),
     (wire_graph(LEAF, field(1, 0, varint(300))), 1, "unknown op code 300", False),
     (wire_graph(LEAF, field(1, 0, varint(-1))), 1, "unknown op code -1", False),

@@ -3,8 +3,8 @@
 The ops are read from ``micrograd.ops.OPS`` and built from each entry's
 ``expr``, so an op that ``Value`` or a tape kernel lacks fails here. The
 points include awkward ones (signed zeros, subnormals, overflow, infinities,
-nan); PyTorch float64 autograd is the reference, with the few places where
-it deliberately differs listed in ``_pytorch_differs``.
+nan, ties, domain edges); PyTorch float64 autograd is the reference, with the
+few places where it deliberately differs listed in ``_pytorch_differs``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from micrograd import ops
-from micrograd.engine import Value, strict
+from micrograd.engine import Value, strict, where
 from micrograd.kernels import available_kernels, get_kernel
 from micrograd.tape import Tape
 
@@ -31,19 +31,37 @@ KERNELS = available_kernels()
 
 INF, NAN = math.inf, math.nan
 AWKWARD = [0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 3.0, 1e-300, -1e-300, 710.0, -710.0, 40.0, -40.0,
-           1e308, -1e308, INF, -INF, NAN]  # fmt: skip
-"""Argument values: signed zeros, subnormal-adjacent, exp/sigmoid tails, overflow, inf, nan."""
+           1e308, -1e308, INF, -INF, NAN, 20.0, 20.5, 1.5707963267948966, 1e22]  # fmt: skip
+"""Argument values: signed zeros, subnormal-adjacent, exp/sigmoid tails, overflow, inf, nan,
+softplus's threshold, a float next to a pole of tan, a huge argument for sin and cos."""
+CONDITIONS = [1.0, -1.0, 0.0, -0.0, 1e-300, NAN, INF]
+"""Conditions of ``where``: both sides, zeros (not > 0), nan (picks the else branch)."""
+BRANCHES = [0.5, -2.5, INF, NAN, 0.0]
 EXPONENTS = [2.0, 3.0, 0.5, -0.5, 1 / 3, -1.0, -1.5, 0.0, 1.0, -2.0, 2.5]
 """Constants for ops that read the node's value (the exponent of ``pow``)."""
 SMOOTH = [-2.5, -0.7, 0.3, 1.0, 1.9]
 """Points away from kinks and poles, for finite differences."""
 
+STEPS = ("floor", "ceil", "sign")
+"""Ops that jump (at integers, at 0): central differences only away from the jumps."""
 
-def _points(op: ops.Op, xs: list[float]) -> list[tuple[float, float, float]]:
-    """``(x, y, c)`` triples covering ``xs`` in each argument and every exponent."""
+TORCH_SPELLING = {
+    "softplus": "torch.nn.functional.softplus(x)",
+    "where": "torch.where(x > 0, y, z)",
+}
+"""How PyTorch writes the ops whose ``Value`` spelling is not a tensor method."""
+
+Point = tuple[float, float, float, float]
+"""``(x, y, z, c)``: the arguments (0.0 where the op takes fewer) and the constant."""
+
+
+def _points(op: ops.Op, xs: list[float]) -> list[Point]:
+    """Points covering ``xs`` in each argument and every exponent."""
+    if op.arity == 3:
+        return [(p, y, z, 0.0) for p in CONDITIONS for y in BRANCHES for z in BRANCHES]
     ys = xs if op.arity == 2 else [0.0]
     cs = EXPONENTS if op.uses_value else [0.0]
-    return [(x, y, c) for x in xs for y in ys for c in cs]
+    return [(x, y, 0.0, c) for x in xs for y in ys for c in cs]
 
 
 def _same(a: float, b: float, rtol: float = 1e-12) -> bool:
@@ -59,25 +77,32 @@ def _same(a: float, b: float, rtol: float = 1e-12) -> bool:
     return abs(a - b) <= rtol * max(abs(a), abs(b)) or abs(a - b) < 1e-300
 
 
-def _on_value(op: ops.Op, x: float, y: float, c: float) -> tuple[float, float, float]:
-    """``(out, d out/dx, d out/dy)`` through ``Value``, built from the op's ``expr``."""
-    vx, vy = Value(x), Value(y)
-    out = eval(op.expr, {"__builtins__": {}}, {"x": vx, "y": vy, "c": c, "Value": Value})
+def _build(op: ops.Op, args: list[Value], c: float) -> Value:
+    """``op`` applied to ``args`` through ``Value``, built from the op's ``expr``."""
+    env = {"x": args[0], "y": args[1], "z": args[2], "c": c, "Value": Value, "where": where}
+    out = eval(op.expr, {"__builtins__": {}}, env)
     assert isinstance(out, Value), f"{op.expr} did not build a Value"
     assert out.op is op, f"{op.expr} built {out.op.name}, not {op.name}"
-    out.backward()
-    return out.data, vx.grad, vy.grad
+    return out
 
 
-def _on_torch(op: ops.Op, x: float, y: float, c: float) -> tuple[float, float, float]:
-    """``(out, d out/dx, d out/dy)`` by PyTorch float64 autograd on the same ``expr``."""
-    tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    ty = torch.tensor(y, dtype=torch.float64, requires_grad=True)
-    out = eval(op.expr, {"__builtins__": {}}, {"x": tx, "y": ty, "c": c})
+def _on_value(op: ops.Op, point: Point) -> tuple[float, ...]:
+    """``(out, d/dx, d/dy, d/dz)`` through ``Value``."""
+    x, y, z, c = point
+    args = [Value(x), Value(y), Value(z)]
+    out = _build(op, args, c)
     out.backward()
-    gx = 0.0 if tx.grad is None else tx.grad.item()
-    gy = 0.0 if ty.grad is None else ty.grad.item()
-    return out.item(), gx, gy
+    return (out.data, *(a.grad for a in args))
+
+
+def _on_torch(op: ops.Op, point: Point) -> tuple[float, ...]:
+    """``(out, d/dx, d/dy, d/dz)`` by PyTorch float64 autograd on the same op."""
+    x, y, z, c = point
+    args = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, y, z)]
+    env = {"x": args[0], "y": args[1], "z": args[2], "c": c, "torch": torch}
+    out = eval(TORCH_SPELLING.get(op.name, op.expr), {"__builtins__": {}}, env)
+    out.backward()
+    return (out.item(), *(0.0 if a.grad is None else a.grad.item() for a in args))
 
 
 def _pytorch_differs(op: ops.Op, x: float, c: float) -> bool:
@@ -96,15 +121,15 @@ def _pytorch_differs(op: ops.Op, x: float, c: float) -> bool:
 
 
 def _graph(op: ops.Op, c: float) -> Tape:
-    """The tape ``op(x[, y])`` over one or two input nodes: the op is the last node."""
-    inputs = [("input", (), 0.0, "x"), ("input", (), 0.0, "y")][: op.arity]
+    """The tape ``op(x[, y[, z]])`` over its input nodes: the op is the last node."""
+    inputs = [("input", (), 0.0, name) for name in "xyz"[: op.arity]]
     return Tape.from_nodes([*inputs, (op.name, tuple(range(op.arity)), c)])
 
 
-def _by_exponent(points: list[tuple[float, float, float]]) -> Iterator[tuple[float, np.ndarray]]:
-    """Group points by constant: one batch per ``c``, rows ``(x, y)``."""
-    for c in sorted({p[2] for p in points}):
-        yield c, np.array([(x, y) for x, y, pc in points if pc == c])
+def _by_exponent(points: list[Point]) -> Iterator[tuple[float, np.ndarray]]:
+    """Group points by constant: one batch per ``c``, rows ``(x, y, z)``."""
+    for c in sorted({p[3] for p in points}):
+        yield c, np.array([p[:3] for p in points if p[3] == c])
 
 
 # -- the table itself ---------------------------------------------------------
@@ -129,11 +154,18 @@ def test_the_table_check_rejects_gaps_reordering_and_repeated_names() -> None:
 
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
 def test_value_builds_the_op_with_its_micrograd_label(op: ops.Op) -> None:
-    vx, vy = Value(1.5), Value(2.0)
-    out = eval(op.expr, {"__builtins__": {}}, {"x": vx, "y": vy, "c": 2.0, "Value": Value})
+    args = [Value(1.5), Value(2.0), Value(-0.5)]
+    out = _build(op, args, 2.0)
     expected = "**2" if op.name == "pow" else op.label
     assert out._op == expected
-    assert out._prev == {vx, vy} if op.arity == 2 else out._prev == {vx}
+    assert out._prev == set(args[: op.arity])
+
+
+def test_builtin_abs_is_the_abs_op() -> None:
+    x = Value(-2.5)
+    y = abs(x)
+    y.backward()
+    assert (y.op.name, y.data, x.grad) == ("abs", 2.5, -1.0)
 
 
 # -- against PyTorch and finite differences -----------------------------------
@@ -142,13 +174,13 @@ def test_value_builds_the_op_with_its_micrograd_label(op: ops.Op) -> None:
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
 def test_value_matches_pytorch_float64_at_awkward_points(op: ops.Op) -> None:
     checked = 0
-    for x, y, c in _points(op, AWKWARD):
-        if _pytorch_differs(op, x, c):
+    for point in _points(op, AWKWARD):
+        if _pytorch_differs(op, point[0], point[3]):
             continue
-        ours = _on_value(op, x, y, c)
-        ref = _on_torch(op, x, y, c)
-        for what, a, b in zip(("value", "d/dx", "d/dy"), ours, ref):
-            assert _same(a, b), f"{op.name}(x={x}, y={y}, c={c}) {what}: ours {a!r}, PyTorch {b!r}"
+        ours = _on_value(op, point)
+        ref = _on_torch(op, point)
+        for what, a, b in zip(("value", "d/dx", "d/dy", "d/dz"), ours, ref):
+            assert _same(a, b), f"{op.name}{point} {what}: ours {a!r}, PyTorch {b!r}"
         checked += 1
     assert checked >= len(AWKWARD) - 4
 
@@ -156,23 +188,28 @@ def test_value_matches_pytorch_float64_at_awkward_points(op: ops.Op) -> None:
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
 def test_value_gradient_matches_central_differences(op: ops.Op) -> None:
     checked = 0
-    for x, y, c in _points(op, SMOOTH):
-        out, gx, gy = _on_value(op, x, y, c)
+    if op.arity == 3:  # both branches, conditions away from 0
+        points = [(p, y, z, 0.0) for p in (1.0, -1.0) for y in SMOOTH for z in SMOOTH]
+    else:  # the rounding ops jump at integers
+        points = [p for p in _points(op, SMOOTH) if op.name not in STEPS or not p[0].is_integer()]
+    for x, y, z, c in points:
+        out, gx, gy, gz = _on_value(op, (x, y, z, c))
         if not math.isfinite(out):
             continue  # outside the op's domain (log or a fractional power of a negative)
-        for i, grad in ((0, gx), (1, gy))[: op.arity]:
-            args = [x, y]
+        for i, grad in ((0, gx), (1, gy), (2, gz))[: op.arity]:
+            args = [x, y, z]
             h = 1e-6 * max(1.0, abs(args[i]))
             up, down = list(args), list(args)
             up[i] += h
             down[i] -= h
-            f_up, f_down = op.forward(up[0], up[1], c), op.forward(down[0], down[1], c)
+            f_up = op.forward(up[0], up[1], up[2] if op.arity == 3 else c)
+            f_down = op.forward(down[0], down[1], down[2] if op.arity == 3 else c)
             if not (math.isfinite(f_up) and math.isfinite(f_down)):
                 continue  # e.g. (-2.5) ** y: defined at integers y only
             slope = (f_up - f_down) / (2 * h)
-            # Central differences have error O(h^2 f''') plus rounding eps*|f|/h.
+            # Central differences: error O(h^2) times the third derivative, plus eps*f/h.
             assert math.isclose(grad, slope, rel_tol=1e-6, abs_tol=1e-8), (
-                f"{op.name}(x={x}, y={y}, c={c}) d/d{'xy'[i]}: {grad!r} vs {slope!r}"
+                f"{op.name}(x={x}, y={y}, z={z}, c={c}) d/d{'xyz'[i]}: {grad!r} vs {slope!r}"
             )
             checked += 1
     assert checked > 0
@@ -196,28 +233,28 @@ def test_leaf_op_holds_its_value_and_has_gradient_one(op: ops.Op) -> None:
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
 def test_tape_matches_value_at_awkward_points(op: ops.Op, kernel: str) -> None:
     kern = get_kernel(kernel)
-    for x, y, c in _points(op, AWKWARD):
-        out, gx, gy = _on_value(op, x, y, c)
-        values, grads = _graph(op, c).evaluate([x, y][: op.arity], kernel=kern)
-        got = (values[-1], grads[0], grads[1] if op.arity == 2 else 0.0)
-        for what, a, b in zip(("value", "d/dx", "d/dy"), (out, gx, gy), got):
-            assert _same(a, float(b)), f"{kernel} {op.name}({x}, {y}, c={c}) {what}: {a!r} vs {b!r}"
+    for point in _points(op, AWKWARD):
+        expected = _on_value(op, point)
+        values, grads = _graph(op, point[3]).evaluate(list(point[: op.arity]), kernel=kern)
+        got = (values[-1], *grads[: op.arity], *[0.0] * (3 - op.arity))
+        for what, a, b in zip(("value", "d/dx", "d/dy", "d/dz"), expected, got):
+            assert _same(a, float(b)), f"{kernel} {op.name}{point} {what}: {a!r} vs {b!r}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("op", INNER, ids=lambda op: op.name)
 def test_tape_compiled_from_value_matches_value(op: ops.Op, kernel: str) -> None:
     kern = get_kernel(kernel)
-    for x, y, c in _points(op, AWKWARD):
-        vx, vy = Value(x), Value(y)
-        out = eval(op.expr, {"__builtins__": {}}, {"x": vx, "y": vy, "c": c, "Value": Value})
+    for x, y, z, c in _points(op, AWKWARD):
+        args = [Value(x), Value(y), Value(z)]
+        out = _build(op, args, c)
         out.backward()
-        tape, order = Tape.from_value(out, {"x": vx, "y": vy} if op.arity == 2 else {"x": vx})
+        tape, order = Tape.from_value(out, dict(zip("xyz", args[: op.arity])))
         assert tape.code[-1] == op.code
         values, grads = tape.evaluate(kernel=kern)
         for node, value, grad in zip(order, values, grads):
             assert _same(node.data, float(value)) and _same(node.grad, float(grad)), (
-                f"{kernel} {op.name}({x}, {y}, c={c}): {node!r} vs {value!r}, {grad!r}"
+                f"{kernel} {op.name}({x}, {y}, {z}, c={c}): {node!r} vs {value!r}, {grad!r}"
             )
 
 

@@ -249,11 +249,11 @@ def test_the_playground_shows_the_seed_then_follows_an_edited_input(
 
                 # An op this server does not have: the service's own message, inline.
                 await page.js(
-                    "document.getElementById('program').value = 'a = Value(2.0)\\nb = a.sinh()';"
+                    "document.getElementById('program').value = 'a = Value(2.0)\\nb = a.cotanh()';"
                     "document.getElementById('evaluate').click()"
                 )
                 message = await page.wait_for(
-                    f"({ERROR}) && ({ERROR}).includes('OP_SINH') && ({ERROR})"
+                    f"({ERROR}) && ({ERROR}).includes('OP_COTANH') && ({ERROR})"
                 )
                 assert message.startswith("line 2:") and "micrograd.v1.Op" in message, message
             finally:

@@ -27,9 +27,10 @@ EXPONENTS = (0.0, 1.0, 2.0, 3.0, -1.0, 0.5, -0.5, 1.5)
 
 
 def random_tape(seed: int, n: int = 300, leaves: int = 12, window: int = 20) -> Tape:
-    """A seeded random DAG using every op of the table; some nodes use one argument twice."""
+    """A seeded random DAG using every unary and binary op of the table (tapes with a ternary
+    node are swept whole, see below); some nodes use one argument twice."""
     rng = np.random.default_rng(seed)
-    inner = [op for op in ops.OPS if op.arity > 0]
+    inner = [op for op in ops.OPS if op.arity in (1, 2)]
     code = np.empty(n, np.uint8)
     a = np.full(n, -1, np.int32)
     b = np.full(n, -1, np.int32)
@@ -78,6 +79,28 @@ def test_tiles_are_bit_identical_to_the_full_sweeps(seed: int, rows: int) -> Non
         assert values.shape == grads.shape == (rows, selection.shape[0])  # type: ignore[union-attr]
         np.testing.assert_array_equal(values, expected_values)
         np.testing.assert_array_equal(grads, expected_grads)
+
+
+def test_a_tape_with_where_is_swept_whole_with_the_same_numbers() -> None:
+    base = random_tape(3)
+    n = len(base)
+    z = np.full(n + 1, -1, np.int32)
+    z[n] = n - 2
+    tape = Tape.from_arrays(
+        np.append(base.code, ops.BY_NAME["where"].code),
+        np.append(base.arg0, n - 1),
+        np.append(base.arg1, n - 3),
+        np.append(base.const, 0.0),
+        None,
+        z,
+    )
+    bindings = np.random.default_rng(4).normal(size=(40, len(tape.inputs)))
+    selection = np.arange(n + 1, dtype=np.int64)
+    expected = full(tape, bindings, selection, n, NATIVE)
+    with np.errstate(all="ignore"):
+        got = tape.evaluate_selected(bindings, selection, n, kernel=NATIVE, threads=2)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -27,14 +27,15 @@ EXPONENTS = (0.0, 1.0, 2.0, 3.0, -1.0, 0.5, -0.5, 1.5)
 _BUILD = {
     op.code: eval(f"lambda x, y, c: {op.expr}", {"Value": Value})
     for op in ops.OPS
-    if op.arity
+    if op.arity in (1, 2)
 }
 
 
 def random_values(seed: int, n: int = 400, window: int = 30) -> tuple[Value, list[Value]]:
-    """A seeded random ``Value`` graph over every op, with shared nodes and ``x op x``."""
+    """A seeded random ``Value`` graph over every unary and binary op, with shared nodes and
+    ``x op x`` (a ``where`` node makes the walks decline: see the last test)."""
     rng = np.random.default_rng(seed)
-    inner = [op for op in ops.OPS if op.arity > 0]
+    inner = [op for op in ops.OPS if op.arity in (1, 2)]
     nodes: list[Value] = []
     for i in range(n):
         if i < 10:
@@ -193,3 +194,18 @@ def test_writing_a_result_back_matches_the_python_loop() -> None:
     assert native.assign_values(order[:3], values[:3], grads[:3])
     with pytest.raises(ValueError, match="float64"):
         native.assign_values(order, values[:5], grads)
+
+
+def test_the_walks_decline_a_where_node_and_python_compiles_it() -> None:
+    from micrograd import native
+    from micrograd.engine import where
+
+    a, b = Value(0.5), Value(-2.0)
+    root = where(a, a * b, b.sin()) + a
+    assert native.value_columns(root, []) is None
+    tape, order = Tape.from_value(root)
+    assert tape.arg2 is not None and int(tape.code[-2]) == ops.BY_NAME["where"].code
+    values, grads = tape.evaluate()
+    root.backward()
+    assert values.tolist() == [v.data for v in order]
+    assert grads.tolist() == [v.grad for v in order]

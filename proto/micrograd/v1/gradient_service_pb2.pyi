@@ -209,3 +209,71 @@ class GetServerInfoResponse(_message.Message):
     kernel: str
     workers: int
     def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., kernel: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class JacobianRequest(_message.Message):
+    __slots__ = ("request", "outputs", "cotangents")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    request: EvaluateRequest
+    outputs: _containers.RepeatedScalarFieldContainer[int]
+    cotangents: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., outputs: _Optional[_Iterable[int]] = ..., cotangents: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class JacobianResponse(_message.Message):
+    __slots__ = ("outputs", "nodes", "values", "jacobian", "values_f64", "jacobian_f64", "rows", "node_count", "graph_id", "weighted")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    JACOBIAN_FIELD_NUMBER: _ClassVar[int]
+    VALUES_F64_FIELD_NUMBER: _ClassVar[int]
+    JACOBIAN_F64_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    NODE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedScalarFieldContainer[int]
+    nodes: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    jacobian: _containers.RepeatedScalarFieldContainer[float]
+    values_f64: bytes
+    jacobian_f64: bytes
+    rows: int
+    node_count: int
+    graph_id: str
+    weighted: bool
+    def __init__(self, outputs: _Optional[_Iterable[int]] = ..., nodes: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., jacobian: _Optional[_Iterable[float]] = ..., values_f64: _Optional[bytes] = ..., jacobian_f64: _Optional[bytes] = ..., rows: _Optional[int] = ..., node_count: _Optional[int] = ..., graph_id: _Optional[str] = ..., weighted: _Optional[bool] = ...) -> None: ...
+
+class HessianVectorProductRequest(_message.Message):
+    __slots__ = ("request", "vector")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    request: EvaluateRequest
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class HessianVectorProductResponse(_message.Message):
+    __slots__ = ("nodes", "values", "grads", "hvp", "values_f64", "grads_f64", "hvp_f64", "output", "rows", "node_count", "graph_id")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    HVP_FIELD_NUMBER: _ClassVar[int]
+    VALUES_F64_FIELD_NUMBER: _ClassVar[int]
+    GRADS_F64_FIELD_NUMBER: _ClassVar[int]
+    HVP_F64_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    NODE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    grads: _containers.RepeatedScalarFieldContainer[float]
+    hvp: _containers.RepeatedScalarFieldContainer[float]
+    values_f64: bytes
+    grads_f64: bytes
+    hvp_f64: bytes
+    output: int
+    rows: int
+    node_count: int
+    graph_id: str
+    def __init__(self, nodes: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., grads: _Optional[_Iterable[float]] = ..., hvp: _Optional[_Iterable[float]] = ..., values_f64: _Optional[bytes] = ..., grads_f64: _Optional[bytes] = ..., hvp_f64: _Optional[bytes] = ..., output: _Optional[int] = ..., rows: _Optional[int] = ..., node_count: _Optional[int] = ..., graph_id: _Optional[str] = ...) -> None: ...

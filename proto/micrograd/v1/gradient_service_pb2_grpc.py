@@ -60,6 +60,16 @@ class GradientServiceStub:
                 request_serializer=micrograd_dot_v1_dot_gradient__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=micrograd_dot_v1_dot_gradient__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Jacobian = channel.unary_unary(
+                '/micrograd.v1.GradientService/Jacobian',
+                request_serializer=micrograd_dot_v1_dot_gradient__service__pb2.JacobianRequest.SerializeToString,
+                response_deserializer=micrograd_dot_v1_dot_gradient__service__pb2.JacobianResponse.FromString,
+                _registered_method=True)
+        self.HessianVectorProduct = channel.unary_unary(
+                '/micrograd.v1.GradientService/HessianVectorProduct',
+                request_serializer=micrograd_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
+                response_deserializer=micrograd_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -106,6 +116,25 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Jacobian(self, request, context):
+        """The Jacobian of several outputs with respect to the selected nodes, from
+        one batched reverse sweep (one column of seeds per output); or, with
+        cotangent weights, their vector-Jacobian product from one reverse sweep
+        seeded at every output at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HessianVectorProduct(self, request, context):
+        """The Hessian-vector product H v of the output with respect to the
+        OP_INPUT nodes, by forward-over-reverse (a tangent sweep carried through
+        the reverse sweep), at one binding or a batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +162,16 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=micrograd_dot_v1_dot_gradient__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=micrograd_dot_v1_dot_gradient__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'Jacobian': grpc.unary_unary_rpc_method_handler(
+                    servicer.Jacobian,
+                    request_deserializer=micrograd_dot_v1_dot_gradient__service__pb2.JacobianRequest.FromString,
+                    response_serializer=micrograd_dot_v1_dot_gradient__service__pb2.JacobianResponse.SerializeToString,
+            ),
+            'HessianVectorProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.HessianVectorProduct,
+                    request_deserializer=micrograd_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.FromString,
+                    response_serializer=micrograd_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +310,60 @@ class GradientService:
             '/micrograd.v1.GradientService/GetServerInfo',
             micrograd_dot_v1_dot_gradient__service__pb2.GetServerInfoRequest.SerializeToString,
             micrograd_dot_v1_dot_gradient__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Jacobian(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/micrograd.v1.GradientService/Jacobian',
+            micrograd_dot_v1_dot_gradient__service__pb2.JacobianRequest.SerializeToString,
+            micrograd_dot_v1_dot_gradient__service__pb2.JacobianResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HessianVectorProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/micrograd.v1.GradientService/HessianVectorProduct',
+            micrograd_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
+            micrograd_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,32 @@ class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OP_EXP: _ClassVar[Op]
     OP_LOG: _ClassVar[Op]
     OP_SIGMOID: _ClassVar[Op]
+    OP_SIN: _ClassVar[Op]
+    OP_COS: _ClassVar[Op]
+    OP_TAN: _ClassVar[Op]
+    OP_ASIN: _ClassVar[Op]
+    OP_ACOS: _ClassVar[Op]
+    OP_ATAN: _ClassVar[Op]
+    OP_SINH: _ClassVar[Op]
+    OP_COSH: _ClassVar[Op]
+    OP_ASINH: _ClassVar[Op]
+    OP_ACOSH: _ClassVar[Op]
+    OP_ATANH: _ClassVar[Op]
+    OP_SQRT: _ClassVar[Op]
+    OP_ABS: _ClassVar[Op]
+    OP_LOG1P: _ClassVar[Op]
+    OP_EXPM1: _ClassVar[Op]
+    OP_LOG2: _ClassVar[Op]
+    OP_LOG10: _ClassVar[Op]
+    OP_ERF: _ClassVar[Op]
+    OP_SOFTPLUS: _ClassVar[Op]
+    OP_FLOOR: _ClassVar[Op]
+    OP_CEIL: _ClassVar[Op]
+    OP_SIGN: _ClassVar[Op]
+    OP_ATAN2: _ClassVar[Op]
+    OP_MAXIMUM: _ClassVar[Op]
+    OP_MINIMUM: _ClassVar[Op]
+    OP_WHERE: _ClassVar[Op]
 OP_UNSPECIFIED: Op
 OP_INPUT: Op
 OP_CONST: Op
@@ -39,6 +65,32 @@ OP_TANH: Op
 OP_EXP: Op
 OP_LOG: Op
 OP_SIGMOID: Op
+OP_SIN: Op
+OP_COS: Op
+OP_TAN: Op
+OP_ASIN: Op
+OP_ACOS: Op
+OP_ATAN: Op
+OP_SINH: Op
+OP_COSH: Op
+OP_ASINH: Op
+OP_ACOSH: Op
+OP_ATANH: Op
+OP_SQRT: Op
+OP_ABS: Op
+OP_LOG1P: Op
+OP_EXPM1: Op
+OP_LOG2: Op
+OP_LOG10: Op
+OP_ERF: Op
+OP_SOFTPLUS: Op
+OP_FLOOR: Op
+OP_CEIL: Op
+OP_SIGN: Op
+OP_ATAN2: Op
+OP_MAXIMUM: Op
+OP_MINIMUM: Op
+OP_WHERE: Op
 
 class Node(_message.Message):
     __slots__ = ("op", "args", "value", "name")
