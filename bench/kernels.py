@@ -71,6 +71,7 @@ RANDOM_MIX = {
     "sigmoid": 0.15,
 }
 GRAPHS = ("mlp", "chain", "random", "batch")
+SYSTEMS = ("native", "baseline", "python", "casadi", "torch", "micrograd", "floor")
 TITLES = {
     "mlp": "MLP(2, [16, 16, 1]) SVM loss, 100 points, one binding",
     "chain": "chain y = tanh(1.0001 * y + 0.001), {chain_steps:,} steps",
@@ -199,8 +200,9 @@ Row = dict[str, Any]
 
 
 def _repeats(n_nodes: int, quick: bool) -> int:
-    """Runs to take the median of: 3 for 1M-node graphs and --quick, 5 above 100k nodes, else 31."""
-    if quick or n_nodes >= 1_000_000:
+    """Runs to take the median of: 3 for 1M-node graphs (and --quick above 100k nodes), 5 above
+    100k nodes, else 31."""
+    if n_nodes >= 1_000_000 or (quick and n_nodes > 100_000):
         return 3
     return 5 if n_nodes > 100_000 else 31
 
@@ -324,7 +326,8 @@ def _baseline_source(rev: str) -> str | None:
                 ["git", "rev-parse", rev], cwd=c.ROOT, capture_output=True, text=True, check=True
             ).stdout.strip()
         found = subprocess.run(
-            ["git", "log", "--format=%H", "-S", 'name="where"', "--", "engine/ops.py"],
+            ["git", "log", "--first-parent", "--format=%H", "-S", 'name="where"', "--",
+             "engine/ops.py"],
             cwd=c.ROOT, capture_output=True, text=True, check=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
@@ -775,6 +778,11 @@ def main() -> None:
         help="commit whose native kernel to time beside ours ('auto': the one before the ops "
         "grew 'where'; 'none': skip)",
     )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated subset of " + ", ".join(SYSTEMS),
+    )
     parser.add_argument("--worker", nargs=2, metavar=("SYSTEM", "GRAPH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["MICROGRAD_BENCH_BASELINE"] = args.baseline
@@ -788,7 +796,7 @@ def main() -> None:
     found: dict[str, list[Row]] = {}
     for graph in args.graphs.split(","):
         rows: list[Row] = []
-        for system in ("native", "baseline", "python", "casadi", "torch", "micrograd", "floor"):
+        for system in args.systems.split(","):
             extra = ["--quick"] if args.quick else []
             result = c.run_worker(here, [system, graph, *extra], timeout=900)
             rows += result.get("rows", [{"label": system, "error": result.get("error", "?")}])

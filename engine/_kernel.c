@@ -190,16 +190,10 @@ static int node_ok(const Columns *t, Py_ssize_t i)
         P = name##_f(x, y, C[i]);                                    \
         v[i] = P;                                                    \
     }
-#define FWD1_3(name, P, Q)                                           \
-    {                                                                \
-        const Py_ssize_t ai = A[i], bi = B[i], zi = THIRD(t, i);     \
-        double x, y, z;                                              \
-        NEAR_ARG(x, ai, Q, P)                                        \
-        NEAR_ARG(y, bi, Q, P)                                        \
-        NEAR_ARG(z, zi, Q, P)                                        \
-        P = name##_f(x, y, z);                                       \
-        v[i] = P;                                                    \
-    }
+/* Ternary nodes are not swept here: a tape with a third-argument column goes
+ * to the batch sweeps with rows of one (see kernel_forward), so that these
+ * register-hungry loops never need the column. */
+#define FWD1_3(name, P, Q) return i;
 #define FWD1_EVEN_LABEL(code_, name, arity) [code_] = &&even_##name,
 #define FWD1_ODD_LABEL(code_, name, arity) [code_] = &&odd_##name,
 #define FWD1_HANDLERS(code_, name, arity)                            \
@@ -325,20 +319,7 @@ static MG_NOINLINE Py_ssize_t forward_one(const Columns *t, double *restrict v, 
         reached[ai] = 1;                                             \
         reached[bi] = 1;                                             \
     }
-#define BWD1_3(name)                                                 \
-    {                                                                \
-        const Py_ssize_t ai = A[i], bi = B[i], zi = THIRD(t, i);     \
-        if (MG_UNLIKELY(!ARG_OK3))                                   \
-            return i;                                                \
-        double dx, dy, dz;                                           \
-        name##_d(v[ai], v[bi], v[zi], v[i], &dx, &dy, &dz);          \
-        GRAD_ADD(ai, dx * G0)                                        \
-        GRAD_ADD(bi, dy * G0)                                        \
-        GRAD_ADD(zi, dz * G0)                                        \
-        reached[ai] = 1;                                             \
-        reached[bi] = 1;                                             \
-        reached[zi] = 1;                                             \
-    }
+#define BWD1_3(name) return i; /* ternary tapes take the batch sweeps, as forward */
 #define BWD1_LABEL(code_, name, arity) [code_] = &&grad_##name,
 /* Leave node i: store its gradient, slide the window down to the next
  * reached node and dispatch it. */
@@ -1254,10 +1235,12 @@ static PyObject *kernel_forward(PyObject *module, PyObject *args, PyObject *kwar
     Py_ssize_t bad;
     Py_BEGIN_ALLOW_THREADS
     unsigned int saved = flush_enter(flush);
-    if (vv.ndim == 1)
+    if (vv.ndim == 1 && tb.cols.z == NULL)
         bad = forward_one(&tb.cols, (double *)vv.buf, sp);
-    else
-        bad = m == 0 ? -1 : forward_batch(&tb.cols, (double *)vv.buf, m, sp);
+    else /* a batch, or one binding of a tape with ternary nodes: rows of m (or 1) */
+        bad = (vv.ndim == 2 && m == 0) ? -1
+                                       : forward_batch(&tb.cols, (double *)vv.buf,
+                                                       vv.ndim == 1 ? 1 : m, sp);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
@@ -1324,9 +1307,11 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
     if (get_stop(stop_flag, expires, m, &stop, &sv, &use_stop) < 0)
         goto done;
     reached = PyMem_RawCalloc((size_t)out + 1, 1);
-    if (vv.ndim == 2 && m > 0)
-        scratch = PyMem_RawMalloc((size_t)m * sizeof(double));
-    if (reached == NULL || (vv.ndim == 2 && m > 0 && scratch == NULL)) {
+    const int rowwise = vv.ndim == 2 || tb.cols.z != NULL; /* as in kernel_forward */
+    const Py_ssize_t width = vv.ndim == 2 ? m : 1;
+    if (rowwise && width > 0)
+        scratch = PyMem_RawMalloc((size_t)width * sizeof(double));
+    if (reached == NULL || (rowwise && width > 0 && scratch == NULL)) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1336,13 +1321,13 @@ static PyObject *kernel_backward(PyObject *module, PyObject *args, PyObject *kwa
     unsigned int saved = flush_enter(flush);
     if (seeded)
         mark_seeds((const double *)gv.buf, reached, out, vv.ndim == 1 ? 1 : m);
-    if (vv.ndim == 1)
+    if (!rowwise)
         bad = backward_one(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached, out, sp,
                            seeded);
     else
-        bad = m == 0 ? -1
-                     : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf, reached,
-                                      out, m, scratch, sp, seeded);
+        bad = width == 0 ? -1
+                         : backward_batch(&tb.cols, (const double *)vv.buf, (double *)gv.buf,
+                                          reached, out, width, scratch, sp, seeded);
     flush_leave(flush, saved);
     Py_END_ALLOW_THREADS
     if (bad >= 0)
