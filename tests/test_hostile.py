@@ -185,7 +185,7 @@ GRPC_CASES = [
       "graph.nodes[1]"),
     G("three arguments", "Evaluate",
       lambda: evaluate(graph=Graph(nodes=[Node(op=1), Node(op=3, args=[0, 0, 0])])), IA,
-      "more than 2 args"),
+      "add takes 2 argument(s)"),
     G("forward reference", "Evaluate",
       lambda: evaluate(graph=Graph(nodes=[Node(op=1), Node(op=7, args=[2]), Node(op=1)])), IA,
       "does not come before"),
