@@ -119,9 +119,7 @@ def _unpack_numpy(
     bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
     if bad.size:
         i = int(bad[0])
-        raise GraphError(
-            i, f"unknown op {int(code[i])}; known ops are 1..{_ops.MAX_CODE}", f"ops[{i}]"
-        )
+        raise GraphError(i, _ops.unknown_op(int(code[i])), f"ops[{i}]")
     arity = _ops.ARITY[code].astype(np.int64)
     args = np.frombuffer(args_bytes, dtype=_U32)
     needed = int(arity.sum())
@@ -213,8 +211,7 @@ def _tape_from_columns(
     bad = np.flatnonzero((code < 1) | (code > _ops.MAX_CODE))
     if bad.size:
         i = int(bad[0])
-        what = "OP_UNSPECIFIED (0) is not an op" if code[i] == 0 else f"unknown op {int(code[i])}"
-        raise GraphError(i, f"{what}; known ops are 1..{_ops.MAX_CODE}", f"nodes[{i}].op")
+        raise GraphError(i, _ops.unknown_op(int(code[i])), f"nodes[{i}].op")
     names = _names(named, "nodes", max_name_bytes, per_node=True)
     return Tape.from_arrays(code, arg0, arg1, const, names, arg2)
 

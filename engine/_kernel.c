@@ -787,7 +787,9 @@ static void raise_bad_node(const Columns *t, Py_ssize_t i)
 {
     unsigned k = t->code[i];
     if (ARITY_PLUS_1[k] == 0) {
-        PyErr_Format(PyExc_ValueError, "node %zd: unknown op code %u", i, k);
+        /* The words of micrograd.ops.unknown_op. */
+        PyErr_Format(PyExc_ValueError, "node %zd: unknown op %u%s; known ops are 1..%d", i, k,
+                     k == 0 ? " (OP_UNSPECIFIED, the unset value)" : "", MG_MAX_CODE);
         return;
     }
     Py_ssize_t args[3] = {t->a[i], t->b[i], THIRD(t, i)};

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include "_ops_list.h"
 
 PyObject *mg_decode_graph(PyObject *module, PyObject *arg);
 
@@ -304,7 +305,8 @@ static int decode_node(const uint8_t *p, const uint8_t *end, const uint8_t *base
     }
     if (op > 255) {
         long long shown = (long long)(int64_t)op;
-        return fail(err, node, "unknown op code %lld", shown);
+        /* The words of micrograd.ops.unknown_op (0 and 1..255 are checked with the table). */
+        return fail(err, node, "unknown op %lld; known ops are 1..%d", shown, MG_MAX_CODE);
     }
     out->code[node] = (uint8_t)op;
     out->a[node] = args[0];

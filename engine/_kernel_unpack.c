@@ -95,8 +95,10 @@ static int unpack(const Packed *pk, int32_t *a0, int32_t *a1, int32_t *a2, doubl
         if (ar == NOT_AN_OP || ar > 3) {
             err->node = i;
             snprintf(err->field, sizeof err->field, "ops[%zd]", i);
-            snprintf(err->reason, sizeof err->reason, "unknown op %u; known ops are 1..%zd",
-                     (unsigned)k, pk->n_codes - 1);
+            /* The words of micrograd.ops.unknown_op. */
+            snprintf(err->reason, sizeof err->reason, "unknown op %u%s; known ops are 1..%zd",
+                     (unsigned)k, k == 0 ? " (OP_UNSPECIFIED, the unset value)" : "",
+                     pk->n_codes - 1);
             return -1;
         }
         if (pos + ar > pk->n_args)

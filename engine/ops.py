@@ -57,6 +57,7 @@ __all__ = [
     "USES_VALUE",
     "Op",
     "check_table",
+    "unknown_op",
 ]
 
 Partials = tuple[float, ...]
@@ -765,6 +766,17 @@ BY_NAME: dict[str, Op] = {op.name: op for op in OPS}
 """Op by name."""
 MAX_CODE: int = max(BY_CODE)
 """Largest wire code in use; codes run 1..MAX_CODE with no gaps."""
+
+
+def unknown_op(code: int) -> str:
+    """The one message for an op code outside the table, used by every decoder and kernel.
+
+    The C decoders and sweeps format the same words (``_kernel*.c``); a test holds them equal.
+    """
+    unset = " (OP_UNSPECIFIED, the unset value)" if code == 0 else ""
+    return f"unknown op {code}{unset}; known ops are 1..{MAX_CODE}"
+
+
 MAX_ARITY: int = max(op.arity for op in OPS)
 """Most node arguments any op takes (the tape's argument columns)."""
 

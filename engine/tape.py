@@ -361,7 +361,7 @@ def _checked_codes(code: np.ndarray | Sequence[int]) -> np.ndarray:
     bad = np.flatnonzero((given < 1) | (given > _ops.MAX_CODE))
     if bad.size:
         i = int(bad[0])
-        raise GraphError(i, f"unknown op code {int(given[i])}; known codes are 1..{_ops.MAX_CODE}")
+        raise GraphError(i, _ops.unknown_op(int(given[i])))
     return np.ascontiguousarray(given, dtype=np.uint8)
 
 

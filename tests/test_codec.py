@@ -277,3 +277,20 @@ def test_wire_refuses_fields_of_the_wrong_kind() -> None:
         codec.with_arrays(pb.EvaluateResponse(), [("rows", np.zeros(2))])
     with pytest.raises(TypeError, match="not a message field"):
         codec.with_message(pb.EvaluateRequest(), "graph_id", b"")
+
+
+def test_every_decoder_words_an_unknown_op_alike() -> None:
+    """Tape columns, both graph messages and both decoder paths say ``ops.unknown_op``'s words."""
+    words = ops.unknown_op(99)
+    graph = graph_pb2.Graph(nodes=[graph_pb2.Node(op=1, value=1.0), graph_pb2.Node(op=99)])
+    packed = graph_pb2.PackedGraph(ops=b"\x01\x63", values=np.float64(1.0).tobytes())
+    attempts = {
+        "tape": lambda: Tape.from_arrays([1, 99], [-1, 0], [-1, -1], [1.0, 0.0]),
+        "graph": lambda: codec.from_graph(graph, 100),
+        "packed": lambda: codec.unpack(packed, 100),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(GraphError) as caught:
+            attempt()
+        assert caught.value.node == 1, name
+        assert words in str(caught.value), name

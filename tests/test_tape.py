@@ -52,9 +52,10 @@ INPUT, ADD, NEG = (ops.BY_NAME[n].code for n in ("input", "add", "neg"))
 
 BAD_ARRAYS: list[tuple[str, Callable[[], Tape], int | None, str]] = [
     ("unknown code 0", lambda: Tape.from_arrays([INPUT, 0], [-1, 0], [-1, -1], [1, 0]), 1,
-     r"node 1: unknown op code 0; known codes are 1\.\."),
+     r"node 1: unknown op 0 \(OP_UNSPECIFIED, the unset value\); known ops are 1\.\."),
     ("unknown code past the table", lambda: Tape.from_arrays(
-        [INPUT, ops.MAX_CODE + 1], [-1, 0], [-1, -1], [1, 0]), 1, r"unknown op code"),
+        [INPUT, ops.MAX_CODE + 1], [-1, 0], [-1, -1], [1, 0]), 1,
+     r"unknown op \d+; known ops are 1\.\."),
     ("float op codes", lambda: Tape.from_arrays([1.0], [-1], [-1], [0.0]), None,
      r"op codes must be integers"),
     ("missing argument", lambda: Tape.from_arrays([INPUT, ADD], [-1, 0], [-1, -1], [1, 0]), 1,
