@@ -289,7 +289,17 @@ def test_metrics_count_both_transports(
     stub.Evaluate(pb.EvaluateRequest(graph_id=gid))  # another hit
     with pytest.raises(grpc.RpcError):
         stub.Evaluate(pb.EvaluateRequest(graph_id="sha256:1"))  # another miss
+    # A failed gRPC call is recorded just after its status went out: wait for it (2 s at most).
+    miss = {"transport": "grpc", "method": "Evaluate", "code": "NOT_FOUND"}
+    give_up = time.monotonic() + 2.0
     after = scrape(server)
+    while (
+        sample(after, "micrograd_requests_total", **miss)
+        == sample(before, "micrograd_requests_total", **miss)
+        and time.monotonic() < give_up
+    ):
+        time.sleep(0.02)
+        after = scrape(server)
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
