@@ -36,15 +36,17 @@ for seed in range(20):
         [args[0] if args else -1 for _, args, _ in graph.nodes],
         [args[1] if len(args) > 1 else -1 for _, args, _ in graph.nodes],
         [value for _, _, value in graph.nodes],
+        arg2=[args[2] if len(args) > 2 else -1 for _, args, _ in graph.nodes],
     )
     columns = (tape.code, tape.arg0, tape.arg1, tape.const)
+    third = {"arg2": tape.arg2}
     for leaves in (tape.leaf_values(graph.bindings[0]), tape.leaf_values(graph.bindings)):
         results = []
         for kernel in (threaded, portable):
             values = np.ascontiguousarray(leaves.copy())
             grads = np.zeros_like(values)
-            kernel.forward(*columns, values)
-            kernel.backward(*columns, values, grads, len(tape) - 1)
+            kernel.forward(*columns, values, **third)
+            kernel.backward(*columns, values, grads, len(tape) - 1, **third)
             results.append((values, grads))
         (v1, g1), (v2, g2) = results
         assert v1.tobytes() == v2.tobytes(), f"forward differs for random_dag({seed})"
