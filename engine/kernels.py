@@ -80,6 +80,17 @@ def _third(tape: Columns) -> list[int]:
     return [-1] * int(tape.code.shape[0]) if tape.arg2 is None else tape.arg2.tolist()
 
 
+def _lists(tape: Columns) -> tuple[list[int], list[int], list[int], list[int], list[float]]:
+    """``code, arg0, arg1, arg2, const`` as Python lists, for the node-by-node sweeps."""
+    return (
+        tape.code.tolist(),
+        tape.arg0.tolist(),
+        tape.arg1.tolist(),
+        _third(tape),
+        tape.const.tolist(),
+    )
+
+
 class PythonKernel:
     """The portable reference kernel: the op table's Python and numpy forms, node by node."""
 
@@ -92,11 +103,7 @@ class PythonKernel:
             return
         fwd = [None] + [op.forward for op in _ops.OPS]
         v = values.tolist()
-        code = tape.code.tolist()
-        a = tape.arg0.tolist()
-        b = tape.arg1.tolist()
-        z = _third(tape)
-        c = tape.const.tolist()
+        code, a, b, z, c = _lists(tape)
         arity = _ops.ARITY.tolist()
         for i in range(len(code)):
             k = code[i]
@@ -135,11 +142,7 @@ class PythonKernel:
             g = [0.0] * n
             g[output] = 1.0
         reached[output] = 1
-        code = tape.code.tolist()
-        a = tape.arg0.tolist()
-        b = tape.arg1.tolist()
-        z = _third(tape)
-        c = tape.const.tolist()
+        code, a, b, z, c = _lists(tape)
         arity = _ops.ARITY.tolist()
         for i in range(output, -1, -1):
             if not reached[i]:
@@ -175,15 +178,7 @@ class PythonKernel:
         """Batch forward: one numpy call per node over all bindings."""
         ops = _ops.BY_CODE
         with np.errstate(all="ignore"):
-            for i, (k, ai, bi, zi, ci) in enumerate(
-                zip(
-                    tape.code.tolist(),
-                    tape.arg0.tolist(),
-                    tape.arg1.tolist(),
-                    _third(tape),
-                    tape.const.tolist(),
-                )
-            ):
+            for i, (k, ai, bi, zi, ci) in enumerate(zip(*_lists(tape))):
                 op = ops[k]
                 if op.arity == 2:
                     values[i] = op.vforward(values[ai], values[bi], ci)
@@ -198,13 +193,7 @@ class PythonKernel:
     ) -> None:
         """Batch reverse sweep: one numpy call per node over all bindings."""
         ops = _ops.BY_CODE
-        code, a, b, z, c = (
-            tape.code.tolist(),
-            tape.arg0.tolist(),
-            tape.arg1.tolist(),
-            _third(tape),
-            tape.const.tolist(),
-        )
+        code, a, b, z, c = _lists(tape)
         reached = bytearray(len(code))
         if seeded:
             for i in np.flatnonzero((grads[: output + 1] != 0.0).any(axis=1)).tolist():
@@ -252,13 +241,7 @@ class PythonKernel:
         arrays = (values, tangents, grads, grad_tangents)
         v, t, g, gt = (x[:, None] if single else x for x in arrays)
         ops = _ops.BY_CODE
-        code, a, b, z, c = (
-            tape.code.tolist(),
-            tape.arg0.tolist(),
-            tape.arg1.tolist(),
-            _third(tape),
-            tape.const.tolist(),
-        )
+        code, a, b, z, c = _lists(tape)
         with np.errstate(all="ignore"):
             for i, k in enumerate(code):
                 op = ops[k]
@@ -338,15 +321,7 @@ class ValueKernel:
         append = nodes.append
         build = _BUILD
         leaf_values = leaves.tolist()
-        for i, (k, a, b, z, c) in enumerate(
-            zip(
-                tape.code.tolist(),
-                tape.arg0.tolist(),
-                tape.arg1.tolist(),
-                _third(tape),
-                tape.const.tolist(),
-            )
-        ):
+        for i, (k, a, b, z, c) in enumerate(zip(*_lists(tape))):
             make = build[k]
             if make is None:
                 append(Value(leaf_values[i]))
