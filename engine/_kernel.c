@@ -1084,7 +1084,7 @@ typedef struct {
 
 typedef struct {
     const TileJob *job;
-    Py_ssize_t first, last; /* tiles [first, last) */
+    Py_ssize_t first, last; /* bindings [first, last) */
     int failed;             /* no memory */
     int stopped;            /* told to stop part-way */
 } TileSlice;
@@ -1100,10 +1100,9 @@ static void *aligned_rows(Py_ssize_t slots, int width, void **base)
 static void run_tiles(TileSlice *slice)
 {
     const TileJob *job = slice->job;
-    const int w = job->width;
     void *vbase = NULL, *gbase = NULL;
-    double *v = aligned_rows(job->nv, w, &vbase);
-    double *g = job->gout ? aligned_rows(job->ng, w, &gbase) : NULL;
+    double *v = aligned_rows(job->nv, job->width, &vbase);
+    double *g = job->gout ? aligned_rows(job->ng, job->width, &gbase) : NULL;
     if (v == NULL || (job->gout && g == NULL)) {
         slice->failed = 1;
         PyMem_RawFree(vbase);
@@ -1112,11 +1111,14 @@ static void run_tiles(TileSlice *slice)
     }
     unsigned int saved = flush_enter(job->flush);
     const Py_ssize_t s = job->s;
-    for (Py_ssize_t t = slice->first; t < slice->last; t++) {
-        const Py_ssize_t b0 = t * w;
-        const Py_ssize_t r = job->rows - b0 < w ? job->rows - b0 : w;
+    for (Py_ssize_t b0 = slice->first; b0 < slice->last;) {
+        const Py_ssize_t left = slice->last - b0;
+        /* Wide tiles while more than a narrow one is left: a short tail is
+         * swept narrow, repeating fewer bindings. */
+        const int w = job->width == MG_TILE_WIDE && left > MG_TILE ? MG_TILE_WIDE : MG_TILE;
+        const Py_ssize_t r = left < w ? left : w;
         Py_ssize_t row[MG_TILE_WIDE];
-        for (int j = 0; j < w; j++) /* a short last tile repeats its last binding */
+        for (int j = 0; j < w; j++) /* a short tile repeats its last binding */
             row[j] = (b0 + (j < r ? j : r - 1)) * job->k;
         if ((w == MG_TILE ? forward_narrow : forward_wide)(job->prog, job->n, job->bind, row, v,
                                                            job->stop)) {
@@ -1129,25 +1131,26 @@ static void run_tiles(TileSlice *slice)
             for (Py_ssize_t j = 0; j < r; j++)
                 vo[j * s + col] = src[j];
         }
-        if (g == NULL)
-            continue;
-        if ((w == MG_TILE ? backward_narrow : backward_wide)(job->rev, job->nrev, v, g, job->out,
-                                                             job->stop)) {
-            slice->stopped = 1;
-            break;
-        }
-        double *go = job->gout + b0 * s;
-        for (Py_ssize_t col = 0; col < s; col++) {
-            const int32_t slot = job->gsel[col];
-            if (slot < 0) {
-                for (Py_ssize_t j = 0; j < r; j++)
-                    go[j * s + col] = 0.0;
-            } else {
-                const double *src = g + (Py_ssize_t)slot * w;
-                for (Py_ssize_t j = 0; j < r; j++)
-                    go[j * s + col] = src[j];
+        if (g != NULL) {
+            if ((w == MG_TILE ? backward_narrow : backward_wide)(job->rev, job->nrev, v, g,
+                                                                 job->out, job->stop)) {
+                slice->stopped = 1;
+                break;
+            }
+            double *go = job->gout + b0 * s;
+            for (Py_ssize_t col = 0; col < s; col++) {
+                const int32_t slot = job->gsel[col];
+                if (slot < 0) {
+                    for (Py_ssize_t j = 0; j < r; j++)
+                        go[j * s + col] = 0.0;
+                } else {
+                    const double *src = g + (Py_ssize_t)slot * w;
+                    for (Py_ssize_t j = 0; j < r; j++)
+                        go[j * s + col] = src[j];
+                }
             }
         }
+        b0 += r;
     }
     flush_leave(job->flush, saved);
     PyMem_RawFree(vbase);
@@ -1162,8 +1165,9 @@ static void *run_tiles_thread(void *arg)
 }
 #endif
 
-/* Spread the tiles over up to `threads` threads (this one included);
- * returns 0, -1 when memory ran out, or MG_STOPPED when told to stop. */
+/* Spread the bindings evenly over up to `threads` threads (this one
+ * included), at least a tile each; returns 0, -1 when memory ran out, or
+ * MG_STOPPED when told to stop. */
 static int run_tile_job(const TileJob *job, Py_ssize_t threads)
 {
     const Py_ssize_t tiles = (job->rows + job->width - 1) / job->width;
@@ -1179,8 +1183,8 @@ static int run_tile_job(const TileJob *job, Py_ssize_t threads)
         threads = 64;
     for (Py_ssize_t t = 0; t < threads; t++) {
         slices[t].job = job;
-        slices[t].first = tiles * t / threads;
-        slices[t].last = tiles * (t + 1) / threads;
+        slices[t].first = job->rows * t / threads;
+        slices[t].last = job->rows * (t + 1) / threads;
         slices[t].failed = 0;
         slices[t].stopped = 0;
     }
