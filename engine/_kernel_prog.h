@@ -1,0 +1,611 @@
+/* A compiled one-binding program: forward + reverse of one output, decoded once.
+ *
+ * Included by _kernel.c (it uses Columns, Stop, node_ok and the op math).
+ *
+ * The program is built once per (tape, output) and then run for any number
+ * of bindings, each run keeping only the selected nodes:
+ *
+ * - Forward. The non-leaf nodes are sorted by level (1 + the highest level
+ *   of their arguments; leaves are level 0) and, within a level, by op, so
+ *   that the sweep is a sequence of runs of one op. Nodes of one level do
+ *   not depend on each other, so any order among them gives the same values;
+ *   a run is one tight loop with no dispatch per node and loads the branch
+ *   predictor never misses, which lets the processor overlap the cache misses
+ *   of a random graph. The same loop stores each node's partial derivatives
+ *   (the ones the reverse sweep would compute from the same values), while
+ *   its arguments are still in registers.
+ * - Reverse. Only the non-leaf nodes the output reaches, in descending node
+ *   order as in backward_one, each with its argument slots: no reached[]
+ *   marks, no op dispatch, just g[a] += da * g[p] per argument, so every
+ *   gradient receives the same products in the same order as in the
+ *   reference sweep and the results are bit-identical. A unary node's
+ *   missing argument points at one of a few scratch cells past the output
+ *   (its partial is 0; the cells are never read back).
+ *
+ * Every index in the program was checked when it was built (arguments are
+ * earlier nodes, inputs are leaves), and the program holds its own copies,
+ * so a run cannot leave its arrays whatever happens to the tape afterwards.
+ */
+
+#if defined(__GNUC__)
+#define MG_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MG_ALWAYS_INLINE inline
+#endif
+
+#define PROG_SCRATCH 8 /* scratch gradient cells past the output */
+
+typedef struct {
+    int32_t dst, a, b, z;
+    double c;
+} ProgStep;
+
+typedef struct {
+    int32_t start, end;
+    uint8_t op;
+} ProgRun;
+
+typedef struct {
+    int32_t p, a, b, z;
+    uint8_t next; /* bits 0, 1, 2: argument a, b, z is the next step's node */
+} ProgRev;
+
+typedef struct {
+    Py_ssize_t n, out, k;    /* nodes, output, inputs */
+    int stride;              /* partials per node: 2, or 3 for a tape with ternary nodes */
+    Py_ssize_t nfwd, nruns, nrev, nleaf;
+    ProgStep *fwd;
+    ProgRun *runs;
+    ProgRev *rev;
+    int32_t *leaf;           /* the leaves, and their values */
+    double *leaf_value;
+    int32_t *inputs;         /* the input nodes, in binding order */
+    double *spare;           /* a workspace kept for the next run (taken under the GIL) */
+} Program;
+
+static void program_free(Program *p)
+{
+    if (p == NULL)
+        return;
+    PyMem_RawFree(p->fwd);
+    PyMem_RawFree(p->runs);
+    PyMem_RawFree(p->rev);
+    PyMem_RawFree(p->leaf);
+    PyMem_RawFree(p->leaf_value);
+    PyMem_RawFree(p->inputs);
+    PyMem_RawFree(p->spare);
+    PyMem_RawFree(p);
+}
+
+/* Doubles in one run's workspace: values (n), gradients (out + 1 + scratch),
+ * partials (stride * n). */
+static size_t program_cells(const Program *p)
+{
+    return (size_t)p->n + (size_t)p->out + 1 + PROG_SCRATCH + (size_t)p->stride * (size_t)p->n;
+}
+
+/* Build the program of `t` for output `out` and the given input nodes.
+ * Returns NULL with *bad = the first bad node (or -1 when memory ran out,
+ * -2 - j when inputs[j] is not a leaf). Runs without the GIL. */
+static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *inputs,
+                              Py_ssize_t k, Py_ssize_t *bad)
+{
+    const Py_ssize_t n = t->n;
+    Program *p = PyMem_RawCalloc(1, sizeof(Program));
+    int32_t *level = NULL, *order = NULL, *tmp = NULL, *count = NULL;
+    uint8_t *touched = NULL;
+    *bad = -1;
+    if (p == NULL)
+        return NULL;
+    p->n = n;
+    p->out = out;
+    p->k = k;
+    p->stride = t->z != NULL ? 3 : 2;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!node_ok(t, i)) {
+            *bad = i;
+            goto fail;
+        }
+    p->inputs = PyMem_RawMalloc((size_t)(k ? k : 1) * sizeof(int32_t));
+    if (p->inputs == NULL)
+        goto fail;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (inputs[j] < 0 || inputs[j] >= n || ARITY_PLUS_1[t->code[inputs[j]]] != 1) {
+            *bad = -2 - j;
+            goto fail;
+        }
+        p->inputs[j] = (int32_t)inputs[j];
+    }
+    level = PyMem_RawMalloc((size_t)n * sizeof(int32_t));
+    order = PyMem_RawMalloc((size_t)n * sizeof(int32_t));
+    tmp = PyMem_RawMalloc((size_t)n * sizeof(int32_t));
+    touched = PyMem_RawCalloc((size_t)n, 1);
+    if (level == NULL || order == NULL || tmp == NULL || touched == NULL)
+        goto fail;
+    /* Levels, and the leaves. */
+    Py_ssize_t nleaf = 0, nfwd = 0, top = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int arity = ARITY_PLUS_1[t->code[i]] - 1;
+        int32_t l = 0;
+        if (arity == 0) {
+            nleaf++;
+        } else {
+            l = level[t->a[i]];
+            if (arity >= 2 && level[t->b[i]] > l)
+                l = level[t->b[i]];
+            if (arity == 3 && level[t->z[i]] > l)
+                l = level[t->z[i]];
+            l++;
+            tmp[nfwd++] = (int32_t)i;
+        }
+        level[i] = l;
+        if (l > top)
+            top = l;
+    }
+    p->nleaf = nleaf;
+    p->nfwd = nfwd;
+    p->leaf = PyMem_RawMalloc((size_t)(nleaf ? nleaf : 1) * sizeof(int32_t));
+    p->leaf_value = PyMem_RawMalloc((size_t)(nleaf ? nleaf : 1) * sizeof(double));
+    p->fwd = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(ProgStep));
+    p->runs = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(ProgRun));
+    p->rev = PyMem_RawMalloc((size_t)(out + 1) * sizeof(ProgRev));
+    count = PyMem_RawCalloc((size_t)(top + 2 > 257 ? top + 2 : 257), sizeof(int32_t));
+    if (p->leaf == NULL || p->leaf_value == NULL || p->fwd == NULL || p->runs == NULL ||
+        p->rev == NULL || count == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0, j = 0; i < n; i++)
+        if (ARITY_PLUS_1[t->code[i]] == 1) {
+            p->leaf[j] = (int32_t)i;
+            p->leaf_value[j++] = t->c[i];
+        }
+    /* Stable counting sorts: by op, then by level, so (level, op, node). */
+    for (Py_ssize_t j = 0; j < nfwd; j++)
+        count[t->code[tmp[j]] + 1]++;
+    for (int o = 1; o < 257; o++)
+        count[o] += count[o - 1];
+    for (Py_ssize_t j = 0; j < nfwd; j++)
+        order[count[t->code[tmp[j]]]++] = tmp[j];
+    memset(count, 0, (size_t)(top + 2 > 257 ? top + 2 : 257) * sizeof(int32_t));
+    for (Py_ssize_t j = 0; j < nfwd; j++)
+        count[level[order[j]] + 1]++;
+    for (Py_ssize_t l = 1; l <= top + 1; l++)
+        count[l] += count[l - 1];
+    for (Py_ssize_t j = 0; j < nfwd; j++)
+        tmp[count[level[order[j]]]++] = order[j];
+    Py_ssize_t nruns = 0;
+    for (Py_ssize_t j = 0; j < nfwd; j++) {
+        const Py_ssize_t i = tmp[j];
+        const uint8_t op = t->code[i];
+        const int arity = ARITY_PLUS_1[op] - 1;
+        ProgStep *s = p->fwd + j;
+        s->dst = (int32_t)i;
+        s->a = t->a[i];
+        s->b = arity >= 2 ? t->b[i] : s->a;
+        s->z = arity == 3 ? t->z[i] : s->a;
+        s->c = t->c[i];
+        if (nruns == 0 || p->runs[nruns - 1].op != op) {
+            p->runs[nruns].op = op;
+            p->runs[nruns].start = (int32_t)j;
+            nruns++;
+        }
+        p->runs[nruns - 1].end = (int32_t)(j + 1);
+    }
+    p->nruns = nruns;
+    /* The reverse list: reached non-leaf nodes, descending. */
+    Py_ssize_t m = 0;
+    touched[out] = 1;
+    for (Py_ssize_t i = out; i >= 0; i--) {
+        if (!touched[i])
+            continue;
+        const int arity = ARITY_PLUS_1[t->code[i]] - 1;
+        if (arity == 0)
+            continue;
+        const int32_t scratch = (int32_t)(out + 1 + (m % PROG_SCRATCH));
+        ProgRev *r = p->rev + m++;
+        r->p = (int32_t)i;
+        r->a = t->a[i];
+        r->b = arity >= 2 ? t->b[i] : scratch;
+        r->z = arity == 3 ? t->z[i] : scratch;
+        r->next = 0;
+        touched[r->a] = 1;
+        if (arity >= 2)
+            touched[r->b] = 1;
+        if (arity == 3)
+            touched[r->z] = 1;
+    }
+    p->nrev = m;
+    /* A contribution to the very next step's node is carried in a register
+     * (it is that node's last one). Not when two arguments are that node:
+     * then the two additions must go through memory in order. */
+    for (Py_ssize_t j = 0; j + 1 < m; j++) {
+        ProgRev *r = p->rev + j;
+        const int32_t next = p->rev[j + 1].p;
+        const int hits = (r->a == next) + (r->b == next) + (r->z == next);
+        if (hits == 1)
+            r->next = (uint8_t)(r->a == next ? 1 : r->b == next ? 2 : 4);
+    }
+    PyMem_RawFree(level);
+    PyMem_RawFree(order);
+    PyMem_RawFree(tmp);
+    PyMem_RawFree(count);
+    PyMem_RawFree(touched);
+    return p;
+fail:
+    PyMem_RawFree(level);
+    PyMem_RawFree(order);
+    PyMem_RawFree(tmp);
+    PyMem_RawFree(count);
+    PyMem_RawFree(touched);
+    program_free(p);
+    return NULL;
+}
+
+/* One run of op `name` over steps [k0, k1): values, and with `partials` the
+ * partial derivatives into E (stride S per node). */
+/* Arguments: the node just computed (ld, its value lv) comes from a register
+ * (in a chain of runs of one node each, every argument is the one before);
+ * inside a run of one level it never is. */
+#define PF_ARG(idx) ((idx) == ld ? lv : v[idx])
+#define PF_KEEP(s, o)                                                        \
+    v[s->dst] = o;                                                           \
+    ld = s->dst;                                                             \
+    lv = o;
+#define PF_0(name)
+#define PF_1(name)                                                           \
+    if (partials)                                                            \
+        for (Py_ssize_t k = k0; k < k1; k++) {                               \
+            const ProgStep *s = fwd + k;                                     \
+            const double x = PF_ARG(s->a);                                   \
+            const double o = name##_f(x, 0.0, s->c);                         \
+            double dx, dy;                                                   \
+            name##_d(x, 0.0, s->c, o, &dx, &dy);                             \
+            double *e = E + S * (Py_ssize_t)s->dst;                          \
+            PF_KEEP(s, o)                                                    \
+            e[0] = dx;                                                       \
+            e[1] = 0.0;                                                      \
+            if (S == 3)                                                      \
+                e[2] = 0.0;                                                  \
+        }                                                                    \
+    else                                                                     \
+        for (Py_ssize_t k = k0; k < k1; k++) {                               \
+            const ProgStep *s = fwd + k;                                     \
+            const double o = name##_f(PF_ARG(s->a), 0.0, s->c);              \
+            PF_KEEP(s, o)                                                    \
+        }
+#define PF_2(name)                                                           \
+    if (partials)                                                            \
+        for (Py_ssize_t k = k0; k < k1; k++) {                               \
+            const ProgStep *s = fwd + k;                                     \
+            const double x = PF_ARG(s->a), y = PF_ARG(s->b);                 \
+            const double o = name##_f(x, y, s->c);                           \
+            double dx, dy;                                                   \
+            name##_d(x, y, s->c, o, &dx, &dy);                               \
+            double *e = E + S * (Py_ssize_t)s->dst;                          \
+            PF_KEEP(s, o)                                                    \
+            e[0] = dx;                                                       \
+            e[1] = dy;                                                       \
+            if (S == 3)                                                      \
+                e[2] = 0.0;                                                  \
+        }                                                                    \
+    else                                                                     \
+        for (Py_ssize_t k = k0; k < k1; k++) {                               \
+            const ProgStep *s = fwd + k;                                     \
+            const double o = name##_f(PF_ARG(s->a), PF_ARG(s->b), s->c);     \
+            PF_KEEP(s, o)                                                    \
+        }
+#define PF_3(name)                                                           \
+    for (Py_ssize_t k = k0; k < k1; k++) {                                   \
+        const ProgStep *s = fwd + k;                                         \
+        const double x = PF_ARG(s->a), y = PF_ARG(s->b), w = PF_ARG(s->z);   \
+        const double o = name##_f(x, y, w);                                  \
+        PF_KEEP(s, o)                                                        \
+        if (partials && S == 3) {                                            \
+            double *e = E + S * (Py_ssize_t)s->dst;                          \
+            name##_d(x, y, w, o, &e[0], &e[1], &e[2]);                       \
+        }                                                                    \
+    }
+#define PF_CASE(code_, name, arity) \
+    case code_: { PF_##arity(name) } break;
+
+static MG_ALWAYS_INLINE int program_forward_s(const Program *p, double *restrict v,
+                                             double *restrict E, int partials, const Stop *stop,
+                                             const int S)
+{
+    const ProgStep *fwd = p->fwd;
+    const Py_ssize_t block = stop != NULL ? stop->block : PY_SSIZE_T_MAX;
+    Py_ssize_t left = block;
+    int32_t ld = -1;
+    double lv = 0.0;
+    for (Py_ssize_t r = 0; r < p->nruns; r++) {
+        const ProgRun *run = p->runs + r;
+        Py_ssize_t k0 = run->start;
+        while (k0 < run->end) {
+            const Py_ssize_t k1 = run->end - k0 > left ? k0 + left : run->end;
+            switch (run->op) {
+                MG_OPS(PF_CASE)
+            default:
+                break; /* not reached: the program was validated */
+            }
+            left -= k1 - k0;
+            k0 = k1;
+            if (MG_UNLIKELY(left == 0)) {
+                if (stop_due(stop))
+                    return MG_STOPPED;
+                left = block;
+            }
+        }
+    }
+    return 0;
+}
+
+static MG_NOINLINE int program_forward2(const Program *p, double *restrict v, double *restrict E,
+                                        int partials, const Stop *stop)
+{
+    return program_forward_s(p, v, E, partials, stop, 2);
+}
+
+static MG_NOINLINE int program_forward3(const Program *p, double *restrict v, double *restrict E,
+                                        int partials, const Stop *stop)
+{
+    return program_forward_s(p, v, E, partials, stop, 3);
+}
+
+/* The reverse sweep: g (out + 1 + scratch cells) zeroed, the output seeded. */
+static MG_ALWAYS_INLINE int program_backward_s(const Program *p, const double *restrict E,
+                                              double *g, const Stop *stop, const int S)
+{
+    const ProgRev *rev = p->rev;
+    const Py_ssize_t nrev = p->nrev;
+    const Py_ssize_t block = stop != NULL ? stop->block : PY_SSIZE_T_MAX;
+    Py_ssize_t k = 0;
+    double R = 0.0;
+    int carry = 0;
+    while (k < nrev) {
+        const Py_ssize_t k1 = nrev - k > block ? k + block : nrev;
+        for (; k < k1; k++) {
+            const ProgRev *r = rev + k;
+            double G = g[r->p];
+            if (carry) { /* the previous step's contribution, the last one to this node */
+                G += R;
+                g[r->p] = G;
+            }
+            const double *e = E + S * (Py_ssize_t)r->p;
+            const double ca = e[0] * G, cb = e[1] * G;
+            const int next = r->next;
+            if (next & 1)
+                R = ca;
+            else
+                g[r->a] += ca;
+            if (next & 2)
+                R = cb;
+            else
+                g[r->b] += cb;
+            if (S == 3) {
+                const double cz = e[2] * G;
+                if (next & 4)
+                    R = cz;
+                else
+                    g[r->z] += cz;
+            }
+            carry = next;
+        }
+        if (k < nrev && stop_due(stop))
+            return MG_STOPPED;
+    }
+    return 0;
+}
+
+static MG_NOINLINE int program_backward2(const Program *p, const double *restrict E, double *g,
+                                         const Stop *stop)
+{
+    return program_backward_s(p, E, g, stop, 2);
+}
+
+static MG_NOINLINE int program_backward3(const Program *p, const double *restrict E, double *g,
+                                         const Stop *stop)
+{
+    return program_backward_s(p, E, g, stop, 3);
+}
+
+/* Run the program for `rows` bindings (rows of k values), keeping the s
+ * selected nodes' values (and, with gout, gradients) per row. `work` holds
+ * program_cells() doubles. Returns 0 or MG_STOPPED. */
+static int program_run(const Program *p, double *work, const double *bind, Py_ssize_t rows,
+                       const int64_t *sel, Py_ssize_t s, double *vout, double *gout,
+                       const Stop *stop)
+{
+    const Py_ssize_t n = p->n, out = p->out, k = p->k;
+    double *v = work, *g = work + n, *E = g + out + 1 + PROG_SCRATCH;
+    for (Py_ssize_t row = 0; row < rows; row++) {
+        for (Py_ssize_t j = 0; j < p->nleaf; j++)
+            v[p->leaf[j]] = p->leaf_value[j];
+        const double *b = bind + row * k;
+        for (Py_ssize_t j = 0; j < k; j++)
+            v[p->inputs[j]] = b[j];
+        const int partials = gout != NULL;
+        int stopped = p->stride == 3 ? program_forward3(p, v, E, partials, stop)
+                                     : program_forward2(p, v, E, partials, stop);
+        if (stopped)
+            return MG_STOPPED;
+        double *vo = vout + row * s;
+        for (Py_ssize_t j = 0; j < s; j++)
+            vo[j] = v[sel[j]];
+        if (gout == NULL)
+            continue;
+        memset(g, 0, (size_t)(out + 1 + PROG_SCRATCH) * sizeof(double));
+        g[out] = 1.0;
+        stopped = p->stride == 3 ? program_backward3(p, E, g, stop)
+                                 : program_backward2(p, E, g, stop);
+        if (stopped)
+            return MG_STOPPED;
+        double *go = gout + row * s;
+        for (Py_ssize_t j = 0; j < s; j++)
+            go[j] = sel[j] <= out ? g[sel[j]] : 0.0;
+    }
+    return 0;
+}
+
+/* ---- Python entry points ------------------------------------------------ */
+
+#define PROGRAM_CAPSULE "micrograd._kernel.Program"
+
+static void program_capsule_free(PyObject *capsule)
+{
+    program_free((Program *)PyCapsule_GetPointer(capsule, PROGRAM_CAPSULE));
+}
+
+PyDoc_STRVAR(compile_program_doc,
+"compile_program(code, arg0, arg1, const, inputs, output, arg2=None)\n--\n\n"
+"Decode and check the tape once into a one-binding program for node output,\n"
+"bound through the leaf nodes in inputs (int64): an opaque object for\n"
+"run_program. The program keeps its own copy of the tape.");
+
+static PyObject *kernel_compile_program(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"code", "arg0", "arg1", "const", "inputs", "output", "arg2", NULL};
+    PyObject *code, *a, *b, *c, *inputs, *z = Py_None;
+    Py_ssize_t out;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOn|O:compile_program", keywords, &code,
+                                     &a, &b, &c, &inputs, &out, &z))
+        return NULL;
+    TapeBuffers tb;
+    if (get_tape(code, a, b, z, c, &tb) < 0)
+        return NULL;
+    Py_buffer iv;
+    if (get_array(inputs, "inputs", 'q', 8, 0, 1, &iv) < 0) {
+        release_tape(&tb);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (out < 0 || out >= tb.cols.n) {
+        PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out,
+                     tb.cols.n);
+        goto done;
+    }
+    if (tb.cols.n >= INT32_MAX - PROG_SCRATCH) {
+        PyErr_SetString(PyExc_ValueError, "the tape is too long for a program");
+        goto done;
+    }
+    Program *p;
+    Py_ssize_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    p = program_build(&tb.cols, out, (const int64_t *)iv.buf, iv.shape[0], &bad);
+    Py_END_ALLOW_THREADS
+    if (p == NULL) {
+        if (bad >= 0)
+            raise_bad_node(&tb.cols, bad);
+        else if (bad == -1)
+            PyErr_NoMemory();
+        else
+            PyErr_Format(PyExc_ValueError, "inputs[%zd] is not a leaf node", -2 - bad);
+        goto done;
+    }
+    result = PyCapsule_New(p, PROGRAM_CAPSULE, program_capsule_free);
+    if (result == NULL)
+        program_free(p);
+done:
+    PyBuffer_Release(&iv);
+    release_tape(&tb);
+    return result;
+}
+
+PyDoc_STRVAR(run_program_doc,
+"run_program(program, bindings, selection, values_out, grads_out=None,\n"
+"            flush_denormals=False, stop=None, expires=0.0)\n--\n\n"
+"Run a compiled program for each row of bindings ((B, k) float64 over its\n"
+"inputs), filling values_out and grads_out ((B, s) float64, or None: no\n"
+"reverse sweep) with the s nodes of selection (int64). Bit-identical to\n"
+"forward + backward. Returns True, or False if it stopped early (stop and\n"
+"expires as in forward).");
+
+static PyObject *kernel_run_program(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"program", "bindings", "selection", "values_out", "grads_out",
+                               "flush_denormals", "stop", "expires", NULL};
+    PyObject *capsule, *bindings, *selection, *values_out, *grads_out = Py_None;
+    PyObject *stop_flag = NULL;
+    int flush = 0, use_stop = 0;
+    double expires = 0.0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OpOd:run_program", keywords, &capsule,
+                                     &bindings, &selection, &values_out, &grads_out, &flush,
+                                     &stop_flag, &expires))
+        return NULL;
+    Program *p = PyCapsule_GetPointer(capsule, PROGRAM_CAPSULE);
+    if (p == NULL)
+        return NULL;
+    const int grads = grads_out != Py_None;
+    Py_buffer bv, sv, vo, go;
+    int held = 0;
+    PyObject *result = NULL;
+    double *work = NULL;
+    Stop stop;
+    Py_buffer stop_view;
+    stop_view.obj = NULL;
+    if (get_array(bindings, "bindings", 'd', 8, 0, 2, &bv) < 0)
+        goto done;
+    held = 1;
+    if (get_array(selection, "selection", 'q', 8, 0, 1, &sv) < 0)
+        goto done;
+    held = 2;
+    if (get_array(values_out, "values_out", 'd', 8, 1, 2, &vo) < 0)
+        goto done;
+    held = 3;
+    if (grads) {
+        if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &go) < 0)
+            goto done;
+        held = 4;
+    }
+    const Py_ssize_t s = sv.shape[0];
+    const Py_ssize_t rows = bv.ndim == 2 ? bv.shape[0] : 0;
+    if (bv.ndim != 2 || bv.shape[1] != p->k) {
+        PyErr_Format(PyExc_ValueError, "bindings must have shape (B, %zd)", p->k);
+        goto done;
+    }
+    if (vo.ndim != 2 || vo.shape[0] != rows || vo.shape[1] != s ||
+        (grads && (go.ndim != 2 || go.shape[0] != rows || go.shape[1] != s))) {
+        PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
+                     s);
+        goto done;
+    }
+    const int64_t *sel = (const int64_t *)sv.buf;
+    for (Py_ssize_t j = 0; j < s; j++)
+        if (sel[j] < 0 || sel[j] >= p->n) {
+            PyErr_Format(PyExc_ValueError, "selection[%zd] is %lld, not a node of %zd", j,
+                         (long long)sel[j], p->n);
+            goto done;
+        }
+    if (get_stop(stop_flag, expires, 1, &stop, &stop_view, &use_stop) < 0)
+        goto done;
+    work = p->spare; /* the GIL is held: no other run takes it meanwhile */
+    p->spare = NULL;
+    if (work == NULL)
+        work = PyMem_RawMalloc(program_cells(p) * sizeof(double));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int stopped = 0;
+    if (rows > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        unsigned int saved = flush_enter(flush);
+        stopped = program_run(p, work, (const double *)bv.buf, rows, sel, s, (double *)vo.buf,
+                              grads ? (double *)go.buf : NULL, use_stop ? &stop : NULL);
+        flush_leave(flush, saved);
+        Py_END_ALLOW_THREADS
+    }
+    result = PyBool_FromLong(stopped != MG_STOPPED);
+done:
+    if (work != NULL) {
+        if (p->spare == NULL)
+            p->spare = work;
+        else
+            PyMem_RawFree(work);
+    }
+    release_stop(&stop_view);
+    Py_buffer *views[4] = {&bv, &sv, &vo, &go};
+    for (int j = 0; j < held; j++)
+        PyBuffer_Release(views[j]);
+    return result;
+}
