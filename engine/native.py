@@ -278,12 +278,16 @@ class NativeKernel:
         output) pairs while their tape lives; a tape is taken to be immutable.
         """
         inputs = np.ascontiguousarray(inputs, dtype=np.int64)
-        key = (id(tape), int(output), inputs.tobytes())
+        key = (id(tape), int(output))
         with _PROGRAMS_LOCK:
             kept = _PROGRAMS.get(key)
-            if kept is not None and kept[0]() is tape:
+            if (
+                kept is not None
+                and kept[0]() is tape
+                and (kept[1] is inputs or np.array_equal(kept[1], inputs))
+            ):
                 _PROGRAMS.move_to_end(key)
-                return kept[1]
+                return kept[2]
         program = _kernel.compile_program(
             tape.code,
             tape.arg0,
@@ -298,7 +302,7 @@ class NativeKernel:
         except TypeError:  # not weakly referable: not kept
             return program
         with _PROGRAMS_LOCK:
-            _PROGRAMS[key] = (ref, program)
+            _PROGRAMS[key] = (ref, inputs, program)
             _PROGRAMS.move_to_end(key)
             while len(_PROGRAMS) > PROGRAMS_KEPT:
                 _PROGRAMS.popitem(last=False)
@@ -307,7 +311,9 @@ class NativeKernel:
 
 PROGRAMS_KEPT = 16
 """How many compiled programs ``NativeKernel.program`` keeps (each about 80 bytes per node)."""
-_PROGRAMS: OrderedDict[tuple[int, int, bytes], tuple[Callable[[], object], object]] = OrderedDict()
+_PROGRAMS: OrderedDict[tuple[int, int], tuple[Callable[[], object], np.ndarray, object]] = (
+    OrderedDict()
+)
 _PROGRAMS_LOCK = threading.Lock()
 
 
