@@ -20,7 +20,10 @@
  *   gradient receives the same products in the same order as in the
  *   reference sweep and the results are bit-identical. A unary node's
  *   missing argument points at one of a few scratch cells past the output
- *   (its partial is 0; the cells are never read back).
+ *   (its partial is 0; the cells are never read back). The partials are
+ *   stored compactly in reverse order, and not at all for the ops whose
+ *   partials are constants (add, sub, neg: the steps point at one shared
+ *   row), so the reverse sweep streams as few bytes as it can.
  *
  * Every index in the program was checked when it was built (arguments are
  * earlier nodes, inputs are leaves), and the program holds its own copies,
@@ -35,9 +38,11 @@
 
 #define PROG_SCRATCH 8 /* scratch gradient cells past the output */
 
+/* A forward step: node dst = op(a, b) (b = a for a unary op), partials
+ * into row e of the partials (rows 0-2: the constant rows, never written;
+ * row 3: scratch for nodes whose partials are not needed). */
 typedef struct {
-    int32_t dst, a, b, z;
-    double c;
+    int32_t dst, a, b, e;
 } ProgStep;
 
 typedef struct {
@@ -45,16 +50,27 @@ typedef struct {
     uint8_t op;
 } ProgRun;
 
+/* A reverse step: node p passes g[p] times its partials (row e & PROG_ROW)
+ * to a and b; the top bits of e say which argument is the next step's node
+ * (its gradient then stays in a register: bit 29 a, 30 b, 31 z). */
 typedef struct {
-    int32_t p, a, b, z;
-    uint8_t next; /* bits 0, 1, 2: argument a, b, z is the next step's node */
+    int32_t p, a, b;
+    uint32_t e;
 } ProgRev;
+
+#define PROG_ROW 0x1fffffffu
+#define PROG_NEXT_A (1u << 29)
+#define PROG_NEXT_B (1u << 30)
+#define PROG_NEXT_Z (1u << 31)
+#define PROG_FIRST_ROW 4 /* rows 0-2 constant, 3 scratch */
 
 typedef struct {
     Py_ssize_t n, out, k;    /* nodes, output, inputs */
-    int stride;              /* partials per node: 2, or 3 for a tape with ternary nodes */
-    Py_ssize_t nfwd, nruns, nrev, nleaf;
+    int stride;              /* partials per row: 2, or 3 for a tape with ternary nodes */
+    Py_ssize_t nfwd, nruns, nrev, nleaf, rows;
     ProgStep *fwd;
+    double *fc;              /* per forward step: the node's constant (pow's exponent) */
+    int32_t *fz, *rz;        /* ternary tapes: the third argument per forward / reverse step */
     ProgRun *runs;
     ProgRev *rev;
     int32_t *leaf;           /* the leaves, and their values */
@@ -63,11 +79,42 @@ typedef struct {
     double *spare;           /* a workspace kept for the next run (taken under the GIL) */
 } Program;
 
+/* Which constant row holds an op's partials (-1: they depend on the values). */
+static int program_const_row(uint8_t code)
+{
+#define PROG_ROW_OF(code_, name, ar)                                                        \
+    if (code == code_)                                                                  \
+        return strcmp(#name, "add") == 0 ? 0 : strcmp(#name, "sub") == 0 ? 1             \
+             : strcmp(#name, "neg") == 0 ? 2 : -1;
+    MG_OPS(PROG_ROW_OF)
+#undef PROG_ROW_OF
+    return -1;
+}
+
+/* The constant rows, filled from the ops' own partials (constant for these). */
+static void program_const_rows(double *E, int S)
+{
+    double dx, dy;
+    for (int j = 0; j < 4 * S; j++)
+        E[j] = 0.0;
+    add_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);
+    E[0] = dx;
+    E[1] = dy;
+    sub_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);
+    E[S] = dx;
+    E[S + 1] = dy;
+    neg_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);
+    E[2 * S] = dx;
+}
+
 static void program_free(Program *p)
 {
     if (p == NULL)
         return;
     PyMem_RawFree(p->fwd);
+    PyMem_RawFree(p->fc);
+    PyMem_RawFree(p->fz);
+    PyMem_RawFree(p->rz);
     PyMem_RawFree(p->runs);
     PyMem_RawFree(p->rev);
     PyMem_RawFree(p->leaf);
@@ -78,10 +125,10 @@ static void program_free(Program *p)
 }
 
 /* Doubles in one run's workspace: values (n), gradients (out + 1 + scratch),
- * partials (stride * n). */
+ * partials (stride per row). */
 static size_t program_cells(const Program *p)
 {
-    return (size_t)p->n + (size_t)p->out + 1 + PROG_SCRATCH + (size_t)p->stride * (size_t)p->n;
+    return (size_t)p->n + (size_t)p->out + 1 + PROG_SCRATCH + (size_t)p->stride * (size_t)p->rows;
 }
 
 /* Build the program of `t` for output `out` and the given input nodes.
@@ -147,31 +194,83 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
     p->leaf = PyMem_RawMalloc((size_t)(nleaf ? nleaf : 1) * sizeof(int32_t));
     p->leaf_value = PyMem_RawMalloc((size_t)(nleaf ? nleaf : 1) * sizeof(double));
     p->fwd = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(ProgStep));
+    p->fc = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(double));
     p->runs = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(ProgRun));
     p->rev = PyMem_RawMalloc((size_t)(out + 1) * sizeof(ProgRev));
+    if (t->z != NULL) {
+        p->fz = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(int32_t));
+        p->rz = PyMem_RawMalloc((size_t)(out + 1) * sizeof(int32_t));
+    }
     count = PyMem_RawCalloc((size_t)(top + 2 > 257 ? top + 2 : 257), sizeof(int32_t));
-    if (p->leaf == NULL || p->leaf_value == NULL || p->fwd == NULL || p->runs == NULL ||
-        p->rev == NULL || count == NULL)
+    if (p->leaf == NULL || p->leaf_value == NULL || p->fwd == NULL || p->fc == NULL ||
+        p->runs == NULL || p->rev == NULL || count == NULL ||
+        (t->z != NULL && (p->fz == NULL || p->rz == NULL)))
         goto fail;
     for (Py_ssize_t i = 0, j = 0; i < n; i++)
         if (ARITY_PLUS_1[t->code[i]] == 1) {
             p->leaf[j] = (int32_t)i;
             p->leaf_value[j++] = t->c[i];
         }
+    /* The reverse list: reached non-leaf nodes, descending, each with its
+     * row of partials (`order` maps node -> row meanwhile; 3: scratch). */
+    for (Py_ssize_t i = 0; i < n; i++)
+        order[i] = 3;
+    Py_ssize_t m = 0, rows = PROG_FIRST_ROW;
+    touched[out] = 1;
+    for (Py_ssize_t i = out; i >= 0; i--) {
+        if (!touched[i])
+            continue;
+        const int arity = ARITY_PLUS_1[t->code[i]] - 1;
+        if (arity == 0)
+            continue;
+        const int32_t scratch = (int32_t)(out + 1 + (m % PROG_SCRATCH));
+        const int fixed = program_const_row(t->code[i]);
+        order[i] = fixed >= 0 ? fixed : (int32_t)rows++;
+        if (p->rz != NULL)
+            p->rz[m] = arity == 3 ? t->z[i] : scratch;
+        ProgRev *r = p->rev + m++;
+        r->p = (int32_t)i;
+        r->a = t->a[i];
+        r->b = arity >= 2 ? t->b[i] : scratch;
+        r->e = (uint32_t)order[i];
+        touched[r->a] = 1;
+        if (arity >= 2)
+            touched[r->b] = 1;
+        if (arity == 3)
+            touched[t->z[i]] = 1;
+    }
+    p->nrev = m;
+    p->rows = rows;
+    /* A contribution to the very next step's node is its last one: it is
+     * carried in a register. Not when two arguments are that node: then the
+     * two additions must go through memory in order. */
+    for (Py_ssize_t j = 0; j + 1 < m; j++) {
+        ProgRev *r = p->rev + j;
+        const int32_t q = p->rev[j + 1].p;
+        const int32_t z = p->rz != NULL ? p->rz[j] : -1;
+        if ((r->a == q) + (r->b == q) + (z == q) == 1)
+            r->e |= r->a == q ? PROG_NEXT_A : r->b == q ? PROG_NEXT_B : PROG_NEXT_Z;
+    }
     /* Stable counting sorts: by op, then by level, so (level, op, node). */
+    int32_t *row_of = order, *by_op = level; /* level is read through `key` below */
+    int32_t *key = PyMem_RawMalloc((size_t)n * sizeof(int32_t));
+    if (key == NULL)
+        goto fail;
+    memcpy(key, level, (size_t)n * sizeof(int32_t));
     for (Py_ssize_t j = 0; j < nfwd; j++)
         count[t->code[tmp[j]] + 1]++;
     for (int o = 1; o < 257; o++)
         count[o] += count[o - 1];
     for (Py_ssize_t j = 0; j < nfwd; j++)
-        order[count[t->code[tmp[j]]]++] = tmp[j];
+        by_op[count[t->code[tmp[j]]]++] = tmp[j];
     memset(count, 0, (size_t)(top + 2 > 257 ? top + 2 : 257) * sizeof(int32_t));
     for (Py_ssize_t j = 0; j < nfwd; j++)
-        count[level[order[j]] + 1]++;
+        count[key[by_op[j]] + 1]++;
     for (Py_ssize_t l = 1; l <= top + 1; l++)
         count[l] += count[l - 1];
     for (Py_ssize_t j = 0; j < nfwd; j++)
-        tmp[count[level[order[j]]]++] = order[j];
+        tmp[count[key[by_op[j]]]++] = by_op[j];
+    PyMem_RawFree(key);
     Py_ssize_t nruns = 0;
     for (Py_ssize_t j = 0; j < nfwd; j++) {
         const Py_ssize_t i = tmp[j];
@@ -181,8 +280,10 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
         s->dst = (int32_t)i;
         s->a = t->a[i];
         s->b = arity >= 2 ? t->b[i] : s->a;
-        s->z = arity == 3 ? t->z[i] : s->a;
-        s->c = t->c[i];
+        s->e = row_of[i] < PROG_FIRST_ROW ? 3 : row_of[i]; /* constant rows stay unwritten */
+        p->fc[j] = t->c[i];
+        if (p->fz != NULL)
+            p->fz[j] = arity == 3 ? t->z[i] : s->a;
         if (nruns == 0 || p->runs[nruns - 1].op != op) {
             p->runs[nruns].op = op;
             p->runs[nruns].start = (int32_t)j;
@@ -191,39 +292,6 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
         p->runs[nruns - 1].end = (int32_t)(j + 1);
     }
     p->nruns = nruns;
-    /* The reverse list: reached non-leaf nodes, descending. */
-    Py_ssize_t m = 0;
-    touched[out] = 1;
-    for (Py_ssize_t i = out; i >= 0; i--) {
-        if (!touched[i])
-            continue;
-        const int arity = ARITY_PLUS_1[t->code[i]] - 1;
-        if (arity == 0)
-            continue;
-        const int32_t scratch = (int32_t)(out + 1 + (m % PROG_SCRATCH));
-        ProgRev *r = p->rev + m++;
-        r->p = (int32_t)i;
-        r->a = t->a[i];
-        r->b = arity >= 2 ? t->b[i] : scratch;
-        r->z = arity == 3 ? t->z[i] : scratch;
-        r->next = 0;
-        touched[r->a] = 1;
-        if (arity >= 2)
-            touched[r->b] = 1;
-        if (arity == 3)
-            touched[r->z] = 1;
-    }
-    p->nrev = m;
-    /* A contribution to the very next step's node is carried in a register
-     * (it is that node's last one). Not when two arguments are that node:
-     * then the two additions must go through memory in order. */
-    for (Py_ssize_t j = 0; j + 1 < m; j++) {
-        ProgRev *r = p->rev + j;
-        const int32_t next = p->rev[j + 1].p;
-        const int hits = (r->a == next) + (r->b == next) + (r->z == next);
-        if (hits == 1)
-            r->next = (uint8_t)(r->a == next ? 1 : r->b == next ? 2 : 4);
-    }
     PyMem_RawFree(level);
     PyMem_RawFree(order);
     PyMem_RawFree(tmp);
@@ -256,10 +324,10 @@ fail:
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
             const double x = PF_ARG(s->a);                                   \
-            const double o = name##_f(x, 0.0, s->c);                         \
+            const double o = name##_f(x, 0.0, fc[k]);                         \
             double dx, dy;                                                   \
-            name##_d(x, 0.0, s->c, o, &dx, &dy);                             \
-            double *e = E + S * (Py_ssize_t)s->dst;                          \
+            name##_d(x, 0.0, fc[k], o, &dx, &dy);                             \
+            double *e = E + S * (Py_ssize_t)s->e;                             \
             PF_KEEP(s, o)                                                    \
             e[0] = dx;                                                       \
             e[1] = 0.0;                                                      \
@@ -269,7 +337,7 @@ fail:
     else                                                                     \
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
-            const double o = name##_f(PF_ARG(s->a), 0.0, s->c);              \
+            const double o = name##_f(PF_ARG(s->a), 0.0, fc[k]);              \
             PF_KEEP(s, o)                                                    \
         }
 #define PF_2(name)                                                           \
@@ -277,10 +345,10 @@ fail:
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
             const double x = PF_ARG(s->a), y = PF_ARG(s->b);                 \
-            const double o = name##_f(x, y, s->c);                           \
+            const double o = name##_f(x, y, fc[k]);                           \
             double dx, dy;                                                   \
-            name##_d(x, y, s->c, o, &dx, &dy);                               \
-            double *e = E + S * (Py_ssize_t)s->dst;                          \
+            name##_d(x, y, fc[k], o, &dx, &dy);                               \
+            double *e = E + S * (Py_ssize_t)s->e;                             \
             PF_KEEP(s, o)                                                    \
             e[0] = dx;                                                       \
             e[1] = dy;                                                       \
@@ -290,17 +358,17 @@ fail:
     else                                                                     \
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
-            const double o = name##_f(PF_ARG(s->a), PF_ARG(s->b), s->c);     \
+            const double o = name##_f(PF_ARG(s->a), PF_ARG(s->b), fc[k]);     \
             PF_KEEP(s, o)                                                    \
         }
 #define PF_3(name)                                                           \
     for (Py_ssize_t k = k0; k < k1; k++) {                                   \
         const ProgStep *s = fwd + k;                                         \
-        const double x = PF_ARG(s->a), y = PF_ARG(s->b), w = PF_ARG(s->z);   \
+        const double x = PF_ARG(s->a), y = PF_ARG(s->b), w = PF_ARG(fz[k]);   \
         const double o = name##_f(x, y, w);                                  \
         PF_KEEP(s, o)                                                        \
         if (partials && S == 3) {                                            \
-            double *e = E + S * (Py_ssize_t)s->dst;                          \
+            double *e = E + S * (Py_ssize_t)s->e;                             \
             name##_d(x, y, w, o, &e[0], &e[1], &e[2]);                       \
         }                                                                    \
     }
@@ -312,6 +380,8 @@ static MG_ALWAYS_INLINE int program_forward_s(const Program *p, double *restrict
                                              const int S)
 {
     const ProgStep *fwd = p->fwd;
+    const double *fc = p->fc;
+    const int32_t *fz = p->fz;
     const Py_ssize_t block = stop != NULL ? stop->block : PY_SSIZE_T_MAX;
     Py_ssize_t left = block;
     int32_t ld = -1;
@@ -352,9 +422,10 @@ static MG_NOINLINE int program_forward3(const Program *p, double *restrict v, do
 
 /* The reverse sweep: g (out + 1 + scratch cells) zeroed, the output seeded. */
 static MG_ALWAYS_INLINE int program_backward_s(const Program *p, const double *restrict E,
-                                              double *g, const Stop *stop, const int S)
+                                              double *g, const Stop *stop, const int S_)
 {
     const ProgRev *rev = p->rev;
+    const int32_t *rz = p->rz;
     const Py_ssize_t nrev = p->nrev;
     const Py_ssize_t block = stop != NULL ? stop->block : PY_SSIZE_T_MAX;
     Py_ssize_t k = 0;
@@ -369,25 +440,25 @@ static MG_ALWAYS_INLINE int program_backward_s(const Program *p, const double *r
                 G += R;
                 g[r->p] = G;
             }
-            const double *e = E + S * (Py_ssize_t)r->p;
+            const uint32_t ew = r->e;
+            const double *e = E + S_ * (Py_ssize_t)(ew & PROG_ROW);
             const double ca = e[0] * G, cb = e[1] * G;
-            const int next = r->next;
-            if (next & 1)
+            if (ew & PROG_NEXT_A)
                 R = ca;
             else
                 g[r->a] += ca;
-            if (next & 2)
+            if (ew & PROG_NEXT_B)
                 R = cb;
             else
                 g[r->b] += cb;
-            if (S == 3) {
+            if (S_ == 3) {
                 const double cz = e[2] * G;
-                if (next & 4)
+                if (ew & PROG_NEXT_Z)
                     R = cz;
                 else
-                    g[r->z] += cz;
+                    g[rz[k]] += cz;
             }
-            carry = next;
+            carry = (ew & ~PROG_ROW) != 0;
         }
         if (k < nrev && stop_due(stop))
             return MG_STOPPED;
@@ -423,6 +494,8 @@ static int program_run(const Program *p, double *work, const double *bind, Py_ss
         for (Py_ssize_t j = 0; j < k; j++)
             v[p->inputs[j]] = b[j];
         const int partials = gout != NULL;
+        if (partials)
+            program_const_rows(E, p->stride);
         int stopped = p->stride == 3 ? program_forward3(p, v, E, partials, stop)
                                      : program_forward2(p, v, E, partials, stop);
         if (stopped)
@@ -483,7 +556,7 @@ static PyObject *kernel_compile_program(PyObject *module, PyObject *args, PyObje
                      tb.cols.n);
         goto done;
     }
-    if (tb.cols.n >= INT32_MAX - PROG_SCRATCH) {
+    if (tb.cols.n >= (Py_ssize_t)1 << 28) {
         PyErr_SetString(PyExc_ValueError, "the tape is too long for a program");
         goto done;
     }
