@@ -36,6 +36,8 @@
 #define MG_ALWAYS_INLINE inline
 #endif
 
+#include <stdlib.h>
+
 #define PROG_SCRATCH 8 /* scratch gradient cells past the output */
 
 /* A forward step: node dst = op(a, b) (b = a for a unary op), partials
@@ -131,6 +133,16 @@ static size_t program_cells(const Program *p)
     return (size_t)p->n + (size_t)p->out + 1 + PROG_SCRATCH + (size_t)p->stride * (size_t)p->rows;
 }
 
+#ifndef PROG_WINDOW
+#define PROG_WINDOW 4096
+#endif
+
+static int program_key_order(const void *x, const void *y)
+{
+    const uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+    return (a > b) - (a < b);
+}
+
 /* Build the program of `t` for output `out` and the given input nodes.
  * Returns NULL with *bad = the first bad node (or -1 when memory ran out,
  * -2 - j when inputs[j] is not a leaf). Runs without the GIL. */
@@ -139,7 +151,7 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
 {
     const Py_ssize_t n = t->n;
     Program *p = PyMem_RawCalloc(1, sizeof(Program));
-    int32_t *level = NULL, *order = NULL, *tmp = NULL, *count = NULL;
+    int32_t *level = NULL, *order = NULL, *tmp = NULL;
     uint8_t *touched = NULL;
     *bad = -1;
     if (p == NULL)
@@ -170,7 +182,7 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
     if (level == NULL || order == NULL || tmp == NULL || touched == NULL)
         goto fail;
     /* Levels, and the leaves. */
-    Py_ssize_t nleaf = 0, nfwd = 0, top = 0;
+    Py_ssize_t nleaf = 0, nfwd = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const int arity = ARITY_PLUS_1[t->code[i]] - 1;
         int32_t l = 0;
@@ -186,8 +198,6 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
             tmp[nfwd++] = (int32_t)i;
         }
         level[i] = l;
-        if (l > top)
-            top = l;
     }
     p->nleaf = nleaf;
     p->nfwd = nfwd;
@@ -201,9 +211,8 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
         p->fz = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(int32_t));
         p->rz = PyMem_RawMalloc((size_t)(out + 1) * sizeof(int32_t));
     }
-    count = PyMem_RawCalloc((size_t)(top + 2 > 257 ? top + 2 : 257), sizeof(int32_t));
     if (p->leaf == NULL || p->leaf_value == NULL || p->fwd == NULL || p->fc == NULL ||
-        p->runs == NULL || p->rev == NULL || count == NULL ||
+        p->runs == NULL || p->rev == NULL ||
         (t->z != NULL && (p->fz == NULL || p->rz == NULL)))
         goto fail;
     for (Py_ssize_t i = 0, j = 0; i < n; i++)
@@ -251,26 +260,22 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
         if ((r->a == q) + (r->b == q) + (z == q) == 1)
             r->e |= r->a == q ? PROG_NEXT_A : r->b == q ? PROG_NEXT_B : PROG_NEXT_Z;
     }
-    /* Stable counting sorts: by op, then by level, so (level, op, node). */
-    int32_t *row_of = order, *by_op = level; /* level is read through `key` below */
-    int32_t *key = PyMem_RawMalloc((size_t)n * sizeof(int32_t));
-    if (key == NULL)
+    /* Sort each window of PROG_WINDOW consecutive non-leaf nodes by (level,
+     * op, node): long runs of one op, while the stores of the forward sweep
+     * stay within a window's stretch of the values. */
+    int32_t *row_of = order;
+    uint64_t *keys = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(uint64_t));
+    if (keys == NULL)
         goto fail;
-    memcpy(key, level, (size_t)n * sizeof(int32_t));
     for (Py_ssize_t j = 0; j < nfwd; j++)
-        count[t->code[tmp[j]] + 1]++;
-    for (int o = 1; o < 257; o++)
-        count[o] += count[o - 1];
+        keys[j] = (uint64_t)level[tmp[j]] << 36 | (uint64_t)t->code[tmp[j]] << 28 |
+                  (uint64_t)tmp[j];
+    for (Py_ssize_t w = 0; w < nfwd; w += PROG_WINDOW)
+        qsort(keys + w, (size_t)(nfwd - w < PROG_WINDOW ? nfwd - w : PROG_WINDOW),
+              sizeof(uint64_t), program_key_order);
     for (Py_ssize_t j = 0; j < nfwd; j++)
-        by_op[count[t->code[tmp[j]]]++] = tmp[j];
-    memset(count, 0, (size_t)(top + 2 > 257 ? top + 2 : 257) * sizeof(int32_t));
-    for (Py_ssize_t j = 0; j < nfwd; j++)
-        count[key[by_op[j]] + 1]++;
-    for (Py_ssize_t l = 1; l <= top + 1; l++)
-        count[l] += count[l - 1];
-    for (Py_ssize_t j = 0; j < nfwd; j++)
-        tmp[count[key[by_op[j]]]++] = by_op[j];
-    PyMem_RawFree(key);
+        tmp[j] = (int32_t)(keys[j] & ((1u << 28) - 1));
+    PyMem_RawFree(keys);
     Py_ssize_t nruns = 0;
     for (Py_ssize_t j = 0; j < nfwd; j++) {
         const Py_ssize_t i = tmp[j];
@@ -295,14 +300,12 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
     PyMem_RawFree(level);
     PyMem_RawFree(order);
     PyMem_RawFree(tmp);
-    PyMem_RawFree(count);
     PyMem_RawFree(touched);
     return p;
 fail:
     PyMem_RawFree(level);
     PyMem_RawFree(order);
     PyMem_RawFree(tmp);
-    PyMem_RawFree(count);
     PyMem_RawFree(touched);
     program_free(p);
     return NULL;
