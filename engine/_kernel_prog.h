@@ -38,6 +38,24 @@
 
 #include <stdlib.h>
 
+/* Random graphs are bound by cache misses on the arguments: each step asks
+ * for the arguments of the step PROG_AHEAD places on, so that several
+ * misses are under way at once even across the calls into libm. The step
+ * arrays carry PROG_AHEAD zeroed steps past their end for this. */
+#ifndef PROG_AHEAD
+#define PROG_AHEAD 16
+#endif
+/* Only where the values outgrow a core's L2 (below, the look-ahead costs
+ * more than it saves). */
+#ifndef PROG_AHEAD_NODES
+#define PROG_AHEAD_NODES (1 << 17)
+#endif
+#if defined(__GNUC__)
+#define PROG_PREFETCH(addr, rw) __builtin_prefetch((addr), (rw))
+#else
+#define PROG_PREFETCH(addr, rw) ((void)(addr))
+#endif
+
 #define PROG_SCRATCH 8 /* scratch gradient cells past the output */
 
 /* A forward step: node dst = op(a, b) (b = a for a unary op), partials
@@ -203,10 +221,10 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
     p->nfwd = nfwd;
     p->leaf = PyMem_RawMalloc((size_t)(nleaf ? nleaf : 1) * sizeof(int32_t));
     p->leaf_value = PyMem_RawMalloc((size_t)(nleaf ? nleaf : 1) * sizeof(double));
-    p->fwd = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(ProgStep));
+    p->fwd = PyMem_RawCalloc((size_t)nfwd + PROG_AHEAD, sizeof(ProgStep));
     p->fc = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(double));
     p->runs = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(ProgRun));
-    p->rev = PyMem_RawMalloc((size_t)(out + 1) * sizeof(ProgRev));
+    p->rev = PyMem_RawCalloc((size_t)out + 1 + PROG_AHEAD, sizeof(ProgRev));
     if (t->z != NULL) {
         p->fz = PyMem_RawMalloc((size_t)(nfwd ? nfwd : 1) * sizeof(int32_t));
         p->rz = PyMem_RawMalloc((size_t)(out + 1) * sizeof(int32_t));
@@ -316,6 +334,11 @@ fail:
 /* Arguments: the node just computed (ld, its value lv) comes from a register
  * (in a chain of runs of one node each, every argument is the one before);
  * inside a run of one level it never is. */
+#define PF_AHEAD(k)                                                          \
+    if (ahead) {                                                             \
+        PROG_PREFETCH(v + fwd[(k) + PROG_AHEAD].a, 0);                       \
+        PROG_PREFETCH(v + fwd[(k) + PROG_AHEAD].b, 0);                       \
+    }
 #define PF_ARG(idx) ((idx) == ld ? lv : v[idx])
 #define PF_KEEP(s, o)                                                        \
     v[s->dst] = o;                                                           \
@@ -326,6 +349,7 @@ fail:
     if (partials)                                                            \
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
+            PF_AHEAD(k)                                                      \
             const double x = PF_ARG(s->a);                                   \
             const double o = name##_f(x, 0.0, fc[k]);                         \
             double dx, dy;                                                   \
@@ -340,6 +364,7 @@ fail:
     else                                                                     \
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
+            PF_AHEAD(k)                                                      \
             const double o = name##_f(PF_ARG(s->a), 0.0, fc[k]);              \
             PF_KEEP(s, o)                                                    \
         }
@@ -347,6 +372,7 @@ fail:
     if (partials)                                                            \
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
+            PF_AHEAD(k)                                                      \
             const double x = PF_ARG(s->a), y = PF_ARG(s->b);                 \
             const double o = name##_f(x, y, fc[k]);                           \
             double dx, dy;                                                   \
@@ -361,12 +387,14 @@ fail:
     else                                                                     \
         for (Py_ssize_t k = k0; k < k1; k++) {                               \
             const ProgStep *s = fwd + k;                                     \
+            PF_AHEAD(k)                                                      \
             const double o = name##_f(PF_ARG(s->a), PF_ARG(s->b), fc[k]);     \
             PF_KEEP(s, o)                                                    \
         }
 #define PF_3(name)                                                           \
     for (Py_ssize_t k = k0; k < k1; k++) {                                   \
         const ProgStep *s = fwd + k;                                         \
+        PF_AHEAD(k)                                                          \
         const double x = PF_ARG(s->a), y = PF_ARG(s->b), w = PF_ARG(fz[k]);   \
         const double o = name##_f(x, y, w);                                  \
         PF_KEEP(s, o)                                                        \
@@ -380,7 +408,7 @@ fail:
 
 static MG_ALWAYS_INLINE int program_forward_s(const Program *p, double *restrict v,
                                              double *restrict E, int partials, const Stop *stop,
-                                             const int S)
+                                             const int S, const int ahead)
 {
     const ProgStep *fwd = p->fwd;
     const double *fc = p->fc;
@@ -414,18 +442,23 @@ static MG_ALWAYS_INLINE int program_forward_s(const Program *p, double *restrict
 static MG_NOINLINE int program_forward2(const Program *p, double *restrict v, double *restrict E,
                                         int partials, const Stop *stop)
 {
-    return program_forward_s(p, v, E, partials, stop, 2);
+    if (p->n >= PROG_AHEAD_NODES)
+        return program_forward_s(p, v, E, partials, stop, 2, 1);
+    return program_forward_s(p, v, E, partials, stop, 2, 0);
 }
 
 static MG_NOINLINE int program_forward3(const Program *p, double *restrict v, double *restrict E,
                                         int partials, const Stop *stop)
 {
-    return program_forward_s(p, v, E, partials, stop, 3);
+    if (p->n >= PROG_AHEAD_NODES)
+        return program_forward_s(p, v, E, partials, stop, 3, 1);
+    return program_forward_s(p, v, E, partials, stop, 3, 0);
 }
 
 /* The reverse sweep: g (out + 1 + scratch cells) zeroed, the output seeded. */
 static MG_ALWAYS_INLINE int program_backward_s(const Program *p, const double *restrict E,
-                                              double *g, const Stop *stop, const int S_)
+                                              double *g, const Stop *stop, const int S_,
+                                              const int ahead)
 {
     const ProgRev *rev = p->rev;
     const int32_t *rz = p->rz;
@@ -438,6 +471,10 @@ static MG_ALWAYS_INLINE int program_backward_s(const Program *p, const double *r
         const Py_ssize_t k1 = nrev - k > block ? k + block : nrev;
         for (; k < k1; k++) {
             const ProgRev *r = rev + k;
+            if (ahead) {
+                PROG_PREFETCH(g + rev[k + PROG_AHEAD].a, 1);
+                PROG_PREFETCH(g + rev[k + PROG_AHEAD].b, 1);
+            }
             double G = g[r->p];
             if (carry) { /* the previous step's contribution, the last one to this node */
                 G += R;
@@ -472,13 +509,17 @@ static MG_ALWAYS_INLINE int program_backward_s(const Program *p, const double *r
 static MG_NOINLINE int program_backward2(const Program *p, const double *restrict E, double *g,
                                          const Stop *stop)
 {
-    return program_backward_s(p, E, g, stop, 2);
+    if (p->n >= PROG_AHEAD_NODES)
+        return program_backward_s(p, E, g, stop, 2, 1);
+    return program_backward_s(p, E, g, stop, 2, 0);
 }
 
 static MG_NOINLINE int program_backward3(const Program *p, const double *restrict E, double *g,
                                          const Stop *stop)
 {
-    return program_backward_s(p, E, g, stop, 3);
+    if (p->n >= PROG_AHEAD_NODES)
+        return program_backward_s(p, E, g, stop, 3, 1);
+    return program_backward_s(p, E, g, stop, 3, 0);
 }
 
 /* Run the program for `rows` bindings (rows of k values), keeping the s

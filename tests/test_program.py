@@ -211,3 +211,23 @@ def test_the_c_entry_points_check_what_they_are_given() -> None:
     finally:
         tape.arg0[:] = saved
     np.testing.assert_array_equal(values[0], reference(tape, bindings[0], n - 1)[0][[n - 1]])
+
+
+def test_a_graph_past_the_look_ahead_size_matches() -> None:
+    """Above PROG_AHEAD_NODES the sweeps ask for arguments ahead of time; same numbers."""
+    rng = np.random.default_rng(11)
+    k, m = 100, 150_000
+    names = ["add", "sub", "mul", "neg", "tanh", "sigmoid", "relu"]
+    kinds = rng.integers(len(names), size=m)
+    code = np.concatenate([np.full(k, ops.INPUT.code), [ops.BY_NAME[x].code for x in names]])
+    code = np.concatenate([code[:k], code[k:][kinds]]).astype(np.uint8)
+    idx = np.arange(k, k + m)
+    a = np.concatenate([np.full(k, -1), np.floor(rng.random(m) * idx)]).astype(np.int32)
+    b = np.concatenate([np.full(k, -1), np.floor(rng.random(m) * idx)]).astype(np.int32)
+    unary = np.isin(code, [ops.BY_NAME[x].code for x in ("neg", "tanh", "sigmoid", "relu")])
+    b[unary] = -1
+    tape = Tape.from_arrays(code, a, b, np.concatenate([rng.uniform(-1, 1, k), np.zeros(m)]))
+    n = len(tape)
+    selection = np.concatenate([tape.inputs, rng.integers(0, n, 500), [n - 1]]).astype(np.int64)
+    check(tape, np.tanh(rng.normal(size=(1, k))), n - 1, selection)
+    check(tape, np.tanh(rng.normal(size=(1, k))), n // 2, selection)
