@@ -20,6 +20,12 @@ Four graphs, generated from fixed seeds (``--quick`` shrinks the big ones):
   vectors (the seeded weights plus Gaussian noise of 0.1), as a population
   or an ensemble would send them.
 
+On the three one-binding graphs, ``Tape.evaluate_selected`` of one binding
+with the output and the inputs selected (what CasADi's (b) returns: the
+output and its gradient w.r.t. the inputs; it runs the compiled program of
+``NativeKernel.program``) is timed beside ``Tape.evaluate``, and the targets
+against CasADi are judged on that row.
+
 On ``mlp`` the native kernel's Hessian-vector product (forward-over-reverse,
 one call) is timed beside one forward + reverse sweep and beside CasADi's
 ``jtimes`` of its gradient. ``--baseline REV`` (default ``auto``: the commit
