@@ -153,6 +153,47 @@ def test_native_backward_matches_on_a_deep_chain_and_a_leaf_root() -> None:
     assert leaf.grad == 2.5
 
 
+def test_native_backward_leaves_gradients_handed_out_before_unchanged() -> None:
+    # The sweep adds into fresh float objects in place: a float read from a
+    # node earlier (or shared between nodes) must keep its value.
+    root, _ = random_values(30)
+    order = topological_order(root)
+    shared = 0.125
+    for v in order:
+        v.grad = shared
+    with np.errstate(all="ignore"):
+        root.backward()
+        first = [v.grad for v in order]
+        kept = [float(g) for g in first]
+        root.backward()
+    assert shared == 0.125
+    assert same(np.array(first), np.array(kept))
+    assert all(v.grad is not g for v, g in zip(order, first, strict=True))
+
+
+def test_native_backward_takes_int_gradients_and_declines_other_ones() -> None:
+    x, y = Value(1.5), Value(-2.0)
+    out = (x * y + x).tanh() * y
+    expected = []
+    for run in (python_backward, Value.backward):
+        x.grad, y.grad = 3, 0  # ints on leaves: added to as Python would
+        if run is python_backward:
+            run(out)
+        else:
+            assert engine_module._native_backward(out, engine_module._ARITY_BYTES) is True
+        expected.append((x.grad, y.grad))
+    assert expected[0] == expected[1]
+    assert type(x.grad) is float
+    inner = x * y
+    top = inner + y
+    inner.grad = "stale"  # not a number: the native walk declines, Python resets it
+    x.grad = y.grad = 0.0
+    assert engine_module._native_backward(top, engine_module._ARITY_BYTES) is False
+    assert (x.grad, inner.grad) == (0.0, "stale")
+    top.backward()
+    assert (x.grad, y.grad, inner.grad) == (-2.0, 2.5, 1.0)
+
+
 def test_strict_mode_and_odd_nodes_take_the_python_path() -> None:
     class Tagged(Value):
         __slots__ = ()
