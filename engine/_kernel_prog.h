@@ -238,6 +238,9 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
             p->leaf[j] = (int32_t)i;
             p->leaf_value[j++] = t->c[i];
         }
+    int8_t const_row[256];
+    for (int o = 0; o < 256; o++)
+        const_row[o] = (int8_t)program_const_row((uint8_t)o);
     /* The reverse list: reached non-leaf nodes, descending, each with its
      * row of partials (`order` maps node -> row meanwhile; 3: scratch). */
     for (Py_ssize_t i = 0; i < n; i++)
@@ -251,7 +254,7 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
         if (arity == 0)
             continue;
         const int32_t scratch = (int32_t)(out + 1 + (m % PROG_SCRATCH));
-        const int fixed = program_const_row(t->code[i]);
+        const int fixed = const_row[t->code[i]];
         order[i] = fixed >= 0 ? fixed : (int32_t)rows++;
         if (p->rz != NULL)
             p->rz[m] = arity == 3 ? t->z[i] : scratch;

@@ -270,7 +270,6 @@ class NativeKernel:
             raise SweepStopped("the tiled sweeps were stopped")
         return values_out, grads_out
 
-
     def program(self, tape: Columns, inputs: np.ndarray, output: int) -> object:
         """The compiled one-binding program of ``tape`` for ``output`` bound through ``inputs``.
 
