@@ -856,6 +856,10 @@ static void release_stop(Py_buffer *view)
         PyBuffer_Release(view);
 }
 
+/* ---- a compiled one-binding program (compile_program, run_program) ------ */
+
+#include "_kernel_prog.h"
+
 /* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
 
 /* A batch is swept a tile of MG_TILE or MG_TILE_WIDE bindings at a time:
@@ -1858,6 +1862,10 @@ static PyMethodDef kernel_methods[] = {
     {"hvp", (PyCFunction)(void (*)(void))kernel_hvp, METH_VARARGS | METH_KEYWORDS, hvp_doc},
     {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
      METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
+    {"compile_program", (PyCFunction)(void (*)(void))kernel_compile_program,
+     METH_VARARGS | METH_KEYWORDS, compile_program_doc},
+    {"run_program", (PyCFunction)(void (*)(void))kernel_run_program,
+     METH_VARARGS | METH_KEYWORDS, run_program_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
     {"value_columns", mg_value_columns, METH_VARARGS,
      "value_columns(root, targets, arity)\n--\n\nTape columns of the Value graph behind root:\n"

@@ -90,6 +90,30 @@ def evaluate_tiles(
     of ``tile`` bindings (``TILE``, ``TILE_WIDE``, 0: chosen from the graph); False if it stopped
     early (as ``forward``)."""
 
+def compile_program(
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    inputs: Any,
+    output: int,
+    arg2: Any = None,
+) -> object:
+    """A checked one-binding program of the tape for ``output``, bound through ``inputs``."""
+
+def run_program(
+    program: object,
+    bindings: Any,
+    selection: Any,
+    values_out: Any,
+    grads_out: Any = None,
+    flush_denormals: bool = False,
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` row by row through ``program``; False if it
+    stopped early (as ``forward``)."""
+
 def value_columns(
     root: Any, targets: Any, arity: bytes
 ) -> tuple[list[Any], bytearray, bytearray, bytearray, bytearray, list[int]] | None:
