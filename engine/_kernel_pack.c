@@ -500,6 +500,19 @@ static int set_float(PyObject *v, Py_ssize_t off, double x)
     return 0;
 }
 
+/* set_float for a node's data, which a remote pass mostly gives back unchanged:
+ * a float slot holding the same bits already is left as it is (no allocation). */
+static int set_data(PyObject *v, Py_ssize_t off, double x)
+{
+    PyObject *old = SLOT(v, off);
+    if (old != NULL && PyFloat_CheckExact(old)) {
+        double held = PyFloat_AS_DOUBLE(old);
+        if (memcmp(&held, &x, sizeof x) == 0)
+            return 0;
+    }
+    return set_float(v, off, x);
+}
+
 /* Buffers of n float64, read-only. */
 static int get_doubles(PyObject *obj, Py_ssize_t n, Py_buffer *view)
 {
@@ -514,7 +527,8 @@ static int get_doubles(PyObject *obj, Py_ssize_t n, Py_buffer *view)
     return 0;
 }
 
-/* assign_values(order, values, grads, arity) -> bool: every node takes its value;
+/* assign_values(order, values, grads, arity) -> bool: every node takes its value
+ * (a float holding the same bits stays);
  * interior nodes take their gradient, leaves add it to theirs (Value.backward's
  * rule). False (nothing written) when a node is not a plain Value. */
 PyObject *mg_assign_values(PyObject *module, PyObject *args)
@@ -569,7 +583,7 @@ PyObject *mg_assign_values(PyObject *module, PyObject *args)
             as_double(SLOT(v, s.grad), &old);
             g = old + g;
         }
-        if (set_float(v, s.data, pv[i]) < 0 || set_float(v, s.grad, g) < 0) {
+        if (set_data(v, s.data, pv[i]) < 0 || set_float(v, s.grad, g) < 0) {
             result = NULL;
             goto done;
         }

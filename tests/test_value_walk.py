@@ -250,3 +250,23 @@ def test_the_walks_decline_a_where_node_and_python_compiles_it() -> None:
     root.backward()
     assert values.tolist() == [v.data for v in order]
     assert grads.tolist() == [v.grad for v in order]
+
+
+def test_writing_back_keeps_a_data_float_with_the_same_bits() -> None:
+    root, _ = random_values(4)
+    _, order = codec.pack_value(root)
+    order[0].data = -0.0  # same value as 0.0, other bits: must be replaced
+    order[1].data = math.nan
+    order[2].data = 3  # an int: replaced by the float
+    values = np.array([v.data for v in order], dtype=np.float64)
+    values[0] = 0.0
+    values[3] = 1.5 if values[3] != 1.5 else 2.5  # a changed value
+    before = [v.data for v in order]
+    apply_backward(order, values, np.zeros(len(order)))
+    kept = [v.data is b for v, b in zip(order, before, strict=True)]
+    assert not kept[0] and math.copysign(1.0, order[0].data) == 1.0
+    assert kept[1] and math.isnan(order[1].data)  # the same NaN bits
+    assert not kept[2] and isinstance(order[2].data, float) and order[2].data == 3.0
+    assert not kept[3] and order[3].data == values[3]
+    assert all(kept[4:])
+    assert same(state(order)[:, 0], values)
