@@ -618,7 +618,8 @@ def measure_batch(servers: Servers) -> list[Row]:
         casadi = statistics.median(
             _timed_calls(lambda: mapped(columns), servers.repeats)
         ) * 1e3
-        casadi_note = f"; CasADi {ca.__version__} map({width}, serial), in this process"
+        version = getattr(ca, "__version__", "")
+        casadi_note = f"; CasADi {version} map({width}, serial), in this process"
     except (ImportError, NotImplementedError) as exc:
         casadi_note = f"; CasADi not measured: {exc}"
     note = (

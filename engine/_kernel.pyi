@@ -7,7 +7,9 @@ OPS: tuple[tuple[int, str, int], ...]
 FLUSH_DENORMALS_SUPPORTED: bool
 """Whether ``flush_denormals=True`` sets the processor's FTZ/DAZ modes here."""
 TILE: int
-"""Bindings per tile of ``evaluate_tiles``."""
+"""Bindings per tile of ``evaluate_tiles``'s narrow tiles (the smallest batch it tiles)."""
+TILE_WIDE: int
+"""Bindings per tile of its wide tiles, taken when their rows fit the cache."""
 
 def forward(
     code: Any,
@@ -82,9 +84,11 @@ def evaluate_tiles(
     flush_denormals: bool = False,
     stop: Any = None,
     expires: float = 0.0,
+    tile: int = 0,
 ) -> bool:
-    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles;
-    False if it stopped early (as ``forward``)."""
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles
+    of ``tile`` bindings (``TILE``, ``TILE_WIDE``, 0: chosen from the graph); False if it stopped
+    early (as ``forward``)."""
 
 def value_columns(
     root: Any, targets: Any, arity: bytes
