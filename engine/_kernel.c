@@ -41,6 +41,7 @@ PyObject *mg_value_columns(PyObject *module, PyObject *args); /* _kernel_pack.c 
 PyObject *mg_pack_value(PyObject *module, PyObject *args);
 PyObject *mg_assign_values(PyObject *module, PyObject *args);
 PyObject *mg_value_backward(PyObject *module, PyObject *args);
+PyObject *mg_new_node(PyObject *module, PyObject *type);
 
 /* ---- the ops ------------------------------------------------------------ */
 /* Each op's math (value, partials, second derivatives) is in _ops_math.h;
@@ -856,6 +857,10 @@ static void release_stop(Py_buffer *view)
         PyBuffer_Release(view);
 }
 
+/* ---- a compiled one-binding program (compile_program, run_program) ------ */
+
+#include "_kernel_prog.h"
+
 /* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
 
 /* A batch is swept a tile of MG_TILE or MG_TILE_WIDE bindings at a time:
@@ -1080,35 +1085,23 @@ typedef struct {
     double *vout, *gout; /* (rows, s); gout NULL for no gradients */
     int flush;
     const Stop *stop; /* NULL: run to the end */
+    char *rows_block;    /* every thread's value and gradient rows, 64-byte aligned */
+    size_t vbytes, gbytes; /* of one thread's value rows and gradient rows (multiples of 64) */
 } TileJob;
 
 typedef struct {
     const TileJob *job;
+    Py_ssize_t index;       /* which thread: its rows in job->rows_block */
     Py_ssize_t first, last; /* bindings [first, last) */
-    int failed;             /* no memory */
     int stopped;            /* told to stop part-way */
 } TileSlice;
-
-static void *aligned_rows(Py_ssize_t slots, int width, void **base)
-{
-    *base = PyMem_RawMalloc((size_t)(slots ? slots : 1) * (size_t)width * sizeof(double) + 64);
-    if (*base == NULL)
-        return NULL;
-    return (void *)(((uintptr_t)*base + 63) & ~(uintptr_t)63);
-}
 
 static void run_tiles(TileSlice *slice)
 {
     const TileJob *job = slice->job;
-    void *vbase = NULL, *gbase = NULL;
-    double *v = aligned_rows(job->nv, job->width, &vbase);
-    double *g = job->gout ? aligned_rows(job->ng, job->width, &gbase) : NULL;
-    if (v == NULL || (job->gout && g == NULL)) {
-        slice->failed = 1;
-        PyMem_RawFree(vbase);
-        PyMem_RawFree(gbase);
-        return;
-    }
+    char *mine = job->rows_block + (size_t)slice->index * (job->vbytes + job->gbytes);
+    double *v = (double *)mine;
+    double *g = job->gout ? (double *)(mine + job->vbytes) : NULL;
     unsigned int saved = flush_enter(job->flush);
     const Py_ssize_t s = job->s;
     for (Py_ssize_t b0 = slice->first; b0 < slice->last;) {
@@ -1153,8 +1146,6 @@ static void run_tiles(TileSlice *slice)
         b0 += r;
     }
     flush_leave(job->flush, saved);
-    PyMem_RawFree(vbase);
-    PyMem_RawFree(gbase);
 }
 
 #if MG_HAVE_PTHREADS
@@ -1165,27 +1156,32 @@ static void *run_tiles_thread(void *arg)
 }
 #endif
 
-/* Spread the bindings evenly over up to `threads` threads (this one
- * included), at least a tile each; returns 0, -1 when memory ran out, or
- * MG_STOPPED when told to stop. */
-static int run_tile_job(const TileJob *job, Py_ssize_t threads)
+/* How many threads a job of `rows` bindings in tiles of `width` runs on,
+ * for up to `threads`: at least a tile each, at most 64. */
+static Py_ssize_t tile_threads(Py_ssize_t rows, int width, Py_ssize_t threads)
 {
-    const Py_ssize_t tiles = (job->rows + job->width - 1) / job->width;
-    if (threads > tiles)
-        threads = tiles;
-    if (threads < 1)
-        threads = 1;
+    const Py_ssize_t tiles = (rows + width - 1) / width;
 #if !MG_HAVE_PTHREADS
     threads = 1;
 #endif
-    TileSlice slices[64];
+    if (threads > tiles)
+        threads = tiles;
     if (threads > 64)
         threads = 64;
+    return threads < 1 ? 1 : threads;
+}
+
+/* Spread the bindings evenly over `threads` threads (this one included;
+ * job->rows_block holds rows for each); returns 0, or MG_STOPPED when told
+ * to stop. */
+static int run_tile_job(const TileJob *job, Py_ssize_t threads)
+{
+    TileSlice slices[64];
     for (Py_ssize_t t = 0; t < threads; t++) {
         slices[t].job = job;
+        slices[t].index = t;
         slices[t].first = job->rows * t / threads;
         slices[t].last = job->rows * (t + 1) / threads;
-        slices[t].failed = 0;
         slices[t].stopped = 0;
     }
 #if MG_HAVE_PTHREADS
@@ -1205,12 +1201,48 @@ static int run_tile_job(const TileJob *job, Py_ssize_t threads)
     run_tiles(&slices[0]);
 #endif
     int stopped = 0;
-    for (Py_ssize_t t = 0; t < threads; t++) {
-        if (slices[t].failed)
-            return -1;
+    for (Py_ssize_t t = 0; t < threads; t++)
         stopped |= slices[t].stopped;
-    }
     return stopped ? MG_STOPPED : 0;
+}
+
+/* Scratch memory kept from one call to the next. Blocks this big come fresh
+ * from the system and cost a page fault per page on first touch, which was
+ * a third of a 1,000-binding call of the MLP loss graph; a spare block of
+ * each kind (the program, the tiles' rows) is kept instead, up to
+ * MG_SPARE_MAX bytes. Taken and given back with the GIL held, which guards
+ * the spares; a call that finds none allocates its own. */
+#define MG_SPARE_MAX ((size_t)64 << 20)
+#define ALIGN64(x) (((x) + (size_t)63) & ~(size_t)63)
+enum { SPARE_PROGRAM, SPARE_ROWS, SPARES };
+static void *spare_block[SPARES];
+static size_t spare_bytes[SPARES];
+
+/* A block of at least `size` bytes (its real size in *got), or NULL. */
+static void *scratch_take(int kind, size_t size, size_t *got)
+{
+    if (spare_block[kind] != NULL && spare_bytes[kind] >= size) {
+        void *p = spare_block[kind];
+        *got = spare_bytes[kind];
+        spare_block[kind] = NULL;
+        return p;
+    }
+    *got = size;
+    return PyMem_RawMalloc(size ? size : 1);
+}
+
+/* Give back a block from scratch_take: kept if it is the bigger spare. */
+static void scratch_give(int kind, void *p, size_t size)
+{
+    if (p == NULL)
+        return;
+    if (size > MG_SPARE_MAX || (spare_block[kind] != NULL && spare_bytes[kind] >= size)) {
+        PyMem_RawFree(p);
+        return;
+    }
+    PyMem_RawFree(spare_block[kind]);
+    spare_block[kind] = p;
+    spare_bytes[kind] = size;
 }
 
 /* The most bytes of slot rows a wide tile may take (each thread has its
@@ -1642,10 +1674,8 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
     Py_buffer iv, bv, sv, vo, go;
     int held = 0; /* how many of iv, bv, sv, vo, go are held */
     PyObject *result = NULL;
-    FStep *prog = NULL;
-    RStep *rev = NULL;
-    int32_t *ints = NULL, *vsel = NULL, *gsel = NULL;
-    uint8_t *flags = NULL;
+    char *block = NULL, *rows_block = NULL; /* the program and scratch; the tiles' rows */
+    size_t block_bytes = 0, rows_bytes = 0;
     const int grads = grads_out != Py_None;
     Stop stop;
     Py_buffer stop_view;
@@ -1695,20 +1725,24 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
                      MG_TILE_WIDE);
         goto done;
     }
-    const size_t cells = (size_t)(n ? n : 1);
-    prog = PyMem_RawMalloc(cells * sizeof(FStep));
-    rev = grads ? PyMem_RawMalloc((size_t)(out + 1) * sizeof(RStep)) : NULL;
-    ints = PyMem_RawMalloc(5 * cells * sizeof(int32_t));
-    flags = PyMem_RawMalloc(cells);
-    vsel = PyMem_RawMalloc((size_t)(s ? s : 1) * sizeof(int32_t));
-    gsel = PyMem_RawMalloc((size_t)(s ? s : 1) * sizeof(int32_t));
-    if (prog == NULL || ints == NULL || flags == NULL || vsel == NULL || gsel == NULL ||
-        (grads && rev == NULL)) {
+    /* One block: prog, rev, five int32 columns, flags, vsel, gsel. */
+    const size_t cells = (size_t)(n ? n : 1), picks = (size_t)(s ? s : 1);
+    const size_t at_rev = ALIGN64(cells * sizeof(FStep));
+    const size_t at_ints = at_rev + ALIGN64(grads ? (size_t)(out + 1) * sizeof(RStep) : 0);
+    const size_t at_flags = at_ints + ALIGN64(5 * cells * sizeof(int32_t));
+    const size_t at_vsel = at_flags + ALIGN64(cells);
+    const size_t at_gsel = at_vsel + ALIGN64(picks * sizeof(int32_t));
+    block = scratch_take(SPARE_PROGRAM, at_gsel + picks * sizeof(int32_t), &block_bytes);
+    if (block == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    FStep *prog = (FStep *)block;
+    RStep *rev = grads ? (RStep *)(block + at_rev) : NULL;
+    int32_t *ints = (int32_t *)(block + at_ints);
+    int32_t *vsel = (int32_t *)(block + at_vsel), *gsel = (int32_t *)(block + at_gsel);
     const Scratch scratch = {ints, ints + cells, ints + 2 * cells, ints + 3 * cells,
-                             ints + 4 * cells, flags};
+                             ints + 4 * cells, (uint8_t *)(block + at_flags)};
     Py_ssize_t bad, nrev = 0, nv = 0, ng = 0, gout = 0;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -1732,29 +1766,34 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
     if (get_stop(stop_flag, expires, tile, &stop, &stop_view, &use_stop) < 0)
         goto done;
     if (rows > 0) {
+        /* Rows at the job's width (a narrow tail tile uses part of each). */
+        const Py_ssize_t used = tile_threads(rows, (int)tile, threads);
+        const size_t row_bytes = (size_t)tile * sizeof(double);
         TileJob job = {
             .prog = prog, .rev = rev, .n = n, .nrev = nrev, .nv = nv, .ng = ng, .out = gout,
             .width = (int)tile, .bind = (const double *)bv.buf, .k = k, .rows = rows,
             .vsel = vsel, .gsel = gsel, .s = s,
             .vout = (double *)vo.buf, .gout = grads ? (double *)go.buf : NULL,
             .flush = flush, .stop = use_stop ? &stop : NULL,
+            .vbytes = ALIGN64((size_t)(nv ? nv : 1) * row_bytes),
+            .gbytes = grads ? ALIGN64((size_t)(ng ? ng : 1) * row_bytes) : 0,
         };
+        rows_block = scratch_take(SPARE_ROWS, (size_t)used * (job.vbytes + job.gbytes) + 64,
+                                  &rows_bytes);
+        if (rows_block == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        job.rows_block = (char *)(((uintptr_t)rows_block + 63) & ~(uintptr_t)63);
         Py_BEGIN_ALLOW_THREADS
-        failed = run_tile_job(&job, threads);
+        failed = run_tile_job(&job, used);
         Py_END_ALLOW_THREADS
     }
-    if (failed == -1)
-        PyErr_NoMemory();
-    else
-        result = PyBool_FromLong(failed != MG_STOPPED);
+    result = PyBool_FromLong(failed != MG_STOPPED);
 done:
     release_stop(&stop_view);
-    PyMem_RawFree(prog);
-    PyMem_RawFree(rev);
-    PyMem_RawFree(ints);
-    PyMem_RawFree(flags);
-    PyMem_RawFree(vsel);
-    PyMem_RawFree(gsel);
+    scratch_give(SPARE_PROGRAM, block, block_bytes);
+    scratch_give(SPARE_ROWS, rows_block, rows_bytes);
     Py_buffer *views[5] = {&iv, &bv, &sv, &vo, &go};
     for (int j = 0; j < held; j++)
         PyBuffer_Release(views[j]);
@@ -1787,6 +1826,10 @@ static PyMethodDef kernel_methods[] = {
     {"hvp", (PyCFunction)(void (*)(void))kernel_hvp, METH_VARARGS | METH_KEYWORDS, hvp_doc},
     {"evaluate_tiles", (PyCFunction)(void (*)(void))kernel_evaluate_tiles,
      METH_VARARGS | METH_KEYWORDS, evaluate_tiles_doc},
+    {"compile_program", (PyCFunction)(void (*)(void))kernel_compile_program,
+     METH_VARARGS | METH_KEYWORDS, compile_program_doc},
+    {"run_program", (PyCFunction)(void (*)(void))kernel_run_program,
+     METH_VARARGS | METH_KEYWORDS, run_program_doc},
     {"decode_graph", mg_decode_graph, METH_O, decode_graph_doc},
     {"value_columns", mg_value_columns, METH_VARARGS,
      "value_columns(root, targets, arity)\n--\n\nTape columns of the Value graph behind root:\n"
@@ -1801,6 +1844,9 @@ static PyMethodDef kernel_methods[] = {
      "value_backward(root, arity)\n--\n\nValue.backward() on the C reverse sweep; False\n"
      "(nothing changed) where the Python path must run."},
     {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
+    {"new_node", mg_new_node, METH_O,
+     "new_node(cls)\n--\n\nobject.__new__(cls), not tracked by the cycle collector (for\n"
+     "nodes that can be in no reference cycle)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -302,3 +302,20 @@ def test_a_batch_with_a_selection_through_the_server_is_tiled_and_exact(
         result = client.evaluate(tape, batch=rows[:9], selection=listed, gradients=False)
         np.testing.assert_array_equal(result.values, full(tape, rows[:9], listed, -1, NATIVE)[0])
         assert result.grads is None
+
+
+def test_a_stopped_tiled_sweep_says_so_and_the_next_call_is_whole() -> None:
+    from micrograd import _kernel
+
+    tape = mlp_like_tape(3, width=20, layers=4)
+    bindings = np.random.default_rng(3).normal(size=(64, len(tape.inputs)))
+    selection = tape.inputs.astype(np.int64)
+    args = (tape.code, tape.arg0, tape.arg1, tape.const, selection, bindings, len(tape) - 1)
+    values, grads = np.empty((64, selection.shape[0])), np.empty((64, selection.shape[0]))
+    stop = np.ones(1, np.uint8)
+    assert not _kernel.evaluate_tiles(*args, selection, values, grads, threads=2, stop=stop)
+    assert not _kernel.evaluate_tiles(*args, selection, values, grads, expires=1e-9)
+    expected = full(tape, bindings, selection, len(tape) - 1, NATIVE)
+    np.testing.assert_array_equal(
+        tiled(tape, bindings, selection, len(tape) - 1, 0, 2)[1], expected[1]
+    )
