@@ -41,6 +41,7 @@ PyObject *mg_value_columns(PyObject *module, PyObject *args); /* _kernel_pack.c 
 PyObject *mg_pack_value(PyObject *module, PyObject *args);
 PyObject *mg_assign_values(PyObject *module, PyObject *args);
 PyObject *mg_value_backward(PyObject *module, PyObject *args);
+PyObject *mg_new_node(PyObject *module, PyObject *type);
 
 /* ---- the ops ------------------------------------------------------------ */
 /* Each op's math (value, partials, second derivatives) is in _ops_math.h;
@@ -1843,6 +1844,9 @@ static PyMethodDef kernel_methods[] = {
      "value_backward(root, arity)\n--\n\nValue.backward() on the C reverse sweep; False\n"
      "(nothing changed) where the Python path must run."},
     {"unpack_columns", mg_unpack_columns, METH_VARARGS, unpack_columns_doc},
+    {"new_node", mg_new_node, METH_O,
+     "new_node(cls)\n--\n\nobject.__new__(cls), not tracked by the cycle collector (for\n"
+     "nodes that can be in no reference cycle)."},
     {NULL, NULL, 0, NULL},
 };
 

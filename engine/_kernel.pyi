@@ -1,6 +1,8 @@
 """Types of the C extension ``micrograd._kernel`` (see ``_kernel.c`` and ``native.py``)."""
 
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 OPS: tuple[tuple[int, str, int], ...]
 """``(code, name, arity)`` of every op the native sweeps implement."""
@@ -129,3 +131,6 @@ def assign_values(order: list[Any], values: Any, grads: Any, arity: bytes) -> bo
 
 def value_backward(root: Any, arity: bytes) -> bool:
     """``Value.backward()`` on the C reverse sweep; False where Python must run it."""
+
+def new_node(cls: type[_T]) -> _T:
+    """``object.__new__(cls)``, not tracked by the cycle collector."""

@@ -29,6 +29,7 @@ PyObject *mg_value_columns(PyObject *module, PyObject *args);
 PyObject *mg_pack_value(PyObject *module, PyObject *args);
 PyObject *mg_assign_values(PyObject *module, PyObject *args);
 PyObject *mg_value_backward(PyObject *module, PyObject *args);
+PyObject *mg_new_node(PyObject *module, PyObject *type);
 
 /* From _kernel.c. */
 int mg_native_arity(unsigned code); /* arity of an op the sweeps know, -1 otherwise */
@@ -728,4 +729,29 @@ done:
     PyMem_RawFree(code);
     walk_free(&w);
     return Py_XNewRef(result);
+}
+
+/* ---- nodes the cycle collector need not visit ---------------------------- */
+
+/* new_node(type) -> object.__new__(type), not tracked by the cycle collector.
+ * The nodes Value's operators make refer only to earlier nodes and to floats,
+ * so they are never part of a reference cycle; left tracked, every
+ * collection triggered while a big graph is built walks all of it (more than
+ * half the time of building a long chain). An untracked object still frees
+ * by reference counting, and one that refers to a tracked object keeps it
+ * alive, as any outside reference does. Custom nodes (closures) stay
+ * tracked. */
+PyObject *mg_new_node(PyObject *module, PyObject *type)
+{
+    (void)module;
+    if (!PyType_Check(type) || ((PyTypeObject *)type)->tp_itemsize != 0 ||
+        !PyType_IsSubtype((PyTypeObject *)type, &PyBaseObject_Type)) {
+        PyErr_SetString(PyExc_TypeError, "new_node expects a class of fixed-size instances");
+        return NULL;
+    }
+    PyTypeObject *t = (PyTypeObject *)type;
+    PyObject *node = t->tp_alloc(t, 0);
+    if (node != NULL && PyObject_IS_GC(node) && PyObject_GC_IsTracked(node))
+        PyObject_GC_UnTrack(node);
+    return node;
 }
