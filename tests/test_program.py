@@ -231,3 +231,11 @@ def test_a_graph_past_the_look_ahead_size_matches() -> None:
     selection = np.concatenate([tape.inputs, rng.integers(0, n, 500), [n - 1]]).astype(np.int64)
     check(tape, np.tanh(rng.normal(size=(1, k))), n - 1, selection)
     check(tape, np.tanh(rng.normal(size=(1, k))), n // 2, selection)
+
+
+def test_a_leaf_as_the_output_has_gradient_one_and_nothing_else() -> None:
+    tape = wild_tape(6, ternary=False)
+    everything = np.arange(len(tape), dtype=np.int64)
+    bindings = np.random.default_rng(2).normal(size=(1, len(tape.inputs)))
+    for output in (int(tape.inputs[-1]), 0):
+        check(tape, bindings, output, everything)
