@@ -1089,11 +1089,51 @@ typedef struct {
     size_t vbytes, gbytes; /* of one thread's value rows and gradient rows (multiples of 64) */
 } TileJob;
 
+/* The tiles not yet taken: each thread takes the next one when done with
+ * its last, so a thread the machine runs slower (or not at all) leaves its
+ * share to the others instead of holding up the call. */
+typedef struct {
+    Py_ssize_t next;  /* the next tile to take */
+    Py_ssize_t tiles; /* how many there are */
+    int stopped;      /* a thread was told to stop: take no more */
+#if !defined(__GNUC__) && MG_HAVE_PTHREADS
+    pthread_mutex_t lock;
+#endif
+} TileQueue;
+
+static Py_ssize_t tile_take(TileQueue *q)
+{
+#if defined(__GNUC__)
+    if (__atomic_load_n(&q->stopped, __ATOMIC_RELAXED))
+        return q->tiles;
+    return __atomic_fetch_add(&q->next, 1, __ATOMIC_RELAXED);
+#elif MG_HAVE_PTHREADS
+    pthread_mutex_lock(&q->lock);
+    const Py_ssize_t t = q->stopped ? q->tiles : q->next++;
+    pthread_mutex_unlock(&q->lock);
+    return t;
+#else
+    return q->stopped ? q->tiles : q->next++;
+#endif
+}
+
+static void tile_stop(TileQueue *q)
+{
+#if defined(__GNUC__)
+    __atomic_store_n(&q->stopped, 1, __ATOMIC_RELAXED);
+#elif MG_HAVE_PTHREADS
+    pthread_mutex_lock(&q->lock);
+    q->stopped = 1;
+    pthread_mutex_unlock(&q->lock);
+#else
+    q->stopped = 1;
+#endif
+}
+
 typedef struct {
     const TileJob *job;
-    Py_ssize_t index;       /* which thread: its rows in job->rows_block */
-    Py_ssize_t first, last; /* bindings [first, last) */
-    int stopped;            /* told to stop part-way */
+    TileQueue *queue;
+    Py_ssize_t index; /* which thread: its rows in job->rows_block */
 } TileSlice;
 
 static void run_tiles(TileSlice *slice)
@@ -1104,18 +1144,18 @@ static void run_tiles(TileSlice *slice)
     double *g = job->gout ? (double *)(mine + job->vbytes) : NULL;
     unsigned int saved = flush_enter(job->flush);
     const Py_ssize_t s = job->s;
-    for (Py_ssize_t b0 = slice->first; b0 < slice->last;) {
-        const Py_ssize_t left = slice->last - b0;
-        /* Wide tiles while more than a narrow one is left: a short tail is
-         * swept narrow, repeating fewer bindings. */
-        const int w = job->width == MG_TILE_WIDE && left > MG_TILE ? MG_TILE_WIDE : MG_TILE;
+    for (Py_ssize_t t; (t = tile_take(slice->queue)) < slice->queue->tiles;) {
+        const Py_ssize_t b0 = t * job->width, left = job->rows - b0;
+        /* A short last tile of at most a narrow one's bindings is swept
+         * narrow, repeating fewer bindings. */
+        const int w = left > MG_TILE ? job->width : MG_TILE;
         const Py_ssize_t r = left < w ? left : w;
         Py_ssize_t row[MG_TILE_WIDE];
         for (int j = 0; j < w; j++) /* a short tile repeats its last binding */
             row[j] = (b0 + (j < r ? j : r - 1)) * job->k;
         if ((w == MG_TILE ? forward_narrow : forward_wide)(job->prog, job->n, job->bind, row, v,
                                                            job->stop)) {
-            slice->stopped = 1;
+            tile_stop(slice->queue);
             break;
         }
         double *vo = job->vout + b0 * s;
@@ -1127,7 +1167,7 @@ static void run_tiles(TileSlice *slice)
         if (g != NULL) {
             if ((w == MG_TILE ? backward_narrow : backward_wide)(job->rev, job->nrev, v, g,
                                                                  job->out, job->stop)) {
-                slice->stopped = 1;
+                tile_stop(slice->queue);
                 break;
             }
             double *go = job->gout + b0 * s;
@@ -1143,7 +1183,6 @@ static void run_tiles(TileSlice *slice)
                 }
             }
         }
-        b0 += r;
     }
     flush_leave(job->flush, saved);
 }
@@ -1171,39 +1210,37 @@ static Py_ssize_t tile_threads(Py_ssize_t rows, int width, Py_ssize_t threads)
     return threads < 1 ? 1 : threads;
 }
 
-/* Spread the bindings evenly over `threads` threads (this one included;
- * job->rows_block holds rows for each); returns 0, or MG_STOPPED when told
- * to stop. */
+/* Sweep the tiles on `threads` threads (this one included; job->rows_block
+ * holds rows for each), each taking the next tile as it finishes one;
+ * returns 0, or MG_STOPPED when told to stop. */
 static int run_tile_job(const TileJob *job, Py_ssize_t threads)
 {
+    TileQueue queue = {0, (job->rows + job->width - 1) / job->width, 0};
     TileSlice slices[64];
     for (Py_ssize_t t = 0; t < threads; t++) {
         slices[t].job = job;
+        slices[t].queue = &queue;
         slices[t].index = t;
-        slices[t].first = job->rows * t / threads;
-        slices[t].last = job->rows * (t + 1) / threads;
-        slices[t].stopped = 0;
     }
 #if MG_HAVE_PTHREADS
+#if !defined(__GNUC__)
+    pthread_mutex_init(&queue.lock, NULL);
+#endif
     pthread_t ids[64];
     int started[64] = {0};
     for (Py_ssize_t t = 1; t < threads; t++)
         started[t] = pthread_create(&ids[t], NULL, run_tiles_thread, &slices[t]) == 0;
-    /* A thread that could not start leaves its tiles to this one. */
-    run_tiles(&slices[0]);
-    for (Py_ssize_t t = 1; t < threads; t++) {
+    run_tiles(&slices[0]); /* and the tiles of any thread that could not start */
+    for (Py_ssize_t t = 1; t < threads; t++)
         if (started[t])
             pthread_join(ids[t], NULL);
-        else
-            run_tiles(&slices[t]);
-    }
+#if !defined(__GNUC__)
+    pthread_mutex_destroy(&queue.lock);
+#endif
 #else
     run_tiles(&slices[0]);
 #endif
-    int stopped = 0;
-    for (Py_ssize_t t = 0; t < threads; t++)
-        stopped |= slices[t].stopped;
-    return stopped ? MG_STOPPED : 0;
+    return queue.stopped ? MG_STOPPED : 0;
 }
 
 /* Scratch memory kept from one call to the next. Blocks this big come fresh
