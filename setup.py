@@ -45,7 +45,8 @@ setup(
                 "engine/_kernel_unpack.c",
                 "engine/_kernel_pack.c",
             ],
-            depends=["engine/_ops_list.h", "engine/_ops_math.h", "engine/_kernel_hvp.h"],
+            depends=["engine/_ops_list.h", "engine/_ops_math.h", "engine/_kernel_hvp.h",
+                     "engine/_kernel_prog.h"],
             optional=True,
         )
     ],

@@ -44,7 +44,9 @@ REPEATS = {  # (mlp, chain): fewer for the slow systems
     "tape": (9, 5),
 }
 TARGET_VALUE_SPEEDUP = 8.0
-TARGET_BYTES_PER_NODE = 200.0
+TARGET_BYTES_PER_NODE = {"mlp": 142.0, "chain": 154.0}
+"""``Value``'s tracemalloc bytes per node of build + backward before the native walks:
+not to grow."""
 TARGET_TAPE_SPEEDUP = 20.0
 
 
@@ -478,7 +480,11 @@ def main() -> None:
         if "bytes" in value:
             verdicts.append(
                 c.verdict(
-                    f"Value bytes/node, {graph}", value["bytes"], TARGET_BYTES_PER_NODE, False, " B"
+                    f"Value bytes/node, {graph}",
+                    value["bytes"],
+                    TARGET_BYTES_PER_NODE[graph],
+                    False,
+                    " B",
                 )
             )
         for system, r in results.items():

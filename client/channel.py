@@ -32,6 +32,8 @@ from micrograd.codec import Wire
 from micrograd.v1 import gradient_service_pb2 as pb
 from micrograd.v1 import gradient_service_pb2_grpc as pb_grpc
 
+from .result import stream_message
+
 __all__ = [
     "TOKEN_ENV",
     "MiB",
@@ -292,7 +294,7 @@ class Stub(pb_grpc.GradientServiceStub):
         self.EvaluateStream = channel.unary_stream(
             _path("EvaluateStream"),
             request_serializer=_passing_wire(pb.EvaluateStreamRequest.SerializeToString),
-            response_deserializer=pb.EvaluateStreamResponse.FromString,
+            response_deserializer=stream_message,
         )
         if metadata:
             for name in pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name:

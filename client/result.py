@@ -23,7 +23,14 @@ try:  # the C write-back onto Value nodes, when the extension is built
 except ImportError:  # pragma: no cover - pure-Python installs
     _native_assign_values = None  # type: ignore[assignment]
 
-__all__ = ["Result", "StreamAssembly", "apply_backward", "result_from_response"]
+__all__ = [
+    "Chunk",
+    "Result",
+    "StreamAssembly",
+    "apply_backward",
+    "result_from_response",
+    "stream_message",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,64 @@ def result_from_response(
     return _build(resp, values, grads if gradients else None, batched)
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A value or gradient chunk of an ``EvaluateStream``, read straight from its bytes."""
+
+    part: int
+    offset: int
+    data: np.ndarray
+    """The chunk's numbers: a read-only view of the received bytes (no copy)."""
+
+
+_CHUNK_PARTS = frozenset((pb.PART_VALUES, pb.PART_GRADIENTS))
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; ``IndexError`` past the end."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+def stream_message(data: bytes) -> pb.EvaluateStreamResponse | Chunk:
+    """One ``EvaluateStream`` message from its bytes: a binary chunk (``part``, ``offset``,
+    ``data_f64``) as a ``Chunk`` viewing them, anything else parsed by protobuf.
+
+    The protobuf runtime would copy each chunk's numbers into a new ``bytes``
+    before they could be read; this reads the three fields in place.
+    """
+    part = offset = 0
+    start = end = -1
+    pos, n = 0, len(data)
+    try:
+        while pos < n:
+            tag, pos = _varint(data, pos)
+            if tag == 0x08:  # part, varint
+                part, pos = _varint(data, pos)
+            elif tag == 0x18:  # offset, varint
+                offset, pos = _varint(data, pos)
+            elif tag == 0x2A:  # data_f64, length-delimited
+                size, pos = _varint(data, pos)
+                start, end = pos, pos + size
+                pos = end
+            else:  # a header, doubles, or a field this reader does not know
+                return pb.EvaluateStreamResponse.FromString(data)
+    except IndexError:
+        return pb.EvaluateStreamResponse.FromString(data)
+    if pos != n or start < 0 or part not in _CHUNK_PARTS or (end - start) % 8:
+        return pb.EvaluateStreamResponse.FromString(data)
+    view = np.frombuffer(data, dtype="<f8", count=(end - start) // 8, offset=start)
+    return Chunk(part, offset, view)
+
+
 class StreamAssembly:
     """Collects an ``EvaluateStream`` (header, value chunks, gradient chunks) into a ``Result``."""
 
@@ -103,8 +168,11 @@ class StreamAssembly:
         self.grads = np.empty(0)
         self.filled = {pb.PART_VALUES: 0, pb.PART_GRADIENTS: 0}
 
-    def add(self, msg: pb.EvaluateStreamResponse) -> None:
-        """Take one message of the stream."""
+    def add(self, msg: pb.EvaluateStreamResponse | Chunk) -> None:
+        """Take one message of the stream (as protobuf gives it, or a ``Chunk``)."""
+        if isinstance(msg, Chunk):
+            self._put(msg.part, msg.offset, msg.data)
+            return
         if msg.part == pb.PART_HEADER:
             self.header = msg.header
             k = len(msg.header.nodes) or int(msg.header.node_count)
@@ -112,18 +180,21 @@ class StreamAssembly:
             self.values = np.empty(size, dtype=np.float64)
             self.grads = np.empty(size if self.gradients else 0, dtype=np.float64)
             return
+        data = f64_array(msg.data_f64) if msg.data_f64 else np.array(msg.data, dtype=np.float64)
+        self._put(msg.part, int(msg.offset), data)
+
+    def _put(self, part: int, start: int, data: np.ndarray) -> None:
+        """Write one chunk's numbers at ``start`` of the values or the gradients."""
         if self.header is None:
             raise RemoteError("EvaluateStream sent a chunk before its header")
-        target = self.values if msg.part == pb.PART_VALUES else self.grads
-        data = f64_array(msg.data_f64) if msg.data_f64 else np.array(msg.data, dtype=np.float64)
-        start = int(msg.offset)
+        target = self.values if part == pb.PART_VALUES else self.grads
         if start + data.shape[0] > target.shape[0]:
             raise RemoteError(
                 f"EvaluateStream chunk at offset {start} with {data.shape[0]} numbers overruns "
                 f"the {target.shape[0]} announced by the header"
             )
         target[start : start + data.shape[0]] = data
-        self.filled[msg.part] += data.shape[0]
+        self.filled[part] += data.shape[0]
 
     def result(self) -> Result:
         """The assembled ``Result``; raises ``RemoteError`` if the stream ended early."""

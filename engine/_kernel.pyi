@@ -1,13 +1,17 @@
 """Types of the C extension ``micrograd._kernel`` (see ``_kernel.c`` and ``native.py``)."""
 
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 OPS: tuple[tuple[int, str, int], ...]
 """``(code, name, arity)`` of every op the native sweeps implement."""
 FLUSH_DENORMALS_SUPPORTED: bool
 """Whether ``flush_denormals=True`` sets the processor's FTZ/DAZ modes here."""
 TILE: int
-"""Bindings per tile of ``evaluate_tiles``."""
+"""Bindings per tile of ``evaluate_tiles``'s narrow tiles (the smallest batch it tiles)."""
+TILE_WIDE: int
+"""Bindings per tile of its wide tiles, taken when their rows fit the cache."""
 
 def forward(
     code: Any,
@@ -82,9 +86,35 @@ def evaluate_tiles(
     flush_denormals: bool = False,
     stop: Any = None,
     expires: float = 0.0,
+    tile: int = 0,
 ) -> bool:
-    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles;
-    False if it stopped early (as ``forward``)."""
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` with the selected nodes of a batch, by tiles
+    of ``tile`` bindings (``TILE``, ``TILE_WIDE``, 0: chosen from the graph); False if it stopped
+    early (as ``forward``)."""
+
+def compile_program(
+    code: Any,
+    arg0: Any,
+    arg1: Any,
+    const: Any,
+    inputs: Any,
+    output: int,
+    arg2: Any = None,
+) -> object:
+    """A checked one-binding program of the tape for ``output``, bound through ``inputs``."""
+
+def run_program(
+    program: object,
+    bindings: Any,
+    selection: Any,
+    values_out: Any,
+    grads_out: Any = None,
+    flush_denormals: bool = False,
+    stop: Any = None,
+    expires: float = 0.0,
+) -> bool:
+    """Fill ``values_out``/``grads_out`` ``(B, s)`` row by row through ``program``; False if it
+    stopped early (as ``forward``)."""
 
 def value_columns(
     root: Any, targets: Any, arity: bytes
@@ -101,3 +131,6 @@ def assign_values(order: list[Any], values: Any, grads: Any, arity: bytes) -> bo
 
 def value_backward(root: Any, arity: bytes) -> bool:
     """``Value.backward()`` on the C reverse sweep; False where Python must run it."""
+
+def new_node(cls: type[_T]) -> _T:
+    """``object.__new__(cls)``, not tracked by the cycle collector."""

@@ -3,7 +3,7 @@
  * value_columns and pack_value turn the graph behind a Value into tape
  * columns or PackedGraph byte columns without a Python step per node;
  * assign_values writes a remote result back onto the nodes; value_backward
- * is Value.backward() run by the C reverse sweep. All read the Value slots
+ * is Value.backward() swept in C over the nodes themselves. All read the Value slots
  * (_a, _b, _c, _code, data, grad) directly at the offsets their member
  * descriptors give, hold the GIL throughout and run no Python code, so the
  * graph cannot change under them. The node order is exactly that of
@@ -22,15 +22,16 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_ops_list.h"
+#include "_ops_math.h"
+
 PyObject *mg_value_columns(PyObject *module, PyObject *args);
 PyObject *mg_pack_value(PyObject *module, PyObject *args);
 PyObject *mg_assign_values(PyObject *module, PyObject *args);
 PyObject *mg_value_backward(PyObject *module, PyObject *args);
+PyObject *mg_new_node(PyObject *module, PyObject *type);
 
-/* From _kernel.c: the one-binding reverse sweep over plain columns. */
-Py_ssize_t mg_backward_columns(const uint8_t *code, const int32_t *a, const int32_t *b,
-                               const double *c, Py_ssize_t n, const double *v, double *g,
-                               uint8_t *reached, Py_ssize_t out);
+/* From _kernel.c. */
 int mg_native_arity(unsigned code); /* arity of an op the sweeps know, -1 otherwise */
 
 #define NOT_AN_OP 255
@@ -321,6 +322,8 @@ static int node_fields(Walk *w, const Table *t, Py_ssize_t i, uint8_t *code, int
     if (k == NULL || !PyLong_CheckExact(k))
         return -1;
     long kc = PyLong_AsLong(k);
+    if (kc == -1 && PyErr_Occurred())
+        PyErr_Clear();
     if (kc < 0 || kc >= t->n_codes || t->arity[kc] == NOT_AN_OP)
         return -1;
     *code = (uint8_t)kc;
@@ -497,6 +500,19 @@ static int set_float(PyObject *v, Py_ssize_t off, double x)
     return 0;
 }
 
+/* set_float for a node's data, which a remote pass mostly gives back unchanged:
+ * a float slot holding the same bits already is left as it is (no allocation). */
+static int set_data(PyObject *v, Py_ssize_t off, double x)
+{
+    PyObject *old = SLOT(v, off);
+    if (old != NULL && PyFloat_CheckExact(old)) {
+        double held = PyFloat_AS_DOUBLE(old);
+        if (memcmp(&held, &x, sizeof x) == 0)
+            return 0;
+    }
+    return set_float(v, off, x);
+}
+
 /* Buffers of n float64, read-only. */
 static int get_doubles(PyObject *obj, Py_ssize_t n, Py_buffer *view)
 {
@@ -511,7 +527,8 @@ static int get_doubles(PyObject *obj, Py_ssize_t n, Py_buffer *view)
     return 0;
 }
 
-/* assign_values(order, values, grads, arity) -> bool: every node takes its value;
+/* assign_values(order, values, grads, arity) -> bool: every node takes its value
+ * (a float holding the same bits stays);
  * interior nodes take their gradient, leaves add it to theirs (Value.backward's
  * rule). False (nothing written) when a node is not a plain Value. */
 PyObject *mg_assign_values(PyObject *module, PyObject *args)
@@ -547,6 +564,8 @@ PyObject *mg_assign_values(PyObject *module, PyObject *args)
         if (Py_TYPE(v) != s.type || k == NULL || !PyLong_CheckExact(k))
             goto done;
         long kc = PyLong_AsLong(k);
+        if (kc == -1 && PyErr_Occurred())
+            PyErr_Clear();
         if (kc < 0 || kc >= t.n_codes || t.arity[kc] == NOT_AN_OP)
             goto done;
         if (t.arity[kc] == 0 && as_double(SLOT(v, s.grad), &old) < 0)
@@ -564,7 +583,7 @@ PyObject *mg_assign_values(PyObject *module, PyObject *args)
             as_double(SLOT(v, s.grad), &old);
             g = old + g;
         }
-        if (set_float(v, s.data, pv[i]) < 0 || set_float(v, s.grad, g) < 0) {
+        if (set_data(v, s.data, pv[i]) < 0 || set_float(v, s.grad, g) < 0) {
             result = NULL;
             goto done;
         }
@@ -576,9 +595,95 @@ done:
     return Py_XNewRef(result);
 }
 
-/* value_backward(root, arity) -> bool: Value.backward() on the C reverse sweep, with
- * the same operations in the same order. False (nothing changed) when the graph
- * is not plain or uses an op the sweeps do not know. */
+/* ---- Value.backward ------------------------------------------------------ */
+
+/* The reverse sweep runs on the Value objects themselves: every node is
+ * given a fresh float as its gradient (0.0, 1.0 at the root, a leaf's old
+ * gradient on a leaf), and the sweep adds into those floats in place. They
+ * are new objects that only their node's slot refers to, and no Python code
+ * runs until the sweep is over, so nothing can see them change. Besides the
+ * gradients themselves (which the call leaves behind anyway) the walk's
+ * order and one op code per node are all it holds: no index map, value or
+ * gradient arrays. The operations and their order are those of the Python
+ * loop in Value.backward (and of the tape's reverse sweep). */
+
+#define FVAL(o) (((PyFloatObject *)(o))->ob_fval)
+
+#define OBJ_BWD_0(name)
+#define OBJ_BWD_1(name)                                                         \
+    {                                                                           \
+        PyObject *x = SLOT(v, s->a);                                            \
+        double dx, dy;                                                          \
+        name##_d(FVAL(SLOT(x, s->data)), 0.0, FVAL(SLOT(v, s->c)), FVAL(SLOT(v, s->data)), \
+                 &dx, &dy);                                                     \
+        (void)dy;                                                               \
+        FVAL(SLOT(x, s->grad)) += dx * gi;                                      \
+    }
+#define OBJ_BWD_2(name)                                                         \
+    {                                                                           \
+        PyObject *x = SLOT(v, s->a), *y = SLOT(v, s->b);                        \
+        double dx, dy;                                                          \
+        name##_d(FVAL(SLOT(x, s->data)), FVAL(SLOT(y, s->data)), FVAL(SLOT(v, s->c)),     \
+                 FVAL(SLOT(v, s->data)), &dx, &dy);                             \
+        FVAL(SLOT(x, s->grad)) += dx * gi;                                      \
+        FVAL(SLOT(y, s->grad)) += dy * gi;                                      \
+    }
+#define OBJ_BWD_3(name) /* declined before the sweep */
+#define OBJ_BWD_CASE(code_, name, arity) \
+    case code_: OBJ_BWD_##arity(name) break;
+
+static void sweep_objects(const Walk *w, const uint8_t *code)
+{
+    const Slots *s = &w->slots;
+    for (Py_ssize_t i = w->n - 1; i >= 0; i--) {
+        PyObject *v = ORDER(w, i);
+        const double gi = FVAL(SLOT(v, s->grad));
+        (void)gi;
+        switch (code[i]) {
+            MG_OPS(OBJ_BWD_CASE)
+        default:
+            break;
+        }
+    }
+}
+
+/* Whether node i can be swept in place: an op the sweep knows with the
+ * arguments its arity says (nodes of the walk's type), and exact floats
+ * where the sweep reads (data, the constant of an op; a gradient may also
+ * be an int). Its code goes to *code. */
+static int sweepable(const Walk *w, const Table *t, Py_ssize_t i, uint8_t *code)
+{
+    const Slots *s = &w->slots;
+    PyObject *v = ORDER(w, i);
+    PyObject *k = SLOT(v, s->code);
+    if (k == NULL || !PyLong_CheckExact(k))
+        return 0;
+    long kc = PyLong_AsLong(k);
+    if (kc == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    if (kc < 0 || kc >= t->n_codes || t->arity[kc] == NOT_AN_OP)
+        return 0;
+    const int arity = t->arity[kc];
+    if (arity > 2 || mg_native_arity((unsigned)kc) != arity)
+        return 0;
+    PyObject *x = SLOT(v, s->a), *y = SLOT(v, s->b), *d = SLOT(v, s->data);
+    if ((arity >= 1) != (x != Py_None) || (arity == 2) != (y != Py_None))
+        return 0; /* (the walk checked that arguments are nodes of the type) */
+    double old; /* any gradient is replaced, and freeing a float or an int runs no Python */
+    if (d == NULL || !PyFloat_CheckExact(d) || as_double(SLOT(v, s->grad), &old) < 0)
+        return 0;
+    if (arity > 0) {
+        PyObject *c = SLOT(v, s->c);
+        if (c == NULL || !PyFloat_CheckExact(c))
+            return 0;
+    }
+    *code = (uint8_t)kc;
+    return 1;
+}
+
+/* value_backward(root, arity) -> bool: Value.backward() run in C, with the same
+ * operations in the same order. False (nothing changed) when the graph is not
+ * plain or uses an op the sweep does not know. */
 PyObject *mg_value_backward(PyObject *module, PyObject *args)
 {
     PyObject *root, *arity;
@@ -592,61 +697,61 @@ PyObject *mg_value_backward(PyObject *module, PyObject *args)
     int r = walk(root, &w);
     if (r != 0)
         return r < 0 ? NULL : Py_NewRef(Py_False);
+    map_free(&w.map); /* the order is all the sweep needs */
     const Py_ssize_t n = w.n;
-    /* In two steps, so that the map is gone before the value and gradient
-     * arrays exist: the peak stays near the Python path's (a list and a set). */
     uint8_t *code = PyMem_RawMalloc((size_t)n + 1);
-    int32_t *a = PyMem_RawMalloc(4 * (size_t)n + 4), *b = PyMem_RawMalloc(4 * (size_t)n + 4);
-    double *c = PyMem_RawMalloc(8 * (size_t)n + 8), *v = NULL, *g = NULL;
-    uint8_t *reached = NULL;
     PyObject *result = Py_False;
-    if (!code || !a || !b || !c) {
+    if (code == NULL) {
         PyErr_NoMemory();
         result = NULL;
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        if (node_fields(&w, &t, i, code + i, a + i, b + i, c + i) < 0 ||
-            mg_native_arity(code[i]) != t.arity[code[i]])
+        if (!sweepable(&w, &t, i, code + i))
             goto done;
-    map_free(&w.map);
-    v = PyMem_RawMalloc(8 * (size_t)n + 8);
-    g = PyMem_RawMalloc(8 * (size_t)n + 8);
-    reached = PyMem_RawCalloc((size_t)n + 1, 1);
-    if (!v || !g || !reached) {
-        PyErr_NoMemory();
-        result = NULL;
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *node = ORDER(&w, i);
-        if (as_double(SLOT(node, w.slots.data), v + i) < 0)
-            goto done;
-        if (t.arity[code[i]] == 0) {
-            if (as_double(SLOT(node, w.slots.grad), g + i) < 0)
-                goto done;
-        } else {
-            g[i] = 0.0;
-        }
-    }
     if (t.arity[code[n - 1]] == 0)
         goto done; /* a leaf root: Python's one addition is all there is */
-    if (mg_backward_columns(code, a, b, c, n, v, g, reached, n - 1) >= 0)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (set_float(ORDER(&w, i), w.slots.grad, g[i]) < 0) {
-            result = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = ORDER(&w, i);
+        double g = 0.0;
+        if (i == n - 1)
+            g = 1.0;
+        else if (t.arity[code[i]] == 0)
+            as_double(SLOT(v, w.slots.grad), &g);
+        if (set_float(v, w.slots.grad, g) < 0) {
+            result = NULL; /* out of memory: some gradients are already reset */
             goto done;
         }
+    }
+    sweep_objects(&w, code);
     result = Py_True;
 done:
     PyMem_RawFree(code);
-    PyMem_RawFree(a);
-    PyMem_RawFree(b);
-    PyMem_RawFree(c);
-    PyMem_RawFree(v);
-    PyMem_RawFree(g);
-    PyMem_RawFree(reached);
     walk_free(&w);
     return Py_XNewRef(result);
+}
+
+/* ---- nodes the cycle collector need not visit ---------------------------- */
+
+/* new_node(type) -> object.__new__(type), not tracked by the cycle collector.
+ * The nodes Value's operators make refer only to earlier nodes and to floats,
+ * so they are never part of a reference cycle; left tracked, every
+ * collection triggered while a big graph is built walks all of it (more than
+ * half the time of building a long chain). An untracked object still frees
+ * by reference counting, and one that refers to a tracked object keeps it
+ * alive, as any outside reference does. Custom nodes (closures) stay
+ * tracked. */
+PyObject *mg_new_node(PyObject *module, PyObject *type)
+{
+    (void)module;
+    if (!PyType_Check(type) || ((PyTypeObject *)type)->tp_itemsize != 0 ||
+        !PyType_IsSubtype((PyTypeObject *)type, &PyBaseObject_Type)) {
+        PyErr_SetString(PyExc_TypeError, "new_node expects a class of fixed-size instances");
+        return NULL;
+    }
+    PyTypeObject *t = (PyTypeObject *)type;
+    PyObject *node = t->tp_alloc(t, 0);
+    if (node != NULL && PyObject_IS_GC(node) && PyObject_GC_IsTracked(node))
+        PyObject_GC_UnTrack(node);
+    return node;
 }

@@ -45,5 +45,48 @@
     X(38, maximum, 2) \
     X(39, minimum, 2) \
     X(40, where, 3)
+/* What each op's partials (<name>_d) read: X(wire code, mask), bit 0 the first
+ * argument's value, bit 1 the second's, bit 2 the node's own value (Op.partials_read). */
+#define MG_OPS_READS(X) \
+    X(1, 7) \
+    X(2, 7) \
+    X(3, 0) \
+    X(4, 0) \
+    X(5, 3) \
+    X(6, 6) \
+    X(7, 0) \
+    X(8, 7) \
+    X(9, 7) \
+    X(10, 1) \
+    X(11, 4) \
+    X(12, 4) \
+    X(13, 1) \
+    X(14, 4) \
+    X(15, 7) \
+    X(16, 7) \
+    X(17, 7) \
+    X(18, 7) \
+    X(19, 7) \
+    X(20, 7) \
+    X(21, 7) \
+    X(22, 7) \
+    X(23, 7) \
+    X(24, 7) \
+    X(25, 7) \
+    X(26, 7) \
+    X(27, 7) \
+    X(28, 7) \
+    X(29, 7) \
+    X(30, 7) \
+    X(31, 7) \
+    X(32, 7) \
+    X(33, 7) \
+    X(34, 7) \
+    X(35, 7) \
+    X(36, 7) \
+    X(37, 7) \
+    X(38, 7) \
+    X(39, 7) \
+    X(40, 7)
 #define MG_MAX_CODE 40
 #endif

@@ -12,7 +12,12 @@ Differences from micrograd 0.1.0, all deliberate:
   default recursion limit, and it visits nodes in a fixed order, so the
   same graph gives bit-identical gradients on every run.
 * Nodes hold their arguments in slots instead of closures: no reference
-  cycles, so the garbage collector has little to do, and far less memory.
+  cycles, and far less memory. With the extension built, the nodes the
+  operators make are not even tracked by the cycle collector (building a
+  big graph no longer triggers collections that walk all of it); they are
+  freed by reference counting as before. So a node's ``data`` or ``grad``
+  must not hold a container that refers back to its graph: such a cycle
+  would never be collected. Custom nodes (closures) stay tracked.
 * Calling ``backward()`` again resets the gradients of interior nodes and
   *adds* to the gradients of leaves (as PyTorch does), instead of
   micrograd's doubling of stale interior gradients. Call ``zero_grad``
@@ -519,7 +524,10 @@ def where(cond: Value | Number, x: Value | Number, y: Value | Number) -> Value:
     return v
 
 
-_new = object.__new__
+try:  # nodes the cycle collector does not visit (they are in no cycle), when the extension is built
+    from ._kernel import new_node as _new
+except ImportError:  # pragma: no cover - pure-Python installs
+    _new = object.__new__
 
 
 def _lift(x: Value | Number) -> Value:

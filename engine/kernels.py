@@ -75,6 +75,19 @@ class Kernel(Protocol):
         ``grads`` and ``grad_tangents`` (zeroed); at the inputs the latter is ``H v``."""
 
 
+_SCALAR_FORWARD: list[Callable[..., float] | None] = [None] * (_ops.MAX_CODE + 1)
+_SCALAR_PARTIALS: list[Callable[..., tuple[float, ...]] | None] = [None] * (_ops.MAX_CODE + 1)
+for _op in _ops.OPS:
+    _SCALAR_FORWARD[_op.code] = _op.forward
+    _SCALAR_PARTIALS[_op.code] = _op.partials
+_ARITY_LIST: list[int] = _ops.ARITY.tolist()
+_READS_CONST: np.ndarray = _ops.USES_VALUE & (_ops.ARITY > 0)
+_ADD, _MUL, _RELU = (_ops.BY_NAME[name].code for name in ("add", "mul", "relu"))
+"""The ops of nearly every node of a network's loss, spelled out in the single-binding
+sweeps as their table entries compute them (``x + y``, partials ``(1, 1)``; ``x * y``,
+``(y, x)``; ``relu``): the same operations, so the same bits (tests/test_python_kernel.py)."""
+
+
 def _third(tape: Columns) -> list[int]:
     """The third-argument column as a list (-1 everywhere when the tape has none)."""
     return [-1] * int(tape.code.shape[0]) if tape.arg2 is None else tape.arg2.tolist()
@@ -91,6 +104,115 @@ def _lists(tape: Columns) -> tuple[list[int], list[int], list[int], list[int], l
     )
 
 
+def _inner_consts(tape: Columns) -> list[float]:
+    """The constant column as a list where an inner node reads it; else zeros (cheaper: the
+    single-binding sweeps read no leaf's constant, and an op that takes none ignores it)."""
+    n = int(tape.code.shape[0])
+    return tape.const.tolist() if bool(_READS_CONST[tape.code].any()) else [0.0] * n
+
+
+def _inner_nodes(tape: Columns, nodes: slice) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Index, code, first and second argument of the non-leaf nodes among ``nodes``, in its
+    order: the single-binding sweeps have nothing to do at a leaf."""
+    index = np.arange(int(tape.code.shape[0]))[nodes]
+    index = index[_ops.ARITY[tape.code[index]] > 0]
+    return (
+        index.tolist(),
+        tape.code[index].tolist(),
+        tape.arg0[index].tolist(),
+        tape.arg1[index].tolist(),
+    )
+
+
+def _reaches_every_node(tape: Columns, output: int) -> bool:
+    """Whether every node before ``output`` is an argument of some node up to ``output``.
+
+    Then the reverse sweep reaches them all (by induction from ``output`` down), and it
+    needs no record of which nodes it reached: a tape compiled from one ``Value`` is such.
+    """
+    m = output + 1
+    used = np.zeros(m, dtype=bool)
+    for column in (tape.arg0, tape.arg1, tape.arg2):
+        if column is not None:
+            args = column[:m]
+            used[args[args >= 0]] = True
+    return bool(used[:output].all())
+
+
+def _reverse_all(tape: Columns, v: list[float], g: list[float], output: int) -> None:
+    """The single-binding reverse sweep when it reaches every node (``_reaches_every_node``)."""
+    part = _SCALAR_PARTIALS
+    arity = _ARITY_LIST
+    c = _inner_consts(tape)
+    z = _third(tape)
+    for i, k, ai, bi in zip(*_inner_nodes(tape, slice(output, None, -1))):
+        if k == _MUL:  # partials (y, x)
+            gi = g[i]
+            g[ai] += v[bi] * gi
+            g[bi] += v[ai] * gi
+        elif k == _ADD:  # partials (1, 1): 1.0 * gi is gi, bit for bit
+            gi = g[i]
+            g[ai] += gi
+            g[bi] += gi
+        elif k == _RELU:
+            g[ai] += (1.0 if v[ai] > 0.0 else 0.0) * g[i]
+        else:
+            n_args = arity[k]
+            if n_args == 2:
+                gi = g[i]
+                dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
+                g[ai] += dx * gi
+                g[bi] += dy * gi
+            elif n_args == 1:
+                gi = g[i]
+                dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
+                g[ai] += dx * gi
+            elif n_args == 3:
+                gi = g[i]
+                zi = z[i]
+                dx, dy, dz = part[k](v[ai], v[bi], v[zi], v[i])  # type: ignore[misc]
+                g[ai] += dx * gi
+                g[bi] += dy * gi
+                g[zi] += dz * gi
+
+
+def _reverse_reached(
+    tape: Columns, v: list[float], g: list[float], output: int, reached: bytearray
+) -> None:
+    """The single-binding reverse sweep through the nodes marked in ``reached`` as it goes."""
+    part = _SCALAR_PARTIALS
+    arity = _ARITY_LIST
+    code, a, b, z = tape.code.tolist(), tape.arg0.tolist(), tape.arg1.tolist(), _third(tape)
+    c = _inner_consts(tape)
+    for i in range(output, -1, -1):
+        if not reached[i]:
+            continue
+        k = code[i]
+        n_args = arity[k]
+        if n_args == 0:
+            continue
+        gi = g[i]
+        ai = a[i]
+        reached[ai] = 1
+        if n_args == 2:
+            bi = b[i]
+            reached[bi] = 1
+            dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
+            g[ai] += dx * gi
+            g[bi] += dy * gi
+        elif n_args == 1:
+            dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
+            g[ai] += dx * gi
+        else:
+            bi, zi = b[i], z[i]
+            reached[bi] = 1
+            reached[zi] = 1
+            dx, dy, dz = part[k](v[ai], v[bi], v[zi], v[i])  # type: ignore[misc]
+            g[ai] += dx * gi
+            g[bi] += dy * gi
+            g[zi] += dz * gi
+
+
 class PythonKernel:
     """The portable reference kernel: the op table's Python and numpy forms, node by node."""
 
@@ -101,19 +223,27 @@ class PythonKernel:
         if values.ndim == 2:
             self._forward_batch(tape, values)
             return
-        fwd = [None] + [op.forward for op in _ops.OPS]
+        fwd = _SCALAR_FORWARD
+        arity = _ARITY_LIST
         v = values.tolist()
-        code, a, b, z, c = _lists(tape)
-        arity = _ops.ARITY.tolist()
-        for i in range(len(code)):
-            k = code[i]
-            n_args = arity[k]
-            if n_args == 2:
-                v[i] = fwd[k](v[a[i]], v[b[i]], c[i])  # type: ignore[misc]
-            elif n_args == 1:
-                v[i] = fwd[k](v[a[i]], 0.0, c[i])  # type: ignore[misc]
-            elif n_args == 3:
-                v[i] = fwd[k](v[a[i]], v[b[i]], v[z[i]])  # type: ignore[misc]
+        z = _third(tape)
+        c = _inner_consts(tape)
+        for i, k, ai, bi in zip(*_inner_nodes(tape, slice(None))):
+            if k == _MUL:
+                v[i] = v[ai] * v[bi]
+            elif k == _ADD:
+                v[i] = v[ai] + v[bi]
+            elif k == _RELU:
+                x = v[ai]
+                v[i] = 0.0 if x <= 0.0 else x
+            else:
+                n_args = arity[k]
+                if n_args == 2:
+                    v[i] = fwd[k](v[ai], v[bi], c[i])  # type: ignore[misc]
+                elif n_args == 1:
+                    v[i] = fwd[k](v[ai], 0.0, c[i])  # type: ignore[misc]
+                elif n_args == 3:
+                    v[i] = fwd[k](v[ai], v[bi], v[z[i]])  # type: ignore[misc]
         values[:] = v
 
     def backward(self, tape: Columns, values: np.ndarray, grads: np.ndarray, output: int) -> None:
@@ -130,47 +260,22 @@ class PythonKernel:
         if values.ndim == 2:
             self._backward_batch(tape, values, grads, output, seeded)
             return
-        part = [None] + [op.partials for op in _ops.OPS]
         v = values.tolist()
         n = len(v)
-        reached = bytearray(n)
         if seeded:
             g = grads.tolist()
-            for i in np.flatnonzero(grads[: output + 1] != 0.0).tolist():
-                reached[i] = 1
         else:
             g = [0.0] * n
             g[output] = 1.0
-        reached[output] = 1
-        code, a, b, z, c = _lists(tape)
-        arity = _ops.ARITY.tolist()
-        for i in range(output, -1, -1):
-            if not reached[i]:
-                continue
-            k = code[i]
-            n_args = arity[k]
-            if n_args == 0:
-                continue
-            gi = g[i]
-            ai = a[i]
-            reached[ai] = 1
-            if n_args == 2:
-                bi = b[i]
-                reached[bi] = 1
-                dx, dy = part[k](v[ai], v[bi], c[i], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-                g[bi] += dy * gi
-            elif n_args == 1:
-                dx, _ = part[k](v[ai], 0.0, c[i], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-            else:
-                bi, zi = b[i], z[i]
-                reached[bi] = 1
-                reached[zi] = 1
-                dx, dy, dz = part[k](v[ai], v[bi], v[zi], v[i])  # type: ignore[misc]
-                g[ai] += dx * gi
-                g[bi] += dy * gi
-                g[zi] += dz * gi
+        if _reaches_every_node(tape, output):
+            _reverse_all(tape, v, g, output)
+        else:
+            reached = bytearray(n)
+            if seeded:
+                for i in np.flatnonzero(grads[: output + 1] != 0.0).tolist():
+                    reached[i] = 1
+            reached[output] = 1
+            _reverse_reached(tape, v, g, output, reached)
         grads[:] = g
 
     @staticmethod

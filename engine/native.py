@@ -25,7 +25,10 @@ straight into tape columns, without building a message object per node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -212,12 +215,30 @@ class NativeKernel:
         node indices; returns ``(B, s)`` arrays (gradients ``None`` unless
         asked). The batch is swept ``TILE`` bindings at a time in cache-sized
         buffers spread over up to ``threads`` threads; a batch smaller than a
-        tile goes through the full sweeps instead. Bit-identical to them.
+        tile runs binding by binding through the tape's compiled program
+        (``program``). Bit-identical to the full sweeps.
         """
         bind = np.ascontiguousarray(bindings, dtype=np.float64)
         sel = np.ascontiguousarray(selection, dtype=np.int64)
         rows = int(bind.shape[0])
-        if rows < TILE or tape.arg2 is not None:  # the tiles sweep unary and binary ops only
+        if rows < TILE:  # one binding after another through the compiled program
+            program = self.program(tape, inputs, output)
+            values_out = np.empty((rows, sel.shape[0]))
+            grads_out = np.empty((rows, sel.shape[0])) if gradients else None
+            done = _kernel.run_program(
+                program,
+                bind,
+                sel,
+                values_out,
+                grads_out,
+                flush_denormals=self.flush_denormals,
+                stop=stop,
+                expires=expires or 0.0,
+            )
+            if not done:
+                raise SweepStopped("the program was stopped")
+            return values_out, grads_out
+        if tape.arg2 is not None:  # the tiles sweep unary and binary ops only
             values = np.repeat(tape.const[:, None], rows, axis=1)
             values[inputs, :] = bind.T
             self.forward(tape, values, stop, expires)
@@ -248,6 +269,51 @@ class NativeKernel:
         if not done:
             raise SweepStopped("the tiled sweeps were stopped")
         return values_out, grads_out
+
+    def program(self, tape: Columns, inputs: np.ndarray, output: int) -> object:
+        """The compiled one-binding program of ``tape`` for ``output`` bound through ``inputs``.
+
+        Built in C on first use and kept for the last ``PROGRAMS_KEPT`` (tape,
+        output) pairs while their tape lives; a tape is taken to be immutable.
+        """
+        inputs = np.ascontiguousarray(inputs, dtype=np.int64)
+        key = (id(tape), int(output))
+        with _PROGRAMS_LOCK:
+            kept = _PROGRAMS.get(key)
+            if (
+                kept is not None
+                and kept[0]() is tape
+                and (kept[1] is inputs or np.array_equal(kept[1], inputs))
+            ):
+                _PROGRAMS.move_to_end(key)
+                return kept[2]
+        program = _kernel.compile_program(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            inputs,
+            int(output),
+            arg2=tape.arg2,
+        )
+        try:
+            ref: Callable[[], object] = weakref.ref(tape)
+        except TypeError:  # not weakly referable: not kept
+            return program
+        with _PROGRAMS_LOCK:
+            _PROGRAMS[key] = (ref, inputs, program)
+            _PROGRAMS.move_to_end(key)
+            while len(_PROGRAMS) > PROGRAMS_KEPT:
+                _PROGRAMS.popitem(last=False)
+        return program
+
+
+PROGRAMS_KEPT = 16
+"""How many compiled programs ``NativeKernel.program`` keeps (each about 80 bytes per node)."""
+_PROGRAMS: OrderedDict[tuple[int, int], tuple[Callable[[], object], np.ndarray, object]] = (
+    OrderedDict()
+)
+_PROGRAMS_LOCK = threading.Lock()
 
 
 def _check_float64(what: str, array: np.ndarray) -> None:

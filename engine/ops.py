@@ -94,6 +94,9 @@ class Op:
     """Where it is finite, and what it gives at the edges (for the docs)."""
     kinks: str = ""
     """The derivative taken where the op is not differentiable ("" if nowhere)."""
+    partials_read: str = "xyo"
+    """Which of the argument values (``x``, ``y``) and the output (``o``) ``partials`` reads:
+    a batch kernel may drop a value no derivative reads once the forward sweep is past it."""
     vforward: Callable[[Any, Any, Any], Any] = None  # type: ignore[assignment]
     """``forward`` on numpy arrays (one element per input binding); None: element-wise."""
     vpartials: Callable[[Any, Any, Any, Any], tuple[Any, ...]] = None  # type: ignore[assignment]
@@ -529,18 +532,21 @@ OPS: tuple[Op, ...] = (
        doc="A leaf holding the constant `value`.",
        forward=_leaf, partials=_none, second=_flat, vforward=_leaf, vpartials=_none),
     Op(code=3, name="add", arity=2, uses_value=False, label="+", expr="x + y", doc="x + y",
+       partials_read="",
        forward=lambda x, y, c: x + y,
        partials=lambda x, y, c, o: (1.0, 1.0),
        second=_flat,
        vforward=lambda x, y, c: x + y,
        vpartials=lambda x, y, c, o: (1.0, 1.0)),
     Op(code=4, name="sub", arity=2, uses_value=False, label="-", expr="x - y", doc="x - y",
+       partials_read="",
        forward=lambda x, y, c: x - y,
        partials=lambda x, y, c, o: (1.0, -1.0),
        second=_flat,
        vforward=lambda x, y, c: x - y,
        vpartials=lambda x, y, c, o: (1.0, -1.0)),
     Op(code=5, name="mul", arity=2, uses_value=False, label="*", expr="x * y", doc="x * y",
+       partials_read="xy",
        forward=lambda x, y, c: x * y,
        partials=lambda x, y, c, o: (y, x),
        second=lambda x, y, c, o: (0.0, 1.0, 0.0),
@@ -549,12 +555,14 @@ OPS: tuple[Op, ...] = (
     Op(code=6, name="div", arity=2, uses_value=False, label="/", expr="x / y",
        doc="x / y (IEEE: division by zero gives inf or nan)",
        domain="y ≠ 0; x/0 is ±inf, 0/0 is nan",
+       partials_read="yo",
        forward=lambda x, y, c: _div(x, y),
        partials=lambda x, y, c, o: (_div(1.0, y), -_div(o, y)),
        second=lambda x, y, c, o: (0.0, -_div(_div(1.0, y), y), 2.0 * _div(_div(o, y), y)),
        vforward=lambda x, y, c: x / y,
        vpartials=lambda x, y, c, o: (1.0 / y, -(o / y))),
     Op(code=7, name="neg", arity=1, uses_value=False, label="neg", expr="-x", doc="-x",
+       partials_read="",
        forward=lambda x, y, c: -x,
        partials=lambda x, y, c, o: (-1.0, 0.0),
        second=_flat,
@@ -580,6 +588,7 @@ OPS: tuple[Op, ...] = (
        vpartials=lambda x, y, c, o: _np_pow_value_partials(x, y, o)),
     Op(code=10, name="relu", arity=1, uses_value=False, label="ReLU", expr="x.relu()",
        doc="max(0, x)", kinks="0 at x = 0 (and at nan)",
+       partials_read="x",
        forward=lambda x, y, c: _relu(x),
        partials=lambda x, y, c, o: (1.0 if x > 0.0 else 0.0, 0.0),
        second=_flat,
@@ -587,6 +596,7 @@ OPS: tuple[Op, ...] = (
        vpartials=lambda x, y, c, o: ((x > 0.0).astype(np.float64), 0.0)),
     Op(code=11, name="tanh", arity=1, uses_value=False, label="tanh", expr="x.tanh()",
        doc="tanh(x)",
+       partials_read="o",
        forward=lambda x, y, c: math.tanh(x),
        partials=lambda x, y, c, o: (1.0 - o * o, 0.0),
        second=lambda x, y, c, o: (-2.0 * o * (1.0 - o * o), 0.0, 0.0),
@@ -594,6 +604,7 @@ OPS: tuple[Op, ...] = (
        vpartials=lambda x, y, c, o: (1.0 - o * o, 0.0)),
     Op(code=12, name="exp", arity=1, uses_value=False, label="exp", expr="x.exp()",
        doc="e ** x", domain="every real number; overflow (x > 709.78) gives inf",
+       partials_read="o",
        forward=lambda x, y, c: _exp(x),
        partials=lambda x, y, c, o: (o, 0.0),
        second=lambda x, y, c, o: (o, 0.0, 0.0),
@@ -601,6 +612,7 @@ OPS: tuple[Op, ...] = (
        vpartials=lambda x, y, c, o: (o, 0.0)),
     Op(code=13, name="log", arity=1, uses_value=False, label="log", expr="x.log()",
        doc="natural logarithm", domain="x > 0; log 0 = -inf, x < 0 gives nan",
+       partials_read="x",
        forward=lambda x, y, c: _log(x),
        partials=lambda x, y, c, o: (_div(1.0, x), 0.0),
        second=lambda x, y, c, o: (-_div(_div(1.0, x), x), 0.0, 0.0),
@@ -608,6 +620,7 @@ OPS: tuple[Op, ...] = (
        vpartials=lambda x, y, c, o: (1.0 / x, 0.0)),
     Op(code=14, name="sigmoid", arity=1, uses_value=False, label="sigmoid", expr="x.sigmoid()",
        doc="1 / (1 + e ** -x)",
+       partials_read="o",
        forward=lambda x, y, c: _sigmoid(x),
        partials=lambda x, y, c, o: (o * (1.0 - o), 0.0),
        second=lambda x, y, c, o: (o * (1.0 - o) * (1.0 - 2.0 * o), 0.0, 0.0),

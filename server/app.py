@@ -33,6 +33,7 @@ from . import logs, security
 from .config import Settings, resolve_kernel
 from .grpc_server import GrpcServer
 from .handlers import MetricsInterceptor
+from .heap import retain_freed_memory
 from .http import HttpServer
 from .metrics import Metrics
 from .service import GradientService
@@ -72,6 +73,7 @@ async def serve(
     Returns how many calls were still working on a thread when the grace period ran out.
     """
     guard = security.load(settings)  # each process (worker) loads its own credentials
+    retain_freed_memory(settings.retained_heap_bytes)
     service = GradientService(settings, kernel)
     metrics = Metrics()
     metrics.watch_cache(service.cache)

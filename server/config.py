@@ -240,6 +240,15 @@ class Settings:
             "and cancellation is noticed between phases."
         ),
     )
+    retained_heap_bytes: int = field(
+        default=256 * _MiB,
+        metadata=_help(
+            "Freed memory a server process keeps for its next calls instead of handing it back "
+            "to the system, in bytes (suffixes allowed; glibc's allocator only, 0 leaves its "
+            "defaults): big calls then reuse pages already mapped instead of faulting in fresh "
+            "ones for every array."
+        ),
+    )
     upload_idle_timeout: float = field(
         default=30.0,
         metadata=_help(
@@ -356,6 +365,7 @@ class Settings:
             "graph_store_entries",
             "graph_store_bytes",
             "inline_cells",
+            "retained_heap_bytes",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{label(name)} must not be negative, got {getattr(self, name)}")

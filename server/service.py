@@ -777,13 +777,13 @@ class GradientService:
             return
         values = self.forward(plan, deadline)  # while a big graph's id is hashed elsewhere
         deadline.check()
+        overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
+        reverse = None
+        if overlap:  # started before the header, which may still wait for the graph's id
+            reverse = self._background.submit(self.backward, plan, values, deadline)
         header = pb.EvaluateStreamResponse(part=pb.PART_HEADER, header=self.header(plan))
         yield header, (), len(plan.tape) * plan.rows
         deadline.check()
-        overlap = plan.gradients and len(plan.tape) * plan.rows >= _OVERLAP_CELLS
-        reverse = None
-        if overlap:
-            reverse = self._background.submit(self.backward, plan, values, deadline)
         yield from self._chunks(plan, pb.PART_VALUES, self.reported(plan, values), size, deadline)
         if not plan.gradients:
             return

@@ -91,5 +91,5 @@ def test_one_version_for_package_server_image_and_changelog() -> None:
 
 def test_architecture_quotes_the_measured_bytes_per_node() -> None:
     architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    assert "142-154 bytes a node" in architecture
+    assert "125-136 bytes a node" in architecture
     assert "~130 bytes" not in architecture

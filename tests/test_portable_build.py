@@ -52,6 +52,20 @@ for seed in range(20):
         assert v1.tobytes() == v2.tobytes(), f"forward differs for random_dag({seed})"
         assert g1.tobytes() == g2.tobytes(), f"backward differs for random_dag({seed})"
         checked += 1
+    # the compiled program of each build against the installed one-binding sweeps
+    values = np.ascontiguousarray(tape.leaf_values(graph.bindings[0]))
+    grads = np.zeros_like(values)
+    threaded.forward(*columns, values, **third)
+    threaded.backward(*columns, values, grads, len(tape) - 1, **third)
+    everything = np.arange(len(tape), dtype=np.int64)
+    for kernel in (threaded, portable):
+        program = kernel.compile_program(*columns, tape.inputs, len(tape) - 1, **third)
+        picked, picked_grads = np.empty((1, len(tape))), np.empty((1, len(tape)))
+        kernel.run_program(program, np.asarray(graph.bindings[:1], dtype=np.float64),
+                           everything, picked, picked_grads)
+        assert picked[0].tobytes() == values.tobytes(), f"program differs for random_dag({seed})"
+        assert picked_grads[0].tobytes() == grads.tobytes(), f"program grads, random_dag({seed})"
+        checked += 1
 print(checked)
 """
 
@@ -94,4 +108,4 @@ def test_the_portable_sweeps_equal_the_installed_ones_bit_for_bit(portable_kerne
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout.strip()) == 40  # 20 graphs, one binding and a batch each
+    assert int(done.stdout.strip()) == 80  # 20 graphs: one binding, a batch, two programs

@@ -81,6 +81,108 @@ def test_tiles_are_bit_identical_to_the_full_sweeps(seed: int, rows: int) -> Non
         np.testing.assert_array_equal(grads, expected_grads)
 
 
+def tiled(
+    tape: Tape, bindings: np.ndarray, selection: np.ndarray, output: int, tile: int, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The C entry point at one tile width (0: the kernel's choice)."""
+    from micrograd import _kernel
+
+    values = np.full((bindings.shape[0], selection.shape[0]), 7.0)
+    grads = np.full_like(values, 7.0)
+    with np.errstate(all="ignore"):
+        done = _kernel.evaluate_tiles(
+            tape.code,
+            tape.arg0,
+            tape.arg1,
+            tape.const,
+            tape.inputs.astype(np.int64),
+            np.ascontiguousarray(bindings),
+            output,
+            selection,
+            values,
+            grads,
+            threads=threads,
+            tile=tile,
+        )
+    assert done
+    return values, grads
+
+
+def mlp_like_tape(seed: int, width: int = 6, layers: int = 3) -> Tape:
+    """Dot products (mul/add chains) into relu/tanh layers, like an MLP loss graph: most values
+    and gradients are short-lived, which is what the tiles' slot reuse exploits."""
+    rng = np.random.default_rng(seed)
+    nodes: list[tuple[str, tuple[int, ...], float]] = []
+
+    def add(op: str, args: tuple[int, ...] = (), value: float = 0.0) -> int:
+        nodes.append((op, args, value))
+        return len(nodes) - 1
+
+    layer = [add("input", (), float(v)) for v in rng.normal(size=4)]
+    for depth in range(layers):
+        out = []
+        for _ in range(width):
+            acc = add("const", (), 0.5)
+            for x in layer:
+                w = add("input", (), float(rng.normal()))
+                acc = add("add", (acc, add("mul", (w, x))))
+            out.append(add("relu" if depth % 2 == 0 else "tanh", (acc,)))
+        layer = out
+    total = layer[0]
+    for x in layer[1:]:
+        total = add("add", (total, add("mul", (x, x))))
+    add("exp", (add("div", (total, add("sub", (layer[-1], add("const", (), 3.0))))),))
+    return Tape.from_nodes(nodes)
+
+
+@pytest.mark.parametrize("tile", [0, 8, 16])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 47])
+def test_every_tile_width_and_thread_count_gives_the_same_bits(tile: int, rows: int) -> None:
+    for seed, tape in enumerate([random_tape(20 + rows), mlp_like_tape(rows)]):
+        rng = np.random.default_rng(seed + rows)
+        bindings = rng.normal(size=(rows, len(tape.inputs))) * 2
+        n = len(tape)
+        output = n - 1 if seed else int(rng.integers(n // 2, n))
+        selection = np.concatenate(
+            [tape.inputs, rng.integers(0, n, 30), [output, n - 1, 0, 0]]
+        ).astype(np.int64)
+        expected = full(tape, bindings, selection, output, NATIVE)
+        for threads in (1, 2, 3):
+            values, grads = tiled(tape, bindings, selection, output, tile, threads)
+            np.testing.assert_array_equal(values, expected[0])
+            np.testing.assert_array_equal(grads, expected[1])
+
+
+def test_the_c_entry_point_refuses_other_tile_widths() -> None:
+    tape = random_tape(5)
+    with pytest.raises(ValueError, match="tile"):
+        tiled(tape, np.zeros((4, len(tape.inputs))), np.array([0], np.int64), 5, 12, 1)
+
+
+@pytest.mark.parametrize("op", [op for op in ops.OPS if op.partials_read != "xyo"])
+def test_partials_read_only_what_the_table_says(op: ops.Op) -> None:
+    """A tile drops a value no partial derivative reads: changing one must change nothing."""
+    rng = np.random.default_rng(op.code)
+    for _ in range(50):
+        x, y, c, o = rng.normal(size=4) * 3
+        got = op.partials(x, y, c, o)
+        for name in "xyo":
+            if name in op.partials_read:
+                continue
+            other = {"x": x, "y": y, "o": o, name: float(rng.normal() * 5)}
+            moved = op.partials(other["x"], other["y"], c, other["o"])
+            np.testing.assert_array_equal(moved, got)
+            vmoved = op.vpartials(
+                np.array([other["x"]]), np.array([other["y"]]), c, np.array([other["o"]])
+            )
+            np.testing.assert_array_equal(
+                np.broadcast_arrays(*vmoved, np.zeros(1))[:2],
+                np.broadcast_arrays(
+                    *op.vpartials(np.array([x]), np.array([y]), c, np.array([o])), np.zeros(1)
+                )[:2],
+            )
+
+
 def test_a_tape_with_where_is_swept_whole_with_the_same_numbers() -> None:
     base = random_tape(3)
     n = len(base)
@@ -200,3 +302,20 @@ def test_a_batch_with_a_selection_through_the_server_is_tiled_and_exact(
         result = client.evaluate(tape, batch=rows[:9], selection=listed, gradients=False)
         np.testing.assert_array_equal(result.values, full(tape, rows[:9], listed, -1, NATIVE)[0])
         assert result.grads is None
+
+
+def test_a_stopped_tiled_sweep_says_so_and_the_next_call_is_whole() -> None:
+    from micrograd import _kernel
+
+    tape = mlp_like_tape(3, width=20, layers=4)
+    bindings = np.random.default_rng(3).normal(size=(64, len(tape.inputs)))
+    selection = tape.inputs.astype(np.int64)
+    args = (tape.code, tape.arg0, tape.arg1, tape.const, selection, bindings, len(tape) - 1)
+    values, grads = np.empty((64, selection.shape[0])), np.empty((64, selection.shape[0]))
+    stop = np.ones(1, np.uint8)
+    assert not _kernel.evaluate_tiles(*args, selection, values, grads, threads=2, stop=stop)
+    assert not _kernel.evaluate_tiles(*args, selection, values, grads, expires=1e-9)
+    expected = full(tape, bindings, selection, len(tape) - 1, NATIVE)
+    np.testing.assert_array_equal(
+        tiled(tape, bindings, selection, len(tape) - 1, 0, 2)[1], expected[1]
+    )

@@ -153,6 +153,47 @@ def test_native_backward_matches_on_a_deep_chain_and_a_leaf_root() -> None:
     assert leaf.grad == 2.5
 
 
+def test_native_backward_leaves_gradients_handed_out_before_unchanged() -> None:
+    # The sweep adds into fresh float objects in place: a float read from a
+    # node earlier (or shared between nodes) must keep its value.
+    root, _ = random_values(30)
+    order = topological_order(root)
+    shared = 0.125
+    for v in order:
+        v.grad = shared
+    with np.errstate(all="ignore"):
+        root.backward()
+        first = [v.grad for v in order]
+        kept = [float(g) for g in first]
+        root.backward()
+    assert shared == 0.125
+    assert same(np.array(first), np.array(kept))
+    assert all(v.grad is not g for v, g in zip(order, first, strict=True))
+
+
+def test_native_backward_takes_int_gradients_and_declines_other_ones() -> None:
+    x, y = Value(1.5), Value(-2.0)
+    out = (x * y + x).tanh() * y
+    expected = []
+    for run in (python_backward, Value.backward):
+        x.grad, y.grad = 3, 0  # ints on leaves: added to as Python would
+        if run is python_backward:
+            run(out)
+        else:
+            assert engine_module._native_backward(out, engine_module._ARITY_BYTES) is True
+        expected.append((x.grad, y.grad))
+    assert expected[0] == expected[1]
+    assert type(x.grad) is float
+    inner = x * y
+    top = inner + y
+    inner.grad = "stale"  # not a number: the native walk declines, Python resets it
+    x.grad = y.grad = 0.0
+    assert engine_module._native_backward(top, engine_module._ARITY_BYTES) is False
+    assert (x.grad, inner.grad) == (0.0, "stale")
+    top.backward()
+    assert (x.grad, y.grad, inner.grad) == (-2.0, 2.5, 1.0)
+
+
 def test_strict_mode_and_odd_nodes_take_the_python_path() -> None:
     class Tagged(Value):
         __slots__ = ()
@@ -209,3 +250,23 @@ def test_the_walks_decline_a_where_node_and_python_compiles_it() -> None:
     root.backward()
     assert values.tolist() == [v.data for v in order]
     assert grads.tolist() == [v.grad for v in order]
+
+
+def test_writing_back_keeps_a_data_float_with_the_same_bits() -> None:
+    root, _ = random_values(4)
+    _, order = codec.pack_value(root)
+    order[0].data = -0.0  # same value as 0.0, other bits: must be replaced
+    order[1].data = math.nan
+    order[2].data = 3  # an int: replaced by the float
+    values = np.array([v.data for v in order], dtype=np.float64)
+    values[0] = 0.0
+    values[3] = 1.5 if values[3] != 1.5 else 2.5  # a changed value
+    before = [v.data for v in order]
+    apply_backward(order, values, np.zeros(len(order)))
+    kept = [v.data is b for v, b in zip(order, before, strict=True)]
+    assert not kept[0] and math.copysign(1.0, order[0].data) == 1.0
+    assert kept[1] and math.isnan(order[1].data)  # the same NaN bits
+    assert not kept[2] and isinstance(order[2].data, float) and order[2].data == 3.0
+    assert not kept[3] and order[3].data == values[3]
+    assert all(kept[4:])
+    assert same(state(order)[:, 0], values)
