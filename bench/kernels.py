@@ -818,6 +818,10 @@ def main() -> None:
         return
 
     c.ensure_micrograd_pypi()
+    # numpy's OpenBLAS threads spin for a while after any BLAS call (building the tapes makes
+    # some); on a small machine they take a core from the sweeps being timed. Nothing timed
+    # here uses BLAS, so every worker gets one BLAS thread.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     here = Path(__file__).resolve()
     sizes = {key: value[args.quick] for key, value in SIZES.items()}
     found: dict[str, list[Row]] = {}
