@@ -719,9 +719,70 @@ def _us_per_call(fn: Callable[[], object], count: int, repeats: int) -> float:
     return best * 1e6
 
 
+class _StandInContext:
+    """What the handlers ask of a ``grpc.aio`` servicer context, answered without a call."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def code(self) -> None:
+        return None
+
+
+def _evaluate_handler(core: object) -> grpc.RpcMethodHandler:
+    """The Evaluate method handler exactly as a default server registers it (metrics, error
+    and parser wrappers), captured instead of served."""
+    from micrograd.server.config import Settings
+    from micrograd.server.grpc_server import GrpcServer
+    from micrograd.server.handlers import MetricsInterceptor, Registrar
+    from micrograd.server.metrics import Metrics
+
+    found: dict[str, grpc.RpcMethodHandler] = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+            class Details:
+                method = EVALUATE
+
+            for h in handlers:
+                got = h.service(Details())  # type: ignore[arg-type]
+                if got is not None:
+                    found[EVALUATE] = got
+
+        def add_registered_method_handlers(
+            self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+        ) -> None:
+            for method, h in handlers.items():
+                found[f"/{service}/{method}"] = h
+
+    server = GrpcServer(Settings(workers=1), core, [MetricsInterceptor(Metrics())])  # type: ignore[arg-type]
+    server.register(Registrar(Capture(), server.wrappers()))  # type: ignore[arg-type]
+    return found[EVALUATE]
+
+
+def _us_per_await(make: Callable[[], object], count: int, repeats: int) -> float:
+    """Best-of-``repeats`` microseconds per ``await make()`` over ``count`` awaits."""
+
+    async def run() -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(count):
+                await make()  # type: ignore[misc]
+            best = min(best, (time.perf_counter() - t0) / count)
+        return best
+
+    return asyncio.run(run()) * 1e6
+
+
 def measure_breakdown(servers: Servers) -> list[Row]:
-    """Where a seed ``Evaluate`` spends its time beyond the echo: each step of the core, timed
-    in this process on the same request (best of the repeats), beside the p50 over the wire."""
+    """Where a seed ``Evaluate`` spends its time beside the echo: over the wire (p50, both,
+    interleaved), the whole method handler in this process (as registered, with a stand-in
+    context) beside the echo's, what is left for grpc.aio itself, and the core step by step
+    (best of the repeats)."""
     from micrograd.server.config import Settings
     from micrograd.server.service import GradientService
 
@@ -755,10 +816,43 @@ def measure_breakdown(servers: Servers) -> list[Row]:
         None,
         "us",
         "",
-        f"in this process, best of {reps} x {count:,} calls; the rest of the p50 over the echo "
-        "is the transport: the handler wrappers (metrics, errors), the call runner, grpc.aio",
+        f"in this process, best of {reps} x {count:,} calls",
     )
-    return rows
+    handler = _evaluate_handler(core)
+    context = _StandInContext()
+    behavior = handler.unary_unary
+    parse, serialize = handler.request_deserializer, handler.response_serializer
+
+    async def ours() -> bytes:
+        request = parse(raw) if parse is not None else raw
+        response = await behavior(request, context)  # type: ignore[misc]
+        return serialize(response) if serialize is not None else response  # type: ignore[no-any-return]
+
+    async def echo() -> bytes:
+        return await _echo(raw, context)  # type: ignore[arg-type]
+
+    in_ours = _us_per_await(ours, count, reps)
+    in_echo = _us_per_await(echo, count, reps)
+    wire_ours: list[float] = []
+    wire_echo: list[float] = []
+    with _channel(servers.ours) as real, _channel(servers.echo) as bare:
+        evaluate, reflect = real.unary_unary(EVALUATE), bare.unary_unary(ECHO)
+        latencies(lambda: evaluate(raw), 100, 5)
+        latencies(lambda: reflect(raw), 100, 5)
+        for _ in range(reps):
+            wire_ours += latencies(lambda: evaluate(raw), count // 10, 10)
+            wire_echo += latencies(lambda: reflect(raw), count // 10, 10)
+    p50_ours, p50_echo = percentile(wire_ours, 50) * 1e6, percentile(wire_echo, 50) * 1e6
+    side = [
+        Row("seed vs echo: over the wire, p50", p50_ours, p50_echo, "us", "",
+            f"{len(wire_ours)} calls each, {reps} interleaved blocks"),
+        Row("seed vs echo: method handler in process", in_ours, in_echo, "us", "",
+            "as registered (parse, metrics, errors, call runner, core, bytes out) vs the echo "
+            "coroutine; stand-in context, no network"),
+        Row("seed vs echo: the rest (grpc.aio, HTTP/2, client)", p50_ours - in_ours,
+            p50_echo - in_echo, "us", "", "p50 over the wire minus the handler in process"),
+    ]
+    return side + rows
 
 
 MEASURES: dict[str, Callable[[Servers], list[Row]]] = {

@@ -103,6 +103,8 @@ class CallRunner:
         pool; the slot is released when the work is done (or has stopped after a cancel)."""
         call = Call(self, timeout)
         try:
-            return await call.run(inline, work, request, call.deadline)
+            if inline or self.pool is None:  # as ``Call.run`` would, without its coroutine
+                return work(request, call.deadline)
+            return await call.run(False, work, request, call.deadline)
         finally:
             call.close()

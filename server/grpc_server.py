@@ -193,6 +193,18 @@ class GrpcServer:
         """``host:port`` as bound (IPv6 hosts in brackets)."""
         return f"{_bracketed(self.settings.host)}:{self.port}"
 
+    def wrappers(self) -> tuple[HandlerWrapper, ...]:
+        """What wraps every method handler, outermost first: the interceptors, then errors to
+        statuses, then the tolerant request parser."""
+        return (*self.interceptors, ServiceErrors(f"/{SERVICE_NAME}/"), _Tolerant())
+
+    def register(self, registrar: Any) -> None:
+        """Register the gradient service's handlers with ``registrar`` (a ``Registrar``, or
+        anything with ``add_generic_rpc_handlers``/``add_registered_method_handlers``)."""
+        pb_grpc.add_GradientServiceServicer_to_server(
+            GradientServicer(self.service, self.pool), registrar
+        )
+
     async def start(self) -> int:
         """Bind, start serving and report SERVING; returns the bound port."""
         s = self.settings
@@ -202,11 +214,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        wrappers = (*self.interceptors, ServiceErrors(f"/{SERVICE_NAME}/"), _Tolerant())
-        registrar: Any = Registrar(server, wrappers)
-        pb_grpc.add_GradientServiceServicer_to_server(
-            GradientServicer(self.service, self.pool), registrar
-        )
+        registrar: Any = Registrar(server, self.wrappers())
+        self.register(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         add_reflection(
             registrar, (SERVICE_NAME, health.SERVICE_NAME), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR)

@@ -107,8 +107,9 @@ class Deadline:
         """A deadline ``seconds`` from now (``None``: no time limit)."""
         self.expires = None if seconds is None else time.monotonic() + seconds
         self._cancelled = False  # one store of a bool: safe to set from any thread
-        self.flag = np.zeros(1, dtype=np.uint8)
-        """Set to 1 by ``cancel()``; a sweep given it stops at its next look."""
+        self.flag = bytearray(1)
+        """Set to 1 by ``cancel()``; a sweep given it stops at its next look (a one-byte
+        buffer: cheaper to make per call than an array)."""
 
     def cancel(self) -> None:
         """Mark the call cancelled; the next ``check()`` raises and running sweeps stop."""
@@ -144,6 +145,10 @@ _HEADER_CACHE_ENTRIES = 512
 _HEADER_CACHE_WIDTH = 1024
 """Selections wider than this are not worth a header cache entry."""
 _RESPONSE = pb.EvaluateResponse.DESCRIPTOR
+
+_STOP_CELLS = 16_384
+"""Cells between two looks of the native sweeps at their stop flag and clock: a smaller sweep
+is never stopped part-way, so it is not given them (the phase checks still apply)."""
 
 _THREAD_CELLS = 1_000_000
 """From this many node-bindings on, a tiled batch spreads over ``kernel_threads`` threads
@@ -235,6 +240,7 @@ class GradientService:
         self._background = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="micrograd-overlap"
         )
+        self._stoppable = bool(getattr(self.kernel, "stoppable", False))
         self._lock = threading.Lock()
         self._headers: dict[tuple[object, ...], bytes] = {}
         self._in_flight = 0
@@ -426,14 +432,21 @@ class GradientService:
         self._sweep(deadline, self.kernel.backward, plan.tape, values, grads, plan.output)
         return grads
 
-    def _sweep(self, deadline: Deadline, sweep: Callable[..., None], *args: object) -> None:
+    def _sweep(
+        self,
+        deadline: Deadline,
+        sweep: Callable[..., None],
+        tape: Tape,
+        values: np.ndarray,
+        *args: object,
+    ) -> None:
         """Run a kernel sweep that, if the kernel can, stops within a few thousand cells of the
         deadline passing or the call being cancelled (``ServiceError`` then)."""
-        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
-            sweep(*args)
+        if deadline is _NO_DEADLINE or not self._stoppable or values.size < _STOP_CELLS:
+            sweep(tape, values, *args)
             return
         try:
-            sweep(*args, stop=deadline.flag, expires=deadline.expires)
+            sweep(tape, values, *args, stop=deadline.flag, expires=deadline.expires)
         except SweepStopped:
             deadline.check()
             raise ServiceError(Code.CANCELLED, "the call was cancelled") from None
@@ -453,7 +466,7 @@ class GradientService:
             return None
         cells = len(plan.tape) * plan.rows
         threads = self.settings.kernel_threads if cells >= _THREAD_CELLS else 1
-        if deadline is _NO_DEADLINE or not getattr(self.kernel, "stoppable", False):
+        if deadline is _NO_DEADLINE or not self._stoppable:
             return plan.tape.evaluate_selected(
                 plan.bindings, plan.selection, plan.output, plan.gradients, self.kernel, threads
             )
@@ -476,7 +489,10 @@ class GradientService:
 
     @staticmethod
     def reported(plan: Plan, columns: np.ndarray) -> np.ndarray:
-        """The selected nodes of kernel-layout ``columns``, row-major ``(rows, width)``."""
+        """The selected nodes of kernel-layout ``columns``, row-major ``(rows, width)`` (one
+        binding of every node: ``columns`` itself, as its one row)."""
+        if columns.ndim == 1 and plan.selection is None:
+            return columns
         table = columns if columns.ndim == 2 else columns[:, None]
         picked = table if plan.selection is None else table[plan.selection]
         return np.ascontiguousarray(picked.T)
