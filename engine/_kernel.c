@@ -859,6 +859,71 @@ static void release_stop(Py_buffer *view)
 
 /* ---- a compiled one-binding program (compile_program, run_program) ------ */
 
+/* The arrays of a call that returns selected columns: bindings (B, k) float64, selection
+ * (s,) int64 nodes of a tape of n, values_out and grads_out (B, s) float64 (grads_out may be
+ * None). Checked and held by get_selected, let go by release_selected. */
+typedef struct {
+    Py_buffer bindings, selection, values, grads;
+    int held; /* how many of the four views are held */
+    int want_grads;
+    Py_ssize_t rows, s;
+} Selected;
+
+static void release_selected(Selected *io)
+{
+    Py_buffer *views[4] = {&io->bindings, &io->selection, &io->values, &io->grads};
+    for (int j = 0; j < io->held; j++)
+        PyBuffer_Release(views[j]);
+    io->held = 0;
+}
+
+static int get_selected(PyObject *bindings, PyObject *selection, PyObject *values_out,
+                        PyObject *grads_out, Py_ssize_t k, Py_ssize_t n, Selected *io)
+{
+    io->held = 0;
+    io->want_grads = grads_out != Py_None;
+    if (get_array(bindings, "bindings", 'd', 8, 0, 2, &io->bindings) < 0)
+        goto fail;
+    io->held = 1;
+    if (get_array(selection, "selection", 'q', 8, 0, 1, &io->selection) < 0)
+        goto fail;
+    io->held = 2;
+    if (get_array(values_out, "values_out", 'd', 8, 1, 2, &io->values) < 0)
+        goto fail;
+    io->held = 3;
+    if (io->want_grads) {
+        if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &io->grads) < 0)
+            goto fail;
+        io->held = 4;
+    }
+    const Py_buffer *bv = &io->bindings, *vo = &io->values, *go = &io->grads;
+    const Py_ssize_t s = io->selection.shape[0];
+    const Py_ssize_t rows = bv->ndim == 2 ? bv->shape[0] : 0;
+    if (bv->ndim != 2 || bv->shape[1] != k) {
+        PyErr_Format(PyExc_ValueError, "bindings must have shape (B, %zd)", k);
+        goto fail;
+    }
+    if (vo->ndim != 2 || vo->shape[0] != rows || vo->shape[1] != s ||
+        (io->want_grads && (go->ndim != 2 || go->shape[0] != rows || go->shape[1] != s))) {
+        PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
+                     s);
+        goto fail;
+    }
+    const int64_t *sel = (const int64_t *)io->selection.buf;
+    for (Py_ssize_t j = 0; j < s; j++)
+        if (sel[j] < 0 || sel[j] >= n) {
+            PyErr_Format(PyExc_ValueError, "selection[%zd] is %lld, not a node of %zd", j,
+                         (long long)sel[j], n);
+            goto fail;
+        }
+    io->rows = rows;
+    io->s = s;
+    return 0;
+fail:
+    release_selected(io);
+    return -1;
+}
+
 #include "_kernel_prog.h"
 
 /* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
@@ -1708,8 +1773,9 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
     if (get_tape(code, a, b, NULL, c, &tb) < 0)
         return NULL;
     const Py_ssize_t n = tb.cols.n;
-    Py_buffer iv, bv, sv, vo, go;
-    int held = 0; /* how many of iv, bv, sv, vo, go are held */
+    Py_buffer iv;
+    Selected io;
+    int held = 0; /* iv held; io held */
     PyObject *result = NULL;
     char *block = NULL, *rows_block = NULL; /* the program and scratch; the tiles' rows */
     size_t block_bytes = 0, rows_bytes = 0;
@@ -1720,43 +1786,15 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
     if (get_array(inputs, "inputs", 'q', 8, 0, 1, &iv) < 0)
         goto done;
     held = 1;
-    if (get_array(bindings, "bindings", 'd', 8, 0, 2, &bv) < 0)
+    if (get_selected(bindings, selection, values_out, grads_out, iv.shape[0], n, &io) < 0)
         goto done;
     held = 2;
-    if (get_array(selection, "selection", 'q', 8, 0, 1, &sv) < 0)
-        goto done;
-    held = 3;
-    if (get_array(values_out, "values_out", 'd', 8, 1, 2, &vo) < 0)
-        goto done;
-    held = 4;
-    if (grads) {
-        if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &go) < 0)
-            goto done;
-        held = 5;
-    }
-    const Py_ssize_t k = iv.shape[0], s = sv.shape[0];
-    const Py_ssize_t rows = bv.ndim == 2 ? bv.shape[0] : 0;
-    if (bv.ndim != 2 || bv.shape[1] != k) {
-        PyErr_Format(PyExc_ValueError, "bindings must have shape (B, %zd)", k);
-        goto done;
-    }
-    if (vo.ndim != 2 || vo.shape[0] != rows || vo.shape[1] != s ||
-        (grads && (go.ndim != 2 || go.shape[0] != rows || go.shape[1] != s))) {
-        PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
-                     s);
-        goto done;
-    }
+    const Py_ssize_t k = iv.shape[0], s = io.s, rows = io.rows;
     if (out < 0 || out >= n) {
         PyErr_Format(PyExc_ValueError, "output %zd is out of range for %zd nodes", out, n);
         goto done;
     }
-    const int64_t *in = (const int64_t *)iv.buf, *sel = (const int64_t *)sv.buf;
-    for (Py_ssize_t j = 0; j < s; j++)
-        if (sel[j] < 0 || sel[j] >= n) {
-            PyErr_Format(PyExc_ValueError, "selection[%zd] is %lld, not a node of %zd", j,
-                         (long long)sel[j], n);
-            goto done;
-        }
+    const int64_t *in = (const int64_t *)iv.buf, *sel = (const int64_t *)io.selection.buf;
     if (tile != 0 && tile != MG_TILE && tile != MG_TILE_WIDE) {
         PyErr_Format(PyExc_ValueError, "tile must be 0 (chosen), %d or %d", MG_TILE,
                      MG_TILE_WIDE);
@@ -1808,9 +1846,9 @@ static PyObject *kernel_evaluate_tiles(PyObject *module, PyObject *args, PyObjec
         const size_t row_bytes = (size_t)tile * sizeof(double);
         TileJob job = {
             .prog = prog, .rev = rev, .n = n, .nrev = nrev, .nv = nv, .ng = ng, .out = gout,
-            .width = (int)tile, .bind = (const double *)bv.buf, .k = k, .rows = rows,
+            .width = (int)tile, .bind = (const double *)io.bindings.buf, .k = k, .rows = rows,
             .vsel = vsel, .gsel = gsel, .s = s,
-            .vout = (double *)vo.buf, .gout = grads ? (double *)go.buf : NULL,
+            .vout = (double *)io.values.buf, .gout = grads ? (double *)io.grads.buf : NULL,
             .flush = flush, .stop = use_stop ? &stop : NULL,
             .vbytes = ALIGN64((size_t)(nv ? nv : 1) * row_bytes),
             .gbytes = grads ? ALIGN64((size_t)(ng ? ng : 1) * row_bytes) : 0,
@@ -1831,9 +1869,10 @@ done:
     release_stop(&stop_view);
     scratch_give(SPARE_PROGRAM, block, block_bytes);
     scratch_give(SPARE_ROWS, rows_block, rows_bytes);
-    Py_buffer *views[5] = {&iv, &bv, &sv, &vo, &go};
-    for (int j = 0; j < held; j++)
-        PyBuffer_Release(views[j]);
+    if (held == 2)
+        release_selected(&io);
+    if (held >= 1)
+        PyBuffer_Release(&iv);
     release_tape(&tb);
     return result;
 }

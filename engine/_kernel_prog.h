@@ -656,46 +656,18 @@ static PyObject *kernel_run_program(PyObject *module, PyObject *args, PyObject *
     if (p == NULL)
         return NULL;
     const int grads = grads_out != Py_None;
-    Py_buffer bv, sv, vo, go;
+    Selected io;
     int held = 0;
     PyObject *result = NULL;
     double *work = NULL;
     Stop stop;
     Py_buffer stop_view;
     stop_view.obj = NULL;
-    if (get_array(bindings, "bindings", 'd', 8, 0, 2, &bv) < 0)
+    if (get_selected(bindings, selection, values_out, grads_out, p->k, p->n, &io) < 0)
         goto done;
     held = 1;
-    if (get_array(selection, "selection", 'q', 8, 0, 1, &sv) < 0)
-        goto done;
-    held = 2;
-    if (get_array(values_out, "values_out", 'd', 8, 1, 2, &vo) < 0)
-        goto done;
-    held = 3;
-    if (grads) {
-        if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &go) < 0)
-            goto done;
-        held = 4;
-    }
-    const Py_ssize_t s = sv.shape[0];
-    const Py_ssize_t rows = bv.ndim == 2 ? bv.shape[0] : 0;
-    if (bv.ndim != 2 || bv.shape[1] != p->k) {
-        PyErr_Format(PyExc_ValueError, "bindings must have shape (B, %zd)", p->k);
-        goto done;
-    }
-    if (vo.ndim != 2 || vo.shape[0] != rows || vo.shape[1] != s ||
-        (grads && (go.ndim != 2 || go.shape[0] != rows || go.shape[1] != s))) {
-        PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
-                     s);
-        goto done;
-    }
-    const int64_t *sel = (const int64_t *)sv.buf;
-    for (Py_ssize_t j = 0; j < s; j++)
-        if (sel[j] < 0 || sel[j] >= p->n) {
-            PyErr_Format(PyExc_ValueError, "selection[%zd] is %lld, not a node of %zd", j,
-                         (long long)sel[j], p->n);
-            goto done;
-        }
+    const Py_ssize_t s = io.s, rows = io.rows;
+    const int64_t *sel = (const int64_t *)io.selection.buf;
     if (get_stop(stop_flag, expires, 1, &stop, &stop_view, &use_stop) < 0)
         goto done;
     work = p->spare; /* the GIL is held: no other run takes it meanwhile */
@@ -710,8 +682,9 @@ static PyObject *kernel_run_program(PyObject *module, PyObject *args, PyObject *
     if (rows > 0) {
         Py_BEGIN_ALLOW_THREADS
         unsigned int saved = flush_enter(flush);
-        stopped = program_run(p, work, (const double *)bv.buf, rows, sel, s, (double *)vo.buf,
-                              grads ? (double *)go.buf : NULL, use_stop ? &stop : NULL);
+        stopped = program_run(p, work, (const double *)io.bindings.buf, rows, sel, s,
+                              (double *)io.values.buf, grads ? (double *)io.grads.buf : NULL,
+                              use_stop ? &stop : NULL);
         flush_leave(flush, saved);
         Py_END_ALLOW_THREADS
     }
@@ -724,8 +697,7 @@ done:
             PyMem_RawFree(work);
     }
     release_stop(&stop_view);
-    Py_buffer *views[4] = {&bv, &sv, &vo, &go};
-    for (int j = 0; j < held; j++)
-        PyBuffer_Release(views[j]);
+    if (held)
+        release_selected(&io);
     return result;
 }

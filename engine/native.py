@@ -221,8 +221,8 @@ class NativeKernel:
         bind = np.ascontiguousarray(bindings, dtype=np.float64)
         sel = np.ascontiguousarray(selection, dtype=np.int64)
         rows = int(bind.shape[0])
-        if rows < TILE:  # one binding after another through the compiled program
-            program = self.program(tape, inputs, output)
+        program = self.program(tape, inputs, output, build=False) if rows < TILE else None
+        if program is not None:  # one binding after another through the compiled program
             values_out = np.empty((rows, sel.shape[0]))
             grads_out = np.empty((rows, sel.shape[0])) if gradients else None
             done = _kernel.run_program(
@@ -238,7 +238,7 @@ class NativeKernel:
             if not done:
                 raise SweepStopped("the program was stopped")
             return values_out, grads_out
-        if tape.arg2 is not None:  # the tiles sweep unary and binary ops only
+        if rows < TILE or tape.arg2 is not None:  # the tiles sweep unary and binary ops only
             values = np.repeat(tape.const[:, None], rows, axis=1)
             values[inputs, :] = bind.T
             self.forward(tape, values, stop, expires)
@@ -270,11 +270,16 @@ class NativeKernel:
             raise SweepStopped("the tiled sweeps were stopped")
         return values_out, grads_out
 
-    def program(self, tape: Columns, inputs: np.ndarray, output: int) -> object:
+    def program(
+        self, tape: Columns, inputs: np.ndarray, output: int, build: bool = True
+    ) -> object | None:
         """The compiled one-binding program of ``tape`` for ``output`` bound through ``inputs``.
 
-        Built in C on first use and kept for the last ``PROGRAMS_KEPT`` (tape,
-        output) pairs while their tape lives; a tape is taken to be immutable.
+        Built in C and kept for the last ``PROGRAMS_KEPT`` (tape, output)
+        pairs while their tape lives, up to ``PROGRAM_BYTES_KEPT`` in all (a
+        tape is immutable). Building one costs several sweeps, so with
+        ``build=False`` a pair seen for the first time gets ``None`` (the
+        caller sweeps the tape itself) and the program is built on the second.
         """
         inputs = np.ascontiguousarray(inputs, dtype=np.int64)
         key = (id(tape), int(output))
@@ -283,10 +288,23 @@ class NativeKernel:
             if (
                 kept is not None
                 and kept[0]() is tape
+                and kept[2] is not None
                 and (kept[1] is inputs or np.array_equal(kept[1], inputs))
             ):
                 _PROGRAMS.move_to_end(key)
                 return kept[2]
+            first_sight = kept is None or kept[0]() is not tape
+        size = PROGRAM_BYTES_PER_NODE * len(tape.code)
+        if size > PROGRAM_BYTES_KEPT and not build:
+            return None  # never kept: the caller's own sweeps are as fast as building one
+        try:
+            ref: Callable[[], object] = weakref.ref(tape)
+        except TypeError:  # not weakly referable: never kept
+            ref = _dead
+        if first_sight and not build:
+            with _PROGRAMS_LOCK:  # seen once: remembered without a program
+                _keep(key, (ref, inputs, None))
+            return None
         program = _kernel.compile_program(
             tape.code,
             tape.arg0,
@@ -296,24 +314,45 @@ class NativeKernel:
             int(output),
             arg2=tape.arg2,
         )
-        try:
-            ref: Callable[[], object] = weakref.ref(tape)
-        except TypeError:  # not weakly referable: not kept
-            return program
-        with _PROGRAMS_LOCK:
-            _PROGRAMS[key] = (ref, inputs, program)
-            _PROGRAMS.move_to_end(key)
-            while len(_PROGRAMS) > PROGRAMS_KEPT:
-                _PROGRAMS.popitem(last=False)
+        if ref is not _dead and size <= PROGRAM_BYTES_KEPT:
+            with _PROGRAMS_LOCK:
+                _keep(key, (ref, inputs, program))
         return program
 
 
 PROGRAMS_KEPT = 16
-"""How many compiled programs ``NativeKernel.program`` keeps (each about 80 bytes per node)."""
-_PROGRAMS: OrderedDict[tuple[int, int], tuple[Callable[[], object], np.ndarray, object]] = (
-    OrderedDict()
-)
+"""How many (tape, output) pairs ``NativeKernel.program`` remembers, with or without a program."""
+PROGRAM_BYTES_KEPT = 256 << 20
+"""The most memory the kept programs may take in all (estimated at ``PROGRAM_BYTES_PER_NODE``)."""
+PROGRAM_BYTES_PER_NODE = 80
+"""About what a compiled program takes per tape node: steps, partials and its kept workspace."""
+_Kept = tuple[Callable[[], object], np.ndarray, object | None]
+_PROGRAMS: OrderedDict[tuple[int, int], _Kept] = OrderedDict()
 _PROGRAMS_LOCK = threading.Lock()
+
+
+def _dead() -> None:
+    """A reference to nothing: a tape that cannot be weakly referenced is never found again."""
+    return None
+
+
+def _keep(key: tuple[int, int], entry: _Kept) -> None:
+    """Remember ``entry`` as the newest kept pair; drop the oldest past either budget (call
+    under ``_PROGRAMS_LOCK``)."""
+    _PROGRAMS[key] = entry
+    _PROGRAMS.move_to_end(key)
+
+    def kept_bytes() -> int:
+        return sum(
+            PROGRAM_BYTES_PER_NODE * len(getattr(tape, "code", ()))
+            for ref, _, program in _PROGRAMS.values()
+            if program is not None and (tape := ref()) is not None
+        )
+
+    while len(_PROGRAMS) > PROGRAMS_KEPT or (
+        len(_PROGRAMS) > 1 and kept_bytes() > PROGRAM_BYTES_KEPT
+    ):
+        _PROGRAMS.popitem(last=False)
 
 
 def _check_float64(what: str, array: np.ndarray) -> None:
@@ -451,4 +490,3 @@ def assign_values(order: list[Any], values: np.ndarray, grads: np.ndarray) -> bo
         _ARITY,
     )
     return done
-

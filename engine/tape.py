@@ -58,6 +58,15 @@ class Tape:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", np.flatnonzero(self.code == _INPUT).astype(np.int64))
+        # A tape never changes once built, so what is derived from it (``inputs``, the native
+        # kernel's compiled programs, the graph id) stays true: it holds read-only views (a
+        # caller's own array keeps its flags; changing it under a tape is not supported).
+        for name in ("code", "arg0", "arg1", "const", "arg2", "inputs"):
+            column = getattr(self, name)
+            if isinstance(column, np.ndarray) and column.flags.writeable:
+                view = column.view()
+                view.flags.writeable = False
+                object.__setattr__(self, name, view)
 
     def __len__(self) -> int:
         return int(self.code.shape[0])

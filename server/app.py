@@ -50,7 +50,7 @@ _RELOAD = signal.SIGHUP
 
 def configure_logging(settings: Settings) -> None:
     """JSON lines on stderr, each with its process id, at ``settings.log_level``."""
-    logs.configure(settings.log_level_number, sys.stderr)
+    logs.configure(settings.log_level_number)
 
 
 def _write_port_file(path: str, port: int) -> None:

@@ -18,7 +18,12 @@ import uuid
 from typing import Any, TextIO
 
 __all__ = [
-    "REQUEST_LOGGER", "JsonLines", "configure", "log_request", "request_id", "requests_logged"
+    "REQUEST_LOGGER",
+    "JsonLines",
+    "configure",
+    "log_request",
+    "request_id",
+    "requests_logged",
 ]
 
 REQUEST_LOGGER = "micrograd.server.requests"
@@ -51,6 +56,19 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stderr`` is when a record comes (it may be replaced,
+    as by a test runner's capture, after the handler was made)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def configure(level: str | int, stream: TextIO | None = None) -> None:
     """Send every log record of the process to ``stream`` (stderr) as JSON lines.
 
@@ -66,10 +84,10 @@ def configure(level: str | int, stream: TextIO | None = None) -> None:
         for handler in list(logger.handlers):
             if getattr(handler, "_micrograd_json", False):
                 logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonLines())
-    handler._micrograd_json = True  # type: ignore[attr-defined]
-    top.addHandler(handler)
+    mine: logging.Handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
+    mine.setFormatter(JsonLines())
+    mine._micrograd_json = True  # type: ignore[attr-defined]
+    top.addHandler(mine)
     number = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     ours.setLevel(number)
     ours.propagate = True

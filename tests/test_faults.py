@@ -438,7 +438,7 @@ def test_records_of_other_libraries_are_json_lines() -> None:
         logging.getLogger("micrograd.server").info("hello")
         logging.getLogger("aiohttp.access").info("below WARNING: not written")
     finally:
-        logs.configure("INFO", io.StringIO())
+        logs.configure("INFO")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]  # each one JSON
     written = {line["logger"]: line for line in lines}
     assert {"aiohttp.server", "asyncio", "micrograd.server"} <= set(written)

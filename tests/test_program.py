@@ -71,14 +71,26 @@ def reference(tape: Tape, row: np.ndarray, output: int) -> tuple[np.ndarray, np.
     return values, grads
 
 
+def kept(tape: Tape, output: int) -> bool:
+    """Whether ``NativeKernel.program`` holds a built program for ``(tape, output)``."""
+    entry = native._PROGRAMS.get((id(tape), output))
+    return entry is not None and entry[0]() is tape and entry[2] is not None
+
+
 def check(tape: Tape, bindings: np.ndarray, output: int, selection: np.ndarray) -> None:
-    with np.errstate(all="ignore"):
-        values, grads = NATIVE.evaluate_selected(tape, tape.inputs, bindings, output, selection)
-    assert grads is not None
-    for r, row in enumerate(bindings):
-        want_values, want_grads = reference(tape, row, output)
-        np.testing.assert_array_equal(values[r], want_values[selection])
-        np.testing.assert_array_equal(grads[r], want_grads[selection])
+    """The first call sweeps the tape itself, the second runs the program built then: both
+    bit-identical to the reference sweeps."""
+    for _ in range(2):
+        with np.errstate(all="ignore"):
+            values, grads = NATIVE.evaluate_selected(
+                tape, tape.inputs, bindings, output, selection
+            )
+        assert grads is not None
+        for r, row in enumerate(bindings):
+            want_values, want_grads = reference(tape, row, output)
+            np.testing.assert_array_equal(values[r], want_values[selection])
+            np.testing.assert_array_equal(grads[r], want_grads[selection])
+    assert kept(tape, output)
 
 
 @pytest.mark.parametrize("ternary", [False, True])
@@ -135,6 +147,7 @@ def test_without_gradients_only_values_come_back() -> None:
     tape = wild_tape(3)
     bindings = np.random.default_rng(1).normal(size=(2, len(tape.inputs)))
     selection = np.arange(len(tape), dtype=np.int64)
+    NATIVE.program(tape, tape.inputs, len(tape) - 1)  # the program, not the sweeps
     with np.errstate(all="ignore"):
         values, grads = NATIVE.evaluate_selected(
             tape, tape.inputs, bindings, len(tape) - 1, selection, gradients=False
@@ -158,6 +171,8 @@ def test_a_stop_flag_or_a_passed_deadline_stops_the_program() -> None:
     tape = affine_chain_tape(60_000, 0.5, 0.25)
     bindings = np.ones((1, len(tape.inputs)))
     selection = tape.inputs.astype(np.int64)
+    NATIVE.program(tape, tape.inputs, len(tape) - 1)  # built now: the calls below run it
+    assert kept(tape, len(tape) - 1)
     with pytest.raises(native.SweepStopped):
         NATIVE.evaluate_selected(
             tape, tape.inputs, bindings, len(tape) - 1, selection, stop=np.ones(1, np.uint8)
@@ -239,3 +254,40 @@ def test_a_leaf_as_the_output_has_gradient_one_and_nothing_else() -> None:
     bindings = np.random.default_rng(2).normal(size=(1, len(tape.inputs)))
     for output in (int(tape.inputs[-1]), 0):
         check(tape, bindings, output, everything)
+
+
+def test_a_program_is_built_on_the_second_call_not_the_first() -> None:
+    """Building costs several sweeps: a graph evaluated once (a one-off request) never pays it."""
+    tape = wild_tape(8, ternary=False)
+    n = len(tape)
+    bindings = np.random.default_rng(3).normal(size=(1, len(tape.inputs)))
+    selection = np.arange(n, dtype=np.int64)
+    with np.errstate(all="ignore"):
+        first = NATIVE.evaluate_selected(tape, tape.inputs, bindings, n - 1, selection)
+        assert not kept(tape, n - 1)
+        second = NATIVE.evaluate_selected(tape, tape.inputs, bindings, n - 1, selection)
+    assert kept(tape, n - 1)
+    for one, other in zip(first, second):
+        np.testing.assert_array_equal(one, other)
+
+
+def test_programs_past_the_memory_budget_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    tape = wild_tape(9, ternary=False)
+    n = len(tape)
+    monkeypatch.setattr(native, "PROGRAM_BYTES_KEPT", native.PROGRAM_BYTES_PER_NODE * n - 1)
+    bindings = np.zeros((1, len(tape.inputs)))
+    selection = np.arange(n, dtype=np.int64)
+    with np.errstate(all="ignore"):
+        for _ in range(3):
+            values, _grads = NATIVE.evaluate_selected(tape, tape.inputs, bindings, n - 1, selection)
+            np.testing.assert_array_equal(values[0], reference(tape, bindings[0], n - 1)[0])
+    assert not kept(tape, n - 1)
+    assert NATIVE.program(tape, tape.inputs, n - 1) is not NATIVE.program(tape, tape.inputs, n - 1)
+
+
+def test_a_tapes_columns_are_read_only() -> None:
+    tape = wild_tape(10)
+    for column in (tape.code, tape.arg0, tape.arg1, tape.const, tape.arg2, tape.inputs):
+        assert column is not None
+        with pytest.raises(ValueError, match="read-only"):
+            column[0] = column[0]
