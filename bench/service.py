@@ -50,6 +50,7 @@ import numpy as np
 from micrograd import codec
 from micrograd import ops as _ops
 from micrograd.client import Client
+from micrograd.client.result import apply_backward
 from micrograd.codec.wire import with_arrays
 from micrograd.engine import Value
 from micrograd.seed import seed_graph
@@ -687,6 +688,11 @@ def measure_value_backward(servers: Servers) -> list[Row]:
         python = _timed_calls(y.backward, servers.repeats)
     finally:
         engine._native_backward = native
+    _, order = codec.pack_value(y)  # the client's two steps on its side, alone
+    values = np.array([v.data for v in order])
+    grads = np.ones(len(order))
+    pack = _timed_calls(lambda: codec.pack_value(y), servers.repeats)
+    write_back = _timed_calls(lambda: apply_backward(order, values, grads), servers.repeats)
     note = f"{n:,} nodes (y = y * 1.0001 + 0.001), {servers.repeats} repeats"
     return [
         Row(
@@ -704,6 +710,22 @@ def measure_value_backward(servers: Servers) -> list[Row]:
             "ms",
             "",
             "local backward() on the pure-Python path (as before the native walk)",
+        ),
+        Row(
+            "client.backward: pack the Value graph",
+            statistics.median(pack) * 1e9 / n,
+            None,
+            "ns/node",
+            "<= 100",
+            "codec.pack_value: the walk into a PackedGraph and the node order",
+        ),
+        Row(
+            "client.backward: write values and gradients back",
+            statistics.median(write_back) * 1e9 / n,
+            None,
+            "ns/node",
+            "<= 100",
+            "apply_backward onto every Value of the order",
         ),
     ]
 

@@ -421,11 +421,17 @@ def resume(
         return Done(done.value)
 
 
+RETRIED = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED))
+"""Statuses a call is tried again after: the server went away or is draining (``UNAVAILABLE``),
+or a server or proxy cut the call off as it stopped (``CANCELLED``: this client never cancels
+a call itself). Every rpc of the service is idempotent, and a stream restarts from scratch."""
+
+
 def attempts(
     policy: CallPolicy, attempt: Callable[[float | None], Rpc], timeout: float | None
 ) -> Steps[Any]:
-    """``attempt(seconds_left)`` until it answers, retrying ``UNAVAILABLE`` with backoff within
-    one deadline; any other failure (or the last) raises ``RemoteError``."""
+    """``attempt(seconds_left)`` until it answers, retrying ``RETRIED`` statuses with backoff
+    within one deadline; any other failure (or the last) raises ``RemoteError``."""
     deadline = policy.deadline(timeout)
     delays = policy.retry.delays()
     tries = 0
@@ -434,7 +440,7 @@ def attempts(
         try:
             return (yield attempt(policy.remaining(deadline)))
         except grpc.RpcError as error:
-            if error.code() is grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+            if error.code() in RETRIED:  # type: ignore[attr-defined]
                 delay = policy.next_delay(delays, deadline)
                 if delay is not None:
                     yield Pause(delay)

@@ -378,3 +378,44 @@ def test_seed_remote_example_prints_the_seed_numbers(grpc_server: str) -> None:
 def test_train_moons_remote_reaches_full_accuracy(grpc_server: str) -> None:
     done = run_example("train_moons_remote.py", grpc_server)
     assert done.stdout.rstrip().endswith("accuracy 100%")
+
+
+def test_a_call_cut_off_with_cancelled_is_tried_again(grpc_server: str) -> None:
+    """A proxy in front of a real server cuts the first two calls off with CANCELLED (as a
+    stopping server or nginx does); the client tries again and gets the seed's numbers."""
+    import threading
+
+    import grpc
+
+    upstream = grpc.insecure_channel(grpc_server)
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        method = context._rpc_event.call_details.method.decode()  # type: ignore[attr-defined]
+        with lock:
+            seen.append(method)
+            cut = len(seen) <= 2
+        if cut:
+            context.abort(grpc.StatusCode.CANCELLED, "")
+        forward = upstream.unary_unary(method)
+        return forward(request, timeout=10)  # type: ignore[no-any-return]
+
+    class Proxy(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+    proxy = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    proxy.add_generic_rpc_handlers((Proxy(),))
+    port = proxy.add_insecure_port("127.0.0.1:0")
+    proxy.start()
+    try:
+        retry = Retry(attempts=4, initial=0.01, maximum=0.02)
+        with Client(f"127.0.0.1:{port}", retry=retry, timeout=30) as client:
+            a, b, g = seed_graph()
+            client.backward(g)
+    finally:
+        proxy.stop(None)
+        upstream.close()
+    assert (f"{a.grad:.4f}", f"{b.grad:.4f}") == ("138.8338", "645.5773")
+    assert seen == ["/micrograd.v1.GradientService/Evaluate"] * 3
