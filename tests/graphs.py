@@ -80,6 +80,16 @@ class Graph:
         """Indices of the input nodes, in the order of the binding columns."""
         return [i for i, node in enumerate(self.nodes) if node[0] == "input"]
 
+    def tape(self) -> Tape:
+        """The node list as a ``Tape`` (the inputs keep the values written in the nodes)."""
+        return Tape.from_arrays(
+            [ops.BY_NAME[name].code for name, _, _ in self.nodes],
+            [args[0] if args else -1 for _, args, _ in self.nodes],
+            [args[1] if len(args) > 1 else -1 for _, args, _ in self.nodes],
+            [value for _, _, value in self.nodes],
+            arg2=[args[2] if len(args) > 2 else -1 for _, args, _ in self.nodes],
+        )
+
     def bound(self, row: int) -> list[Node]:
         """The node list with the inputs' values replaced by binding ``row``."""
         nodes = list(self.nodes)

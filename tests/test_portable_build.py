@@ -24,20 +24,12 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 import _kernel as portable
 from micrograd import _kernel as threaded
-from micrograd import ops
-from micrograd.tape import Tape
 from tests.graphs import random_dag
 
 checked = 0
 for seed in range(20):
     graph = random_dag(seed, size=60)
-    tape = Tape.from_arrays(
-        [ops.BY_NAME[name].code for name, _, _ in graph.nodes],
-        [args[0] if args else -1 for _, args, _ in graph.nodes],
-        [args[1] if len(args) > 1 else -1 for _, args, _ in graph.nodes],
-        [value for _, _, value in graph.nodes],
-        arg2=[args[2] if len(args) > 2 else -1 for _, args, _ in graph.nodes],
-    )
+    tape = graph.tape()
     columns = (tape.code, tape.arg0, tape.arg1, tape.const)
     third = {"arg2": tape.arg2}
     for leaves in (tape.leaf_values(graph.bindings[0]), tape.leaf_values(graph.bindings)):

@@ -110,13 +110,7 @@ def test_the_program_is_bit_identical_to_the_sweeps(seed: int, ternary: bool) ->
 @pytest.mark.parametrize("seed", range(12))
 def test_well_conditioned_graphs_of_every_op_match(seed: int) -> None:
     graph = random_dag(seed, size=80)
-    tape = Tape.from_arrays(
-        [ops.BY_NAME[name].code for name, _, _ in graph.nodes],
-        [args[0] if args else -1 for _, args, _ in graph.nodes],
-        [args[1] if len(args) > 1 else -1 for _, args, _ in graph.nodes],
-        [value for _, _, value in graph.nodes],
-        arg2=[args[2] if len(args) > 2 else -1 for _, args, _ in graph.nodes],
-    )
+    tape = graph.tape()
     selection = np.append(tape.inputs, len(tape) - 1).astype(np.int64)
     check(tape, np.asarray(graph.bindings, dtype=np.float64)[:1], len(tape) - 1, selection)
 
