@@ -865,7 +865,6 @@ static void release_stop(Py_buffer *view)
 typedef struct {
     Py_buffer bindings, selection, values, grads;
     int held; /* how many of the four views are held */
-    int want_grads;
     Py_ssize_t rows, s;
 } Selected;
 
@@ -880,8 +879,8 @@ static void release_selected(Selected *io)
 static int get_selected(PyObject *bindings, PyObject *selection, PyObject *values_out,
                         PyObject *grads_out, Py_ssize_t k, Py_ssize_t n, Selected *io)
 {
+    const int grads = grads_out != Py_None;
     io->held = 0;
-    io->want_grads = grads_out != Py_None;
     if (get_array(bindings, "bindings", 'd', 8, 0, 2, &io->bindings) < 0)
         goto fail;
     io->held = 1;
@@ -891,7 +890,7 @@ static int get_selected(PyObject *bindings, PyObject *selection, PyObject *value
     if (get_array(values_out, "values_out", 'd', 8, 1, 2, &io->values) < 0)
         goto fail;
     io->held = 3;
-    if (io->want_grads) {
+    if (grads) {
         if (get_array(grads_out, "grads_out", 'd', 8, 1, 2, &io->grads) < 0)
             goto fail;
         io->held = 4;
@@ -904,7 +903,7 @@ static int get_selected(PyObject *bindings, PyObject *selection, PyObject *value
         goto fail;
     }
     if (vo->ndim != 2 || vo->shape[0] != rows || vo->shape[1] != s ||
-        (io->want_grads && (go->ndim != 2 || go->shape[0] != rows || go->shape[1] != s))) {
+        (grads && (go->ndim != 2 || go->shape[0] != rows || go->shape[1] != s))) {
         PyErr_Format(PyExc_ValueError, "values_out and grads_out must have shape (%zd, %zd)", rows,
                      s);
         goto fail;

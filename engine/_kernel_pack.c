@@ -314,17 +314,26 @@ typedef struct {
     Py_ssize_t n_codes;
 } Table;
 
-static int node_fields(Walk *w, const Table *t, Py_ssize_t i, uint8_t *code, int32_t *a,
-                       int32_t *b, double *c)
+/* The op code a node's _code slot holds (k), or -1 when it is not an int naming an op of
+ * the table. */
+static long op_code(const Table *t, PyObject *k)
 {
-    PyObject *v = ORDER(w, i);
-    PyObject *k = SLOT(v, w->slots.code);
     if (k == NULL || !PyLong_CheckExact(k))
         return -1;
     long kc = PyLong_AsLong(k);
     if (kc == -1 && PyErr_Occurred())
         PyErr_Clear();
     if (kc < 0 || kc >= t->n_codes || t->arity[kc] == NOT_AN_OP)
+        return -1;
+    return kc;
+}
+
+static int node_fields(Walk *w, const Table *t, Py_ssize_t i, uint8_t *code, int32_t *a,
+                       int32_t *b, double *c)
+{
+    PyObject *v = ORDER(w, i);
+    const long kc = op_code(t, SLOT(v, w->slots.code));
+    if (kc < 0)
         return -1;
     *code = (uint8_t)kc;
     PyObject *x = SLOT(v, w->slots.a), *y = SLOT(v, w->slots.b);
@@ -559,14 +568,11 @@ PyObject *mg_assign_values(PyObject *module, PyObject *args)
     /* First check every node, so that nothing is half written. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PyList_GET_ITEM(order, i);
-        PyObject *k = SLOT(v, s.code);
         double old;
-        if (Py_TYPE(v) != s.type || k == NULL || !PyLong_CheckExact(k))
+        if (Py_TYPE(v) != s.type)
             goto done;
-        long kc = PyLong_AsLong(k);
-        if (kc == -1 && PyErr_Occurred())
-            PyErr_Clear();
-        if (kc < 0 || kc >= t.n_codes || t.arity[kc] == NOT_AN_OP)
+        const long kc = op_code(&t, SLOT(v, s.code));
+        if (kc < 0)
             goto done;
         if (t.arity[kc] == 0 && as_double(SLOT(v, s.grad), &old) < 0)
             goto done;
@@ -655,13 +661,8 @@ static int sweepable(const Walk *w, const Table *t, Py_ssize_t i, uint8_t *code)
 {
     const Slots *s = &w->slots;
     PyObject *v = ORDER(w, i);
-    PyObject *k = SLOT(v, s->code);
-    if (k == NULL || !PyLong_CheckExact(k))
-        return 0;
-    long kc = PyLong_AsLong(k);
-    if (kc == -1 && PyErr_Occurred())
-        PyErr_Clear();
-    if (kc < 0 || kc >= t->n_codes || t->arity[kc] == NOT_AN_OP)
+    const long kc = op_code(t, SLOT(v, s->code));
+    if (kc < 0)
         return 0;
     const int arity = t->arity[kc];
     if (arity > 2 || mg_native_arity((unsigned)kc) != arity)

@@ -222,23 +222,8 @@ class NativeKernel:
         sel = np.ascontiguousarray(selection, dtype=np.int64)
         rows = int(bind.shape[0])
         program = self.program(tape, inputs, output, build=False) if rows < TILE else None
-        if program is not None:  # one binding after another through the compiled program
-            values_out = np.empty((rows, sel.shape[0]))
-            grads_out = np.empty((rows, sel.shape[0])) if gradients else None
-            done = _kernel.run_program(
-                program,
-                bind,
-                sel,
-                values_out,
-                grads_out,
-                flush_denormals=self.flush_denormals,
-                stop=stop,
-                expires=expires or 0.0,
-            )
-            if not done:
-                raise SweepStopped("the program was stopped")
-            return values_out, grads_out
-        if rows < TILE or tape.arg2 is not None:  # the tiles sweep unary and binary ops only
+        if program is None and (rows < TILE or tape.arg2 is not None):
+            # the full sweeps: a first small call, or a ternary tape (tiles take binary ops)
             values = np.repeat(tape.const[:, None], rows, axis=1)
             values[inputs, :] = bind.T
             self.forward(tape, values, stop, expires)
@@ -250,24 +235,37 @@ class NativeKernel:
             return picked, np.ascontiguousarray(grads[sel].T)
         values_out = np.empty((rows, sel.shape[0]))
         grads_out = np.empty((rows, sel.shape[0])) if gradients else None
-        done = _kernel.evaluate_tiles(
-            tape.code,
-            tape.arg0,
-            tape.arg1,
-            tape.const,
-            np.ascontiguousarray(inputs, dtype=np.int64),
-            bind,
-            output,
-            sel,
-            values_out,
-            grads_out,
-            threads=max(1, min(int(threads), rows // TILE)),
-            flush_denormals=self.flush_denormals,
-            stop=stop,
-            expires=expires or 0.0,
-        )
+        flush, until = self.flush_denormals, expires or 0.0
+        if program is not None:  # one binding after another through the compiled program
+            done = _kernel.run_program(
+                program,
+                bind,
+                sel,
+                values_out,
+                grads_out,
+                flush_denormals=flush,
+                stop=stop,
+                expires=until,
+            )
+        else:
+            done = _kernel.evaluate_tiles(
+                tape.code,
+                tape.arg0,
+                tape.arg1,
+                tape.const,
+                np.ascontiguousarray(inputs, dtype=np.int64),
+                bind,
+                output,
+                sel,
+                values_out,
+                grads_out,
+                threads=max(1, min(int(threads), rows // TILE)),
+                flush_denormals=flush,
+                stop=stop,
+                expires=until,
+            )
         if not done:
-            raise SweepStopped("the tiled sweeps were stopped")
+            raise SweepStopped("the selected sweeps were stopped")
         return values_out, grads_out
 
     def program(
