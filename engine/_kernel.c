@@ -923,6 +923,13 @@ fail:
     return -1;
 }
 
+/* What each op's partials read (bit 0 x, bit 1 y, bit 2 the node's value). */
+static const uint8_t PARTIALS_READ[256] = {
+#define READS_ENTRY(code_, mask) [code_] = mask,
+    MG_OPS_READS(READS_ENTRY)
+#undef READS_ENTRY
+};
+
 #include "_kernel_prog.h"
 
 /* ---- tiles: a batch a few bindings at a time, keeping only the selection -- */
@@ -957,13 +964,6 @@ fail:
 #else
 #define MG_HAVE_PTHREADS 0
 #endif
-
-/* What each op's partials read (bit 0 x, bit 1 y, bit 2 the node's value). */
-static const uint8_t PARTIALS_READ[256] = {
-#define READS_ENTRY(code_, mask) [code_] = mask,
-    MG_OPS_READS(READS_ENTRY)
-#undef READS_ENTRY
-};
 
 /* A tile keeps a row of MG_TILE (or MG_TILE_WIDE) values per slot, not per
  * node: a value gets a slot when computed and gives it back after its last

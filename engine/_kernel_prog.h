@@ -59,8 +59,8 @@
 #define PROG_SCRATCH 8 /* scratch gradient cells past the output */
 
 /* A forward step: node dst = op(a, b) (b = a for a unary op), partials
- * into row e of the partials (rows 0-2: the constant rows, never written;
- * row 3: scratch for nodes whose partials are not needed). */
+ * into row e of the partials (PROG_CONST_ROWS constant rows first, never written;
+ * then PROG_SCRATCH_ROW for nodes whose partials are not needed). */
 typedef struct {
     int32_t dst, a, b, e;
 } ProgStep;
@@ -82,7 +82,15 @@ typedef struct {
 #define PROG_NEXT_A (1u << 29)
 #define PROG_NEXT_B (1u << 30)
 #define PROG_NEXT_Z (1u << 31)
-#define PROG_FIRST_ROW 4 /* rows 0-2 constant, 3 scratch */
+/* The ops whose partials read nothing (an empty Op.partials_read: add, sub, neg) have
+ * the same partials at every node, so their nodes share one constant row per op (in
+ * code order; ops of one or two arguments), then comes a scratch row, then the rows of
+ * the other nodes. */
+#define PROG_COUNT_CONST(code_, mask) +((mask) == 0)
+enum { PROG_CONST_ROWS = 0 MG_OPS_READS(PROG_COUNT_CONST) };
+#undef PROG_COUNT_CONST
+#define PROG_SCRATCH_ROW PROG_CONST_ROWS
+#define PROG_FIRST_ROW (PROG_CONST_ROWS + 1)
 
 typedef struct {
     Py_ssize_t n, out, k;    /* nodes, output, inputs */
@@ -102,29 +110,42 @@ typedef struct {
 /* Which constant row holds an op's partials (-1: they depend on the values). */
 static int program_const_row(uint8_t code)
 {
-#define PROG_ROW_OF(code_, name, ar)                                                        \
-    if (code == code_)                                                                  \
-        return strcmp(#name, "add") == 0 ? 0 : strcmp(#name, "sub") == 0 ? 1             \
-             : strcmp(#name, "neg") == 0 ? 2 : -1;
-    MG_OPS(PROG_ROW_OF)
+    int row = 0;
+#define PROG_ROW_OF(code_, mask)             \
+    if ((mask) == 0) {                       \
+        if (code == (code_))                 \
+            return row;                      \
+        row++;                               \
+    }
+    MG_OPS_READS(PROG_ROW_OF)
 #undef PROG_ROW_OF
     return -1;
 }
 
-/* The constant rows, filled from the ops' own partials (constant for these). */
+/* The constant rows, filled from the ops' own partials (the same for every node), and the
+ * scratch row zeroed. */
 static void program_const_rows(double *E, int S)
 {
     double dx, dy;
-    for (int j = 0; j < 4 * S; j++)
+    for (int j = 0; j < PROG_FIRST_ROW * S; j++)
         E[j] = 0.0;
-    add_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);
-    E[0] = dx;
-    E[1] = dy;
-    sub_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);
-    E[S] = dx;
-    E[S + 1] = dy;
-    neg_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);
-    E[2 * S] = dx;
+#define PROG_FILL_0(code_, name)
+#define PROG_FILL_1(code_, name) PROG_FILL_2(code_, name)
+#define PROG_FILL_2(code_, name)                          \
+    if (PARTIALS_READ[code_] == 0) {                      \
+        const int r = program_const_row(code_);           \
+        name##_d(0.0, 0.0, 0.0, 0.0, &dx, &dy);           \
+        E[S * r] = dx;                                    \
+        E[S * r + 1] = dy;                                \
+    }
+#define PROG_FILL_3(code_, name)
+#define PROG_FILL(code_, name, arity) PROG_FILL_##arity(code_, name)
+    MG_OPS(PROG_FILL)
+#undef PROG_FILL
+#undef PROG_FILL_0
+#undef PROG_FILL_1
+#undef PROG_FILL_2
+#undef PROG_FILL_3
 }
 
 static void program_free(Program *p)
@@ -306,7 +327,8 @@ static Program *program_build(const Columns *t, Py_ssize_t out, const int64_t *i
         s->dst = (int32_t)i;
         s->a = t->a[i];
         s->b = arity >= 2 ? t->b[i] : s->a;
-        s->e = row_of[i] < PROG_FIRST_ROW ? 3 : row_of[i]; /* constant rows stay unwritten */
+        /* constant rows stay unwritten */
+        s->e = row_of[i] < PROG_FIRST_ROW ? PROG_SCRATCH_ROW : row_of[i];
         p->fc[j] = t->c[i];
         if (p->fz != NULL)
             p->fz[j] = arity == 3 ? t->z[i] : s->a;
