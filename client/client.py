@@ -103,8 +103,8 @@ class Client(Connection):
     ``timeout`` is the default deadline of a call in seconds (retries
     included; ``None`` waits forever); ``retries`` is how many more times a
     call is tried when the server is ``UNAVAILABLE`` or cut it off as it
-    stopped (``CANCELLED``; bounded exponential backoff; pass
-    ``retry=Retry(...)`` to shape it). Graph messages over
+    stopped or died (``CANCELLED``, or a stream reset under it; bounded
+    exponential backoff; pass ``retry=Retry(...)`` to shape it). Graph messages over
     ``upload_threshold`` bytes are uploaded in ``piece_bytes`` pieces (and
     so registered) before they are evaluated by id; results over
     ``stream_threshold`` bytes are streamed back in chunks. The last

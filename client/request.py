@@ -426,11 +426,25 @@ RETRIED = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED))
 or a server or proxy cut the call off as it stopped (``CANCELLED``: this client never cancels
 a call itself). Every rpc of the service is idempotent, and a stream restarts from scratch."""
 
+_RESET = "RST_STREAM"
+"""In the details of an ``INTERNAL`` status that gRPC's transport made itself: the stream was
+reset under the call (a server or proxy died while answering), not an error of the service."""
+
+
+def retried(error: grpc.RpcError) -> bool:
+    """Whether a failed attempt is worth another: a ``RETRIED`` status, or a stream the
+    transport reset (``INTERNAL`` naming ``RST_STREAM``)."""
+    code = error.code()  # type: ignore[attr-defined]
+    if code in RETRIED:
+        return True
+    details = error.details() or ""  # type: ignore[attr-defined]
+    return bool(code is grpc.StatusCode.INTERNAL and _RESET in details)
+
 
 def attempts(
     policy: CallPolicy, attempt: Callable[[float | None], Rpc], timeout: float | None
 ) -> Steps[Any]:
-    """``attempt(seconds_left)`` until it answers, retrying ``RETRIED`` statuses with backoff
+    """``attempt(seconds_left)`` until it answers, retrying what ``retried`` allows with backoff
     within one deadline; any other failure (or the last) raises ``RemoteError``."""
     deadline = policy.deadline(timeout)
     delays = policy.retry.delays()
@@ -440,7 +454,7 @@ def attempts(
         try:
             return (yield attempt(policy.remaining(deadline)))
         except grpc.RpcError as error:
-            if error.code() in RETRIED:  # type: ignore[attr-defined]
+            if retried(error):
                 delay = policy.next_delay(delays, deadline)
                 if delay is not None:
                     yield Pause(delay)

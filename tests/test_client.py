@@ -380,9 +380,19 @@ def test_train_moons_remote_reaches_full_accuracy(grpc_server: str) -> None:
     assert done.stdout.rstrip().endswith("accuracy 100%")
 
 
-def test_a_call_cut_off_with_cancelled_is_tried_again(grpc_server: str) -> None:
-    """A proxy in front of a real server cuts the first two calls off with CANCELLED (as a
-    stopping server or nginx does); the client tries again and gets the seed's numbers."""
+@pytest.mark.parametrize(
+    "code, details",
+    [
+        ("CANCELLED", ""),  # a stopping server, or nginx, cutting a call off
+        ("INTERNAL", "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"),
+    ],
+)
+def test_a_call_cut_off_by_a_stopping_or_dying_server_is_tried_again(
+    grpc_server: str, code: str, details: str
+) -> None:
+    """A proxy in front of a real server cuts the first two calls off as a stopping server or
+    nginx does (CANCELLED), or as nginx resets a stream whose replica was killed mid-answer
+    (INTERNAL, in the words gRPC gives it); the client tries again and gets the seed's numbers."""
     import threading
 
     import grpc
@@ -397,7 +407,7 @@ def test_a_call_cut_off_with_cancelled_is_tried_again(grpc_server: str) -> None:
             seen.append(method)
             cut = len(seen) <= 2
         if cut:
-            context.abort(grpc.StatusCode.CANCELLED, "")
+            context.abort(grpc.StatusCode[code], details)
         forward = upstream.unary_unary(method)
         return forward(request, timeout=10)  # type: ignore[no-any-return]
 
@@ -419,3 +429,33 @@ def test_a_call_cut_off_with_cancelled_is_tried_again(grpc_server: str) -> None:
         upstream.close()
     assert (f"{a.grad:.4f}", f"{b.grad:.4f}") == ("138.8338", "645.5773")
     assert seen == ["/micrograd.v1.GradientService/Evaluate"] * 3
+
+
+def test_an_internal_error_of_the_service_is_not_tried_again(grpc_server: str) -> None:
+    """Only a reset stream makes INTERNAL worth another try; any other INTERNAL is final."""
+    import grpc
+    from micrograd.client import RemoteError
+
+    calls: list[int] = []
+
+    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        calls.append(1)
+        context.abort(grpc.StatusCode.INTERNAL, "the kernel failed")
+        return b""
+
+    class Failing(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((Failing(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        retry = Retry(attempts=4, initial=0.01, maximum=0.02)
+        with Client(f"127.0.0.1:{port}", retry=retry, timeout=30) as client:
+            with pytest.raises(RemoteError, match="the kernel failed"):
+                client.evaluate(seed_tape(), selection="output")
+    finally:
+        server.stop(None)
+    assert len(calls) == 1
